@@ -1,0 +1,55 @@
+"""The `ragkit` command: registers the subcommands and `--version`; nothing else."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ragkit import __version__
+from ragkit.commands import embed as embed_cmd
+from ragkit.commands import env as env_cmd
+from ragkit.commands import index as index_cmd
+from ragkit.commands import not_built
+
+app = typer.Typer(
+    name="ragkit",
+    help="Retrieval-augmented language models: embed, index, train, generate, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ragkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Data in and out as JSONL on stdin/stdout; progress and tables on stderr.
+
+    Exit codes: 0 ok, 1 internal error or not built yet, 2 usage, 3 invalid input data,
+    4 missing or incompatible resource, 130 interrupted.
+    """
+
+
+app.command("embed")(embed_cmd.embed)
+app.add_typer(index_cmd.app, name="index")
+not_built.register(app)
+app.command("env")(env_cmd.env)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""What every command shares: error-to-exit-code handling and option aliases that read the same everywhere."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+
+from ragkit.errors import ExitCode, RagkitError
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("RAGKIT_DEBUG", "") not in ("", "0")
+
+
+def fail(message: str, hint: str | None, code: int) -> typer.Exit:
+    """Print `Error: ...` (and `Hint: ...`) on stderr; return the Exit to raise."""
+    sys.stderr.write(f"Error: {message}\n")
+    if hint:
+        sys.stderr.write(f"Hint: {hint}\n")
+    sys.stderr.flush()
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def handle_errors() -> Iterator[None]:
+    """Turn library errors into one line on stderr and the documented exit code."""
+    try:
+        yield
+    except RagkitError as exc:
+        if debug_enabled():
+            traceback.print_exc()
+        raise fail(exc.message, exc.hint, int(exc.exit_code)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", None, int(ExitCode.INTERRUPTED)) from None
+    except BrokenPipeError:
+        # `ragkit ... | head`: the reader went away; stop quietly.
+        with contextlib.suppress(Exception):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # anything else is a bug: say so in one line, traceback on request
+        if debug_enabled():
+            traceback.print_exc()
+        raise fail(
+            f"internal error: {type(exc).__name__}: {exc}",
+            "Rerun with RAGKIT_DEBUG=1 for the traceback, and report it.",
+            int(ExitCode.INTERNAL),
+        ) from None
+
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Embedder: hub id, local folder, or alias (minilm = shipped all-MiniLM-L6-v2).")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (cuda when available).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per encoder forward pass.")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="Faiss CPU threads (0 = Faiss default).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]

@@ -1,0 +1,320 @@
+"""`ragkit index build|add|remove|search|info`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ragkit.commands._common import BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, handle_errors
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ragkit.io.corpus import Passage
+    from ragkit.models.encoder import Encoder
+
+app = typer.Typer(help="Build, change, search and inspect a ragkit index (one directory).", no_args_is_help=True)
+
+IndexDir = Annotated[Path, typer.Argument(help="Index directory.")]
+
+
+def _encode_passages(encoder: "Encoder", passages: "list[Passage]", batch_size: int) -> "np.ndarray":
+    from ragkit.console import info, progress
+    from ragkit.models.encoder import Throughput
+
+    meter = Throughput()
+    with progress() as bar:
+        task = bar.add_task("embed", total=len(passages), rate="")
+
+        def step(n: int) -> None:
+            meter.add(n)
+            bar.update(task, advance=n, rate=f"{meter.rate:.0f}/s")
+
+        vectors = encoder.encode([p.embedding_text() for p in passages], batch_size=batch_size, on_block=step)
+    info(f"embedded {meter.count} passages in {meter.seconds:.1f}s ({meter.rate:.1f} passages/s, {encoder.device})")
+    return vectors
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    from ragkit.console import info
+
+    if as_json:
+        sys.stdout.write(json.dumps(summary, ensure_ascii=False) + "\n")
+    else:
+        info(" ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+@app.command("build")
+def build(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Index directory to create (required).")],
+    corpus: Annotated[str | None, typer.Argument(help="Corpus: JSONL, BEIR folder/corpus.jsonl, DPR TSV, or - for stdin.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Embedder: hub id, local folder or alias (minilm).")] = "minilm",
+    spec: Annotated[str, typer.Option("--spec", help="flat, hnsw[:M=32,ef_search=128], ivf-pq[:nlist=,m=,nprobe=], auto, or a Faiss factory string.")] = "flat",
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help="Memory budget for the vectors, e.g. 2G (auto picks within it; default half the RAM).")] = None,
+    metric: Annotated[str, typer.Option("--metric", help="ip (inner product; cosine when normalised) or l2.")] = "ip",
+    embeddings: Annotated[Path | None, typer.Option("--embeddings", help="Use precomputed shards from `ragkit embed` instead of embedding CORPUS.")] = None,
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise embeddings.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index (atomically).")] = False,
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build an index from a corpus (embedding it) or from precomputed embedding shards.
+
+    Examples:
+
+      ragkit index build passages.jsonl -o idx/
+
+      ragkit index build corpus.jsonl -o idx/ --spec auto --max-memory 2G
+
+      ragkit index build --embeddings emb/ -o idx/ --spec hnsw:M=32
+
+      cat corpus.jsonl | ragkit index build - -o idx/
+    """
+    with handle_errors():
+        from ragkit.errors import UsageError
+        from ragkit.index import Index, parse_memory, parse_spec
+        from ragkit.io.corpus import read_passages
+        from ragkit.models.encoder import Encoder, resolve_device
+
+        parsed = parse_spec(spec)
+        budget = parse_memory(max_memory)
+        if (corpus is None) == (embeddings is None):
+            raise UsageError("give either CORPUS or --embeddings DIR (exactly one)")
+        faiss_device = resolve_device(device)
+        if embeddings is not None:
+            from ragkit.embeddings import load_shards
+
+            passages, vectors, encoder_info = load_shards(embeddings)
+        else:
+            assert corpus is not None
+            passages = read_passages(corpus)
+            encoder = Encoder(model, device=faiss_device, normalize=normalize)
+            vectors = _encode_passages(encoder, passages, batch_size)
+            encoder_info = encoder.info
+        index = Index.build(
+            output, passages, vectors, encoder_info, spec=parsed, metric=metric, max_memory=budget,
+            overwrite=overwrite, threads=threads or None, device=faiss_device,
+        )
+        summary = {k: index.info()[k] for k in ("path", "passages", "spec", "factory", "dim", "embedder", "bytes_on_disk")}
+        if index.manifest.get("auto_reason"):
+            summary["auto"] = index.manifest["auto_reason"]
+        _print_summary(summary, as_json)
+
+
+@app.command("add")
+def add(
+    index_dir: IndexDir,
+    corpus: Annotated[str, typer.Argument(help="Passages to add; an existing id is replaced (upsert). - for stdin.")],
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Add or replace passages by id, embedding them with the index's own model.
+
+    Examples:
+
+      ragkit index add idx/ new_passages.jsonl
+
+      cat fixes.jsonl | ragkit index add idx/ -
+    """
+    with handle_errors():
+        from ragkit.index import Index
+        from ragkit.io.corpus import read_passages
+        from ragkit.models.encoder import Encoder
+
+        index = Index.open(index_dir)
+        passages = read_passages(corpus)
+        built = index.encoder
+        encoder = Encoder(built.name, device=device, normalize=built.normalize, max_seq_length=built.max_seq_length)
+        index.check_encoder(encoder.info)
+        vectors = _encode_passages(encoder, passages, batch_size)
+        report = index.upsert(passages, vectors, encoder.info)
+        _print_summary(
+            {"added": report.added, "replaced": report.replaced, "passages": len(index), "compacted": report.compacted},
+            as_json,
+        )
+
+
+@app.command("remove")
+def remove(
+    index_dir: IndexDir,
+    ids: Annotated[str | None, typer.Option("--ids", help="Comma-separated passage ids.")] = None,
+    ids_file: Annotated[str | None, typer.Option("--ids-file", help="File with one id per line (or JSONL with `id`); - for stdin.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove passages by id (ids that are not there are reported, not an error).
+
+    Examples:
+
+      ragkit index remove idx/ --ids doc1,doc7
+
+      ragkit index remove idx/ --ids-file stale_ids.txt
+    """
+    with handle_errors():
+        from ragkit.console import info
+        from ragkit.errors import UsageError
+        from ragkit.index import Index
+
+        wanted: list[str] = []
+        if ids:
+            wanted += [i.strip() for i in ids.split(",") if i.strip()]
+        if ids_file:
+            wanted += _read_ids(ids_file)
+        if not wanted:
+            raise UsageError("give --ids a,b,c or --ids-file FILE")
+        index = Index.open(index_dir)
+        report = index.remove(wanted)
+        if report.missing:
+            shown = ", ".join(report.missing[:5]) + (" ..." if len(report.missing) > 5 else "")
+            info(f"warning: {len(report.missing)} id(s) not in the index: {shown}")
+        _print_summary(
+            {"removed": report.removed, "missing": len(report.missing), "passages": len(index), "compacted": report.compacted},
+            as_json,
+        )
+
+
+def _read_ids(path: str) -> list[str]:
+    from ragkit.errors import InputError, Location
+    from ragkit.io.jsonl import display_name, open_text
+
+    out = []
+    handle = open_text(path)
+    for lineno, line in enumerate(handle, start=1):
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("{"):
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(Location(display_name(path), lineno), f"malformed JSON ({exc.msg})") from None
+            if "id" not in obj:
+                raise InputError(Location(display_name(path), lineno, "id"), "field 'id' is missing")
+            out.append(str(obj["id"]))
+        else:
+            out.append(text)
+    if path != "-":
+        handle.close()
+    return out
+
+
+@app.command("search")
+def search(
+    index_dir: IndexDir,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, help="Hits per query.")] = 10,
+    queries: Annotated[str, typer.Option("--queries", "-q", help="Queries file (JSONL with query/question, or plain lines); - for stdin.")] = "-",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Query embedder; must be the model that built the index (default: that model).")] = None,
+    ef_search: Annotated[int, typer.Option("--ef-search", min=0, help="HNSW efSearch (0 = the index's setting).")] = 0,
+    nprobe: Annotated[int, typer.Option("--nprobe", min=0, help="IVF lists probed (0 = the index's setting).")] = 0,
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 0,
+    output_format: Annotated[str, typer.Option("--format", help="jsonl (one line per query on stdout) or table (human, on stdout).")] = "jsonl",
+) -> None:
+    """Search with queries from stdin or a file; one JSONL line of hits per query on stdout.
+
+    Examples:
+
+      cat queries.jsonl | ragkit index search idx/ --k 5
+
+      echo "who wrote Hamlet" | ragkit index search idx/ --format table
+
+      ragkit index search idx/ -q questions.jsonl --k 20 --nprobe 32 > hits.jsonl
+    """
+    with handle_errors():
+        from ragkit.errors import UsageError
+        from ragkit.index import Index
+        from ragkit.io.queries import iter_queries
+        from ragkit.models.encoder import Encoder, resolve_device
+
+        if output_format not in ("jsonl", "table"):
+            raise UsageError(f"--format {output_format}: expected jsonl or table")
+        torch_device = resolve_device(device)
+        index = Index.open(index_dir, device=torch_device, threads=threads or None)
+        index.set_search_params(ef_search=ef_search or None, nprobe=nprobe or None)
+        built = index.encoder
+        encoder = Encoder(model or built.name, device=torch_device, normalize=built.normalize,
+                          max_seq_length=built.max_seq_length)
+        index.check_encoder(encoder.info)
+
+        count = 0
+        block: list[Any] = []
+
+        def flush() -> None:
+            nonlocal count
+            vectors = encoder.encode_queries([q.text for q in block], batch_size=batch_size)
+            for query, hits in zip(block, index.search(vectors, k)):
+                count += 1
+                row = {"id": query.id if query.id is not None else str(count), "query": query.text, **query.extra,
+                       "hits": [h.to_json() for h in hits]}
+                if output_format == "jsonl":
+                    sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+                else:
+                    _print_table(row)
+            sys.stdout.flush()
+            block.clear()
+
+        for query in iter_queries(queries):
+            block.append(query)
+            if len(block) >= 256:
+                flush()
+        if block:
+            flush()
+
+
+def _print_table(row: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{row['query']}", title_justify="left", show_lines=False)
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("id")
+    table.add_column("passage", overflow="fold")
+    for hit in row["hits"]:
+        text = (hit["title"] + ": " if hit["title"] else "") + hit["text"]
+        table.add_row(str(hit["rank"]), f"{hit['score']:.3f}", hit["id"], text[:300] + ("…" if len(text) > 300 else ""))
+    Console(highlight=False).print(table)
+
+
+@app.command("info")
+def info_cmd(
+    index_dir: IndexDir,
+    as_json: JsonOpt = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Also check every file's sha256 against the manifest.")] = False,
+) -> None:
+    """Describe an index: counts, spec, embedder, size on disk.
+
+    Examples:
+
+      ragkit index info idx/
+
+      ragkit index info idx/ --json | jq .passages
+    """
+    with handle_errors():
+        from rich.table import Table
+
+        from ragkit.console import stderr
+        from ragkit.errors import ResourceError
+        from ragkit.index import Index
+
+        index = Index.open(index_dir)
+        details = index.info()
+        if verify:
+            bad = index.verify()
+            if bad:
+                raise ResourceError(f"{index.version_dir}: checksum mismatch in {', '.join(bad)}")
+            details["verified"] = True
+        if as_json:
+            sys.stdout.write(json.dumps(details, ensure_ascii=False) + "\n")
+            return
+        table = Table(title=str(index_dir), show_header=False, title_justify="left")
+        for key, value in details.items():
+            table.add_row(key, str(value))
+        stderr.print(table)

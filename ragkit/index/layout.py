@@ -1,0 +1,97 @@
+"""The on-disk layout of an index directory, and its crash-safe publication.
+
+    DIR/
+      current -> v000003          symlink to the live version, switched atomically
+      v000003/
+        manifest.json             what is inside: embedder, metric, spec, counts, checksums
+        vectors.faiss             open it with faiss.read_index
+        passages.sqlite           passages by string id (table `passages`)
+      .lock                       held by the one writer
+
+A writer fills a staging folder, fsyncs it, renames it to the next version and only then repoints
+`current`. A process killed at any moment leaves `current` on the previous complete version; the
+next writer removes what the dead one left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from ragkit.io.atomic import fsync_dir, fsync_file
+
+CURRENT = "current"
+MANIFEST = "manifest.json"
+VECTORS = "vectors.faiss"
+PASSAGES = "passages.sqlite"
+LOCK = ".lock"
+_VERSION_RE = re.compile(r"^v(\d{6})$")
+
+
+def current_version_dir(root: Path) -> Path | None:
+    link = root / CURRENT
+    if not link.is_symlink() and not link.is_dir():
+        return None
+    target = root / os.readlink(link) if link.is_symlink() else link
+    return target if (target / MANIFEST).exists() else None
+
+
+def next_version(root: Path) -> int:
+    numbers = [int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name))]
+    return max(numbers, default=0) + 1
+
+
+def new_staging_dir(root: Path, version: int) -> Path:
+    staging = root / f".staging-v{version:06d}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(root: Path, staging: Path, version: int) -> Path:
+    """Make a fully written staging folder the live version, atomically."""
+    for item in staging.iterdir():
+        fsync_file(item)
+    fsync_dir(staging)
+    final = root / f"v{version:06d}"
+    os.rename(staging, final)
+    fsync_dir(root)
+    tmp_link = root / f".current-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp_link.unlink()
+    os.symlink(final.name, tmp_link)
+    os.replace(tmp_link, root / CURRENT)
+    fsync_dir(root)
+    remove_stale(root)
+    return final
+
+
+def remove_stale(root: Path) -> None:
+    """Delete every version and staging folder except the live one."""
+    live = current_version_dir(root)
+    for item in root.iterdir():
+        if item.name in (CURRENT, LOCK) or (live is not None and item.resolve() == live.resolve()):
+            continue
+        if _VERSION_RE.match(item.name) or item.name.startswith((".staging-", ".current-")):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    item.unlink()
+
+
+@contextlib.contextmanager
+def writer_lock(root: Path) -> Iterator[None]:
+    """One writer at a time per index directory (readers never lock)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,243 @@
+"""Index specs: `flat`, `hnsw`, `ivf-pq`, a raw Faiss factory string, or `auto`.
+
+A spec names the Faiss index that holds the vectors. Parameters go after a colon, e.g.
+`hnsw:M=32,ef_search=128`, `ivf-pq:nlist=1024,m=48,nprobe=16`, `IVF256,SQ8`, `auto`.
+`auto` chooses from the corpus size and a memory budget, in the spirit of autofaiss.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ragkit.errors import UsageError
+
+NAMED_KINDS = ("flat", "hnsw", "ivf-pq", "auto")
+IDMAP_BYTES = 48  # IndexIDMap2 keeps an id array and a reverse hash map: ~48 bytes per vector
+FLAT_AUTO_MAX_VECTORS = 100_000  # exact search stays fast (a few ms per query on a CPU) up to here
+MIN_PQ_TRAIN = 256  # 8-bit PQ needs at least 256 training vectors per sub-quantiser
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A parsed spec; `kind` is flat, hnsw, ivf-pq or factory (a raw Faiss factory string)."""
+
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+    factory_string: str | None = None  # for kind == "factory"
+
+    @property
+    def text(self) -> str:
+        if self.kind == "factory":
+            return str(self.factory_string)
+        if not self.params:
+            return self.kind
+        return self.kind + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+
+    @property
+    def removes_in_place(self) -> bool:
+        """Faiss HNSW cannot remove vectors; ragkit keeps tombstones for it instead."""
+        return "HNSW" not in self.factory(8, 1000)
+
+    @property
+    def is_ivf(self) -> bool:
+        return self.factory(8, 1000).startswith("IVF")
+
+    def factory(self, dim: int, n: int) -> str:
+        """The Faiss factory string (without the id map) for `n` vectors of `dim`."""
+        if self.kind == "flat":
+            return "Flat"
+        if self.kind == "hnsw":
+            return f"HNSW{int(self.params.get('M', 32))},Flat"
+        if self.kind == "ivf-pq":
+            nlist = int(self.params.get("nlist") or default_nlist(n))
+            m = int(self.params.get("m") or default_pq_m(dim))
+            return f"IVF{nlist},PQ{m}x8"
+        if self.kind == "factory":
+            return str(self.factory_string)
+        raise UsageError(f"index spec '{self.kind}' must be resolved before use")
+
+    def search_params(self) -> dict[str, int]:
+        out = {}
+        if "ef_search" in self.params:
+            out["efSearch"] = int(self.params["ef_search"])
+        elif self.kind == "hnsw":
+            out["efSearch"] = 128
+        if "nprobe" in self.params:
+            out["nprobe"] = int(self.params["nprobe"])
+        return out
+
+
+_PARAM_NAMES = {
+    "hnsw": {"M": int, "ef_search": int, "ef_construction": int},
+    "ivf-pq": {"nlist": int, "m": int, "nprobe": int},
+    "flat": {},
+    "auto": {},
+}
+
+
+def parse_spec(text: str) -> IndexSpec:
+    """Parse a spec string; unknown names and bad parameters are usage errors."""
+    raw = text.strip()
+    name, _, rest = raw.partition(":")
+    kind = name.strip().lower()
+    if kind in NAMED_KINDS:
+        allowed = _PARAM_NAMES[kind]
+        params: dict[str, Any] = {}
+        for item in filter(None, (p.strip() for p in rest.split(","))):
+            key, eq, value = item.partition("=")
+            key = {"m_hnsw": "M", "efsearch": "ef_search", "efconstruction": "ef_construction"}.get(key.lower(), key)
+            if kind == "hnsw" and key.lower() == "m":
+                key = "M"
+            if not eq or key not in allowed:
+                raise UsageError(
+                    f"index spec '{raw}': unknown parameter '{item}'",
+                    hint=f"{kind} takes {', '.join(allowed) or 'no parameters'}.",
+                )
+            try:
+                params[key] = allowed[key](value)
+            except ValueError:
+                raise UsageError(f"index spec '{raw}': {key} must be an integer") from None
+            if params[key] <= 0:
+                raise UsageError(f"index spec '{raw}': {key} must be positive")
+        return IndexSpec(kind, params)
+    if _looks_like_factory(raw):
+        _check_factory(raw)
+        return IndexSpec("factory", {}, raw)
+    raise UsageError(
+        f"unknown index spec '{raw}'",
+        hint="Use flat, hnsw, ivf-pq, auto (with optional :key=value parameters) or a Faiss factory string.",
+    )
+
+
+def _looks_like_factory(text: str) -> bool:
+    return bool(re.match(r"^(IVF|HNSW|PQ|OPQ|SQ|Flat|LSH|PCA|RR|NSG|IDMap|L2norm)", text))
+
+
+def _check_factory(text: str) -> None:
+    import faiss
+
+    if text.startswith("IDMap"):
+        raise UsageError(f"index spec '{text}': leave out IDMap, ragkit adds the id map itself")
+    try:
+        faiss.index_factory(64, text)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise UsageError(f"index spec '{text}': Faiss rejects this factory string ({first})") from None
+
+
+def default_nlist(n: int) -> int:
+    """About 4·sqrt(n) lists (a power of two), with at least 39 training points per list."""
+    if n < 39:
+        return 1
+    target = 4 * math.sqrt(n)
+    nlist = 2 ** max(0, round(math.log2(target)))
+    return max(1, min(nlist, n // 39))
+
+
+def default_pq_m(dim: int) -> int:
+    """Sub-quantisers of 4 dimensions each (m = dim/4), or the nearest divisor of dim below that."""
+    for m in range(max(1, dim // 4), 0, -1):
+        if dim % m == 0:
+            return m
+    return 1
+
+
+def parse_memory(text: str | None) -> int | None:
+    """'2G', '512M', '1.5GB', '100000' (bytes) -> bytes."""
+    if text is None or str(text).strip() == "":
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise UsageError(f"--max-memory '{text}': expected a size such as 512M or 2G")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def estimate_memory(spec: IndexSpec, n: int, dim: int) -> int:
+    """Resident bytes of the Faiss index for n vectors (a planning estimate, within ~20%)."""
+    if spec.kind == "flat":
+        return n * (4 * dim + IDMAP_BYTES)
+    if spec.kind == "hnsw":
+        m = int(spec.params.get("M", 32))
+        # level 0 keeps 2M int32 links per vector; upper levels add ~1/M of that again
+        return int(n * (4 * dim + 8 * m * (1 + 1 / m) + IDMAP_BYTES))
+    if spec.kind == "ivf-pq":
+        nlist = int(spec.params.get("nlist") or default_nlist(n))
+        m = int(spec.params.get("m") or default_pq_m(dim))
+        return n * (m + 8) + nlist * dim * 4 + 256 * dim * 4
+    return n * (4 * dim + IDMAP_BYTES)  # a raw factory string: assume flat codes, the worst case
+
+
+def available_memory() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    spec: IndexSpec
+    reason: str
+
+
+def choose_auto(n: int, dim: int, max_memory: int | None = None) -> AutoChoice:
+    """Pick flat, HNSW or IVF-PQ for n vectors of dim under a memory budget (default: half the RAM)."""
+    budget = max_memory if max_memory is not None else available_memory() // 2
+    flat = IndexSpec("flat")
+    if n <= FLAT_AUTO_MAX_VECTORS and estimate_memory(flat, n, dim) <= budget:
+        return AutoChoice(flat, f"{n} vectors fit exact search within {format_bytes(budget)}")
+    hnsw = IndexSpec("hnsw", {"M": 32})
+    if estimate_memory(hnsw, n, dim) <= budget:
+        return AutoChoice(hnsw, f"HNSW (M=32) needs ~{format_bytes(estimate_memory(hnsw, n, dim))} of {format_bytes(budget)}")
+    if n < MIN_PQ_TRAIN:
+        raise UsageError(f"--max-memory {format_bytes(budget)} is too small even for {n} vectors")
+    nlist = default_nlist(n)
+    for m in sorted((m for m in range(1, dim + 1) if dim % m == 0 and m <= dim // 2), reverse=True):
+        ivfpq = IndexSpec("ivf-pq", {"nlist": nlist, "m": m})
+        if estimate_memory(ivfpq, n, dim) <= budget:
+            return AutoChoice(
+                ivfpq, f"IVF{nlist},PQ{m} ({m} bytes/vector) needs ~{format_bytes(estimate_memory(ivfpq, n, dim))}"
+            )
+    smallest = estimate_memory(IndexSpec("ivf-pq", {"nlist": nlist, "m": 1}), n, dim)
+    raise UsageError(
+        f"--max-memory {format_bytes(budget)} is too small for {n} vectors of dim {dim}",
+        hint=f"The most compact index (IVF{nlist},PQ1) needs ~{format_bytes(smallest)}.",
+    )
+
+
+def resolve_spec(spec: IndexSpec, n: int, dim: int, max_memory: int | None) -> tuple[IndexSpec, str | None]:
+    """Turn `auto` into a concrete spec and pin data-dependent defaults (nlist, m) for the manifest."""
+    reason = None
+    if spec.kind == "auto":
+        choice = choose_auto(n, dim, max_memory)
+        spec, reason = choice.spec, choice.reason
+    if spec.kind == "ivf-pq":
+        params = dict(spec.params)
+        params.setdefault("nlist", default_nlist(n))
+        params.setdefault("m", default_pq_m(dim))
+        if dim % params["m"]:
+            raise UsageError(f"index spec ivf-pq: m={params['m']} must divide the dimension {dim}")
+        if n < MIN_PQ_TRAIN:
+            raise UsageError(
+                f"index spec ivf-pq needs at least {MIN_PQ_TRAIN} vectors to train, the corpus has {n}",
+                hint="Use --spec flat for small corpora.",
+            )
+        params.setdefault("nprobe", min(params["nlist"], 16))
+        spec = replace(spec, params=params)
+    if max_memory is not None and estimate_memory(spec, n, dim) > max_memory:
+        raise UsageError(
+            f"index spec {spec.text} needs ~{format_bytes(estimate_memory(spec, n, dim))} "
+            f"for {n} vectors, over --max-memory {format_bytes(max_memory)}",
+            hint="Use --spec auto to pick an index that fits.",
+        )
+    return spec, reason

@@ -1,0 +1,128 @@
+"""The Faiss side of the index: build from a spec, add/remove by int64 id, search, CPU/GPU, threads.
+
+IVF indexes carry ids natively. Every other index is wrapped in `IndexIDMap2`, whose `remove_ids`
+is only correct when the inner index compacts on removal (flat codes do); HNSW cannot remove at all,
+so removed vectors stay as tombstones that search filters out (see `ragkit.index.index`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ragkit.errors import ResourceError
+from ragkit.index.spec import IndexSpec
+
+METRICS = ("ip", "l2")
+
+
+def faiss_metric(metric: str) -> int:
+    import faiss
+
+    return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+
+
+def new_index(spec: IndexSpec, dim: int, n: int, metric: str) -> Any:
+    import faiss
+
+    factory = spec.factory(dim, n)
+    inner = faiss.index_factory(dim, factory, faiss_metric(metric))
+    if factory.startswith("IVF"):
+        return inner
+    if spec.kind == "hnsw" and "ef_construction" in spec.params:
+        faiss.downcast_index(inner).hnsw.efConstruction = int(spec.params["ef_construction"])
+    return faiss.IndexIDMap2(inner)
+
+
+def train_if_needed(index: Any, vectors: np.ndarray, *, seed: int = 0, max_train: int = 1_000_000) -> None:
+    """Train IVF/PQ on a random sample of at most `max_train` vectors (or ~100 per list)."""
+    if index.is_trained:
+        return
+    n = vectors.shape[0]
+    nlist = getattr(_inner(index), "nlist", 1)
+    size = min(n, max_train, max(100 * nlist, 20_000))
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
+    index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+
+
+def _inner(index: Any) -> Any:
+    import faiss
+
+    base = faiss.downcast_index(index)
+    if isinstance(base, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return faiss.downcast_index(base.index)
+    return base
+
+
+def add(index: Any, vectors: np.ndarray, ids: np.ndarray, *, chunk: int = 100_000) -> None:
+    for start in range(0, len(ids), chunk):
+        block = np.ascontiguousarray(vectors[start : start + chunk], dtype=np.float32)
+        index.add_with_ids(block, np.ascontiguousarray(ids[start : start + chunk], dtype=np.int64))
+
+
+def remove(index: Any, ids: np.ndarray) -> int:
+    import faiss
+
+    return int(index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
+
+
+def set_search_params(index: Any, params: dict[str, int]) -> None:
+    inner = _inner(index)
+    for name, value in params.items():
+        if name == "efSearch" and hasattr(inner, "hnsw"):
+            inner.hnsw.efSearch = int(value)
+        elif name == "nprobe" and hasattr(inner, "nprobe"):
+            inner.nprobe = int(value)
+
+
+def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    k = max(1, min(k, index.ntotal)) if index.ntotal else 1
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def reconstruct(index: Any, ids: np.ndarray) -> np.ndarray:
+    return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import faiss
+
+        faiss.omp_set_num_threads(int(threads))
+
+
+def has_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def to_device(index: Any, device: str) -> tuple[Any, str]:
+    """Move an index to a GPU when asked and possible; returns (index, where it lives)."""
+    if not device.startswith("cuda"):
+        return index, "cpu"
+    if not has_gpu():
+        raise ResourceError(
+            "--device cuda: this Faiss build has no GPU support (or no GPU is visible)",
+            hint="Install the GPU wheel (RAGKIT_GPU=1 make run, or pip install 'ragkit[gpu]'), or use --device cpu.",
+        )
+    import faiss
+
+    gpu_id = int(device.split(":", 1)[1]) if ":" in device else 0
+    resources = faiss.StandardGpuResources()
+    try:
+        gpu_index = faiss.index_cpu_to_gpu(resources, gpu_id, index)
+    except RuntimeError:
+        return index, "cpu"  # e.g. HNSW has no GPU implementation: search stays on the CPU
+    gpu_index.referenced_resources = resources  # keep the resources alive with the index
+    return gpu_index, device
+
+
+def to_cpu(index: Any) -> Any:
+    import faiss
+
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        return faiss.index_gpu_to_cpu(index)
+    return index

@@ -1,0 +1,1 @@
+"""Reading corpora and queries, and writing files atomically, with precise errors."""

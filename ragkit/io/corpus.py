@@ -1,0 +1,114 @@
+"""Passage corpora: ragkit JSONL, BEIR `corpus.jsonl` (or its folder), DPR-style TSV.
+
+Every reader yields `Passage` objects and checks ids as it goes, so a bad line is reported with its
+file and line number before anything is embedded or stored.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ragkit.errors import InputError, Location, ResourceError
+from ragkit.io.jsonl import display_name, open_text, read_jsonl
+
+ID_FIELDS = ("id", "_id")  # ragkit/DPR use `id`, BEIR uses `_id`
+
+
+@dataclass
+class Passage:
+    id: str
+    text: str
+    title: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def embedding_text(self) -> str:
+        """What the encoder sees: `title text`, the BEIR/MTEB convention behind published scores."""
+        return f"{self.title} {self.text}" if self.title else self.text
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "text": self.text, **self.metadata}
+
+
+def resolve_corpus_path(path: str | Path) -> str | Path:
+    """A BEIR folder stands for its corpus.jsonl."""
+    if str(path) == "-":
+        return path
+    p = Path(path)
+    if p.is_dir():
+        if (p / "corpus.jsonl").exists():
+            return p / "corpus.jsonl"
+        raise ResourceError(f"{p}: a folder without corpus.jsonl", hint="Pass a .jsonl/.tsv file or a BEIR folder.")
+    return p
+
+
+def _passage_from_json(obj: dict[str, Any], where: Location) -> Passage:
+    raw_id = next((obj[k] for k in ID_FIELDS if k in obj), None)
+    if raw_id is None:
+        raise InputError(Location(where.path, where.line, "id"), "field 'id' is missing")
+    if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool) or str(raw_id) == "":
+        raise InputError(Location(where.path, where.line, "id"), "field 'id' must be a non-empty string or integer")
+    text = obj.get("text")
+    if text is None:
+        raise InputError(Location(where.path, where.line, "text"), "field 'text' is missing")
+    if not isinstance(text, str):
+        raise InputError(Location(where.path, where.line, "text"), "field 'text' must be a string")
+    title = obj.get("title") or ""
+    if not isinstance(title, str):
+        raise InputError(Location(where.path, where.line, "title"), "field 'title' must be a string")
+    metadata = {k: v for k, v in obj.items() if k not in (*ID_FIELDS, "text", "title")}
+    return Passage(id=str(raw_id), text=text, title=title, metadata=metadata)
+
+
+def _read_jsonl_passages(path: str | Path) -> Iterator[tuple[int, Passage]]:
+    name = display_name(path)
+    for lineno, obj in read_jsonl(path):
+        yield lineno, _passage_from_json(obj, Location(name, lineno))
+
+
+def _read_tsv_passages(path: Path) -> Iterator[tuple[int, Passage]]:
+    """DPR `psgs_w100.tsv`: columns id, text, title, with or without that header row."""
+    name = str(path)
+    csv.field_size_limit(sys.maxsize)
+    with open_text(path) as handle:
+        reader = csv.reader(handle, delimiter="\t")
+        columns = ["id", "text", "title"]
+        for lineno, row in enumerate(reader, start=1):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if lineno == 1 and "id" in row and "text" in row:
+                columns = row
+                continue
+            if len(row) < 2:
+                raise InputError(Location(name, lineno), f"expected at least 2 tab-separated columns (id, text), got {len(row)}")
+            obj: dict[str, Any] = dict(zip(columns, row))
+            yield lineno, _passage_from_json(obj, Location(name, lineno))
+
+
+def iter_passages(path: str | Path, *, check_duplicates: bool = True) -> Iterator[Passage]:
+    """Yield passages from any supported corpus file; duplicate ids and empty corpora are errors."""
+    path = resolve_corpus_path(path)
+    name = display_name(path)
+    rows = _read_tsv_passages(Path(path)) if str(path).endswith(".tsv") else _read_jsonl_passages(path)
+    first_line: dict[str, int] = {}
+    count = 0
+    for lineno, passage in rows:
+        if check_duplicates:
+            if passage.id in first_line:
+                raise InputError(
+                    Location(name, lineno, "id"),
+                    f"duplicate id '{passage.id}' (first on line {first_line[passage.id]})",
+                )
+            first_line[passage.id] = lineno
+        count += 1
+        yield passage
+    if count == 0:
+        raise InputError(Location(name), "empty corpus: no passages found")
+
+
+def read_passages(path: str | Path) -> list[Passage]:
+    return list(iter_passages(path))

@@ -1,0 +1,1 @@
+"""Model loading (registry) and the model wrappers ragkit uses."""

@@ -1,0 +1,165 @@
+"""The embedder: a sentence-transformers model with a fingerprint, length-bucketed batches and progress.
+
+`SentenceTransformer.encode` already sorts each call's texts by length, which limits padding; ragkit feeds
+it blocks of passages so that it can stream large corpora and report progress between blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ragkit.errors import ResourceError, UsageError
+from ragkit.models.registry import ModelRef, missing_model_error, resolve
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What an index records about the model that embedded it, to refuse mismatched queries."""
+
+    name: str
+    dim: int
+    normalize: bool
+    max_seq_length: int | None
+    fingerprint: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "normalize": self.normalize,
+            "max_seq_length": self.max_seq_length,
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "EncoderInfo":
+        return cls(obj["name"], int(obj["dim"]), bool(obj["normalize"]), obj.get("max_seq_length"), obj["fingerprint"])
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ResourceError(f"--device {device}: no CUDA device is available", hint="Use --device cpu.")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise UsageError(f"--device {device}: expected cpu, cuda, cuda:N, mps or auto")
+    return device
+
+
+def weights_fingerprint(module: Any) -> str:
+    """A hash of every parameter's name, shape, dtype and a strided sample of its values.
+
+    Sampling keeps this fast for large encoders while still telling apart a fine-tuned copy, whose
+    weights differ everywhere, from the original.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            stride = max(1, flat.numel() // 4096)
+            sample = flat[::stride].to("cpu", torch.float32).contiguous().numpy()
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            digest.update(np.round(sample, 6).tobytes())
+    return digest.hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=4)
+def _load_sentence_transformer(location: str, device: str, trust_remote_code: bool) -> Any:
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its per-tensor bars would flood stderr on every load
+
+    return SentenceTransformer(location, device=device, trust_remote_code=trust_remote_code)
+
+
+class Encoder:
+    """Embeds passages and queries with one sentence-transformers model."""
+
+    def __init__(
+        self,
+        name: str = "minilm",
+        *,
+        device: str | None = None,
+        normalize: bool = True,
+        max_seq_length: int | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.ref: ModelRef = resolve(name)
+        self.device = resolve_device(device)
+        try:
+            self.model = _load_sentence_transformer(self.ref.location, self.device, trust_remote_code)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise missing_model_error(self.ref, exc) from exc
+        if max_seq_length is not None:
+            self.model.max_seq_length = max_seq_length
+        self.normalize = normalize
+        self.name = name
+
+    @functools.cached_property
+    def info(self) -> EncoderInfo:
+        dim = self.model.get_sentence_embedding_dimension()
+        return EncoderInfo(
+            name=self.name,
+            dim=int(dim),
+            normalize=self.normalize,
+            max_seq_length=self.model.max_seq_length,
+            fingerprint=weights_fingerprint(self.model),
+        )
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int = 64,
+        block_size: int = 4096,
+        on_block: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """float32 array (len(texts), dim); `on_block(n)` is called after each block of n texts."""
+        dim = self.info.dim
+        out = np.empty((len(texts), dim), dtype=np.float32)
+        for start in range(0, len(texts), block_size):
+            block = list(texts[start : start + block_size])
+            out[start : start + len(block)] = self.model.encode(
+                block,
+                batch_size=batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=self.normalize,
+                show_progress_bar=False,
+            )
+            if on_block is not None:
+                on_block(len(block))
+        return out
+
+    def encode_queries(self, queries: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        return self.encode(queries, batch_size=batch_size)
+
+
+class Throughput:
+    """Counts items over wall time for the throughput line printed after a long job."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0

