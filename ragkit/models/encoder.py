@@ -109,7 +109,9 @@ class Encoder:
 
     @functools.cached_property
     def info(self) -> EncoderInfo:
-        dim = self.model.get_sentence_embedding_dimension()
+        # sentence-transformers >= 6 renamed get_sentence_embedding_dimension
+        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        dim = dim_of()
         return EncoderInfo(
             name=self.name,
             dim=int(dim),

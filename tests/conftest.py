@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny random sentence-transformers encoder built from a config, corpora, vectors."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+WORDS = (
+    "the a of and to in is was for on with as by at from his her it he she that which who city river "
+    "king queen war music film poet actor politician football player born died river mountain science "
+    "physics chemistry biology paris london rome berlin france england italy germany team club song book"
+).split()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+INIT_RANGE = 0.5  # large random weights keep different texts apart (0.02 collapses them to cos≈0.98)
+
+
+def build_tiny_encoder(directory: Path, *, hidden: int = 32, seed: int = 0) -> Path:
+    """A 2-layer BERT with a small word vocabulary, wrapped as a sentence-transformers model."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    torch.manual_seed(seed)
+    raw = directory / "bert"
+    raw.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz0123456789"]
+    (raw / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    # transformers 5 names the argument `vocab`, transformers 4 `vocab_file`
+    vocab_arg = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
+    tokenizer = BertTokenizerFast(**{vocab_arg: str(raw / "vocab.txt")}, do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=128, initializer_range=INIT_RANGE,
+    )
+    BertModel(config).save_pretrained(raw)
+    tokenizer.save_pretrained(raw)
+    word = models.Transformer(str(raw), max_seq_length=64)
+    pooling = models.Pooling(word.get_embedding_dimension(), pooling_mode="mean")
+    out = directory / "st"
+    SentenceTransformer(modules=[word, pooling, models.Normalize()], device="cpu").save(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same architecture and dimension, different weights: must be refused by an index of the first."""
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder-2"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def wide_tiny_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder-48"), hidden=48)
+
+
+def make_passages(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {"id": f"doc-{i}", "title": f"{rng.choice(WORDS)} {i}", "text": " ".join(rng.choices(WORDS, k=12)), "lang": "en"}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "corpus.jsonl", make_passages(40))
+
+
+def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -1,0 +1,201 @@
+"""The Index: round trips, add/remove/upsert with stable ids, exactness, refusals and crash safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ragkit.errors import InputError, ResourceError, UsageError
+from ragkit.index import Index
+from ragkit.index import layout
+from ragkit.io.corpus import Passage
+from ragkit.models.encoder import EncoderInfo
+
+from conftest import unit_vectors
+
+DIM = 16
+ENC = EncoderInfo("test-encoder", DIM, True, 64, "f" * 32)
+
+
+def passages(n: int, prefix: str = "p") -> list[Passage]:
+    return [Passage(f"{prefix}{i}", f"text {i}", f"title {i}", {"n": i}) for i in range(n)]
+
+
+def top_ids(index: Index, queries: np.ndarray, k: int = 1) -> list[list[str]]:
+    return [[h.id for h in hits] for hits in index.search(queries, k)]
+
+
+def test_flat_round_trip_is_exact(tmp_path: Path) -> None:
+    x = unit_vectors(300, DIM)
+    Index.build(tmp_path / "idx", passages(300), x, ENC)
+    index = Index.open(tmp_path / "idx")
+    q = unit_vectors(5, DIM, seed=9)
+    hits = index.search(q, k=10)
+    brute = q @ x.T
+    for row, scores in zip(hits, brute):
+        order = np.argsort(-scores)[:10]
+        assert [h.id for h in row] == [f"p{i}" for i in order]
+        np.testing.assert_allclose([h.score for h in row], scores[order], rtol=1e-5)
+        assert [h.rank for h in row] == list(range(1, 11))
+    first = hits[0][0]
+    i = int(first.id[1:])
+    assert (first.title, first.text, first.metadata) == (f"title {i}", f"text {i}", {"n": i})
+
+
+def test_l2_metric_reports_negative_distances(tmp_path: Path) -> None:
+    x = unit_vectors(50, DIM)
+    index = Index.build(tmp_path / "idx", passages(50), x, ENC, metric="l2")
+    [[hit]] = index.search(x[3:4] * 2, k=1)
+    assert hit.id == "p3"
+    assert hit.score == pytest.approx(-float(np.sum((x[3] * 2 - x[3]) ** 2)), rel=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["flat", "hnsw", "ivf-pq:nlist=8,m=4,nprobe=8", "IVF8,SQ8", "PQ4"])
+def test_add_remove_upsert_keep_ids_stable_across_reopen(tmp_path: Path, spec: str) -> None:
+    x = unit_vectors(400, DIM)
+    root = tmp_path / "idx"
+    Index.build(root, passages(400), x, ENC, spec=spec)
+    index = Index.open(root)
+    assert top_ids(index, x[:20]) == [[f"p{i}"] for i in range(20)] or spec != "flat"
+
+    report = index.remove(["p0", "p1", "missing-id"])
+    assert (report.removed, report.missing) == (2, ["missing-id"])
+    new = unit_vectors(3, DIM, seed=5)
+    report = index.upsert([Passage("p2", "replaced", "T2"), Passage("n1", "new one", ""), Passage("n2", "new two", "")], new, ENC)
+    assert (report.added, report.replaced) == (2, 1)
+
+    reopened = Index.open(root)
+    assert len(reopened) == 400 - 2 + 2
+    got = {hit.id for hits in reopened.search(x[:3], k=50) for hit in hits}
+    assert not {"p0", "p1"} & got, "removed passages must never come back"
+    [[hit]] = reopened.search(new[0:1], k=1)
+    assert (hit.id, hit.text) == ("p2", "replaced")
+    assert top_ids(reopened, new[1:3]) == [["n1"], ["n2"]]
+    assert reopened.get(["p3"])["p3"].text == "text 3"
+
+
+def test_hnsw_tombstones_are_compacted(tmp_path: Path) -> None:
+    x = unit_vectors(100, DIM)
+    index = Index.build(tmp_path / "idx", passages(100), x, ENC, spec="hnsw:M=8")
+    index.remove([f"p{i}" for i in range(10)])
+    assert index.info()["tombstones"] == 10 and index.info()["vectors"] == 100
+    report = index.remove([f"p{i}" for i in range(10, 20)])  # 20% dead -> rebuilt
+    assert report.compacted
+    info = index.info()
+    assert (info["tombstones"], info["vectors"], info["passages"]) == (0, 80, 80)
+    assert top_ids(index, x[20:25]) == [[f"p{i}"] for i in range(20, 25)]
+
+
+def test_refuses_another_embedder(tmp_path: Path) -> None:
+    index = Index.build(tmp_path / "idx", passages(10), unit_vectors(10, DIM), ENC)
+    wrong_dim = EncoderInfo("other", DIM + 1, True, 64, "f" * 32)
+    with pytest.raises(ResourceError, match="dimension 17"):
+        index.check_encoder(wrong_dim)
+    wrong_weights = EncoderInfo("test-encoder", DIM, True, 64, "0" * 32)
+    with pytest.raises(ResourceError, match="not the model that built"):
+        index.upsert(passages(1, "z"), unit_vectors(1, DIM), wrong_weights)
+    with pytest.raises(ResourceError, match="dimension"):
+        index.search(unit_vectors(1, DIM + 3), k=1)
+
+
+def test_build_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="duplicate id 'p0'"):
+        Index.build(tmp_path / "a", passages(2) + passages(1), unit_vectors(3, DIM), ENC)
+    with pytest.raises(InputError, match="empty corpus"):
+        Index.build(tmp_path / "b", [], np.zeros((0, DIM), np.float32), ENC)
+    with pytest.raises(ResourceError, match="dimension 8"):
+        Index.build(tmp_path / "c", passages(2), unit_vectors(2, 8), ENC)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "precious.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="not a ragkit index"):
+        Index.build(tmp_path / "d", passages(2), unit_vectors(2, DIM), ENC)
+    assert (tmp_path / "d" / "precious.txt").read_text() == "keep me"
+    Index.build(tmp_path / "e", passages(2), unit_vectors(2, DIM), ENC)
+    with pytest.raises(UsageError, match="already there"):
+        Index.build(tmp_path / "e", passages(2), unit_vectors(2, DIM), ENC)
+    with pytest.raises(ResourceError, match="not a ragkit index"):
+        Index.open(tmp_path / "nowhere")
+
+
+def test_artifacts_open_without_ragkit(tmp_path: Path) -> None:
+    import sqlite3
+
+    import faiss
+
+    index = Index.build(tmp_path / "idx", passages(20), unit_vectors(20, DIM), ENC)
+    raw = faiss.read_index(str(tmp_path / "idx" / "current" / "vectors.faiss"))
+    assert raw.ntotal == 20 and raw.d == DIM
+    rows = sqlite3.connect(tmp_path / "idx" / "current" / "passages.sqlite").execute("SELECT count(*) FROM passages")
+    assert rows.fetchone()[0] == 20
+    assert index.verify() == []
+
+
+def test_failed_write_keeps_previous_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import faiss
+
+    root = tmp_path / "idx"
+    x = unit_vectors(50, DIM)
+    index = Index.build(root, passages(50), x, ENC)
+    before = index.version_dir
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(faiss, "write_index", crash)
+    with pytest.raises(OSError, match="disk full"):
+        index.remove(["p1", "p2"])
+    monkeypatch.undo()
+    # the object and the directory both still hold the complete previous version
+    assert len(index) == 50 and top_ids(index, x[1:3]) == [["p1"], ["p2"]]
+    reopened = Index.open(root)
+    assert reopened.version_dir == before and len(reopened) == 50
+    # and the next writer cleans up what the failed one left
+    reopened.remove(["p3"])
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".lock")) == ["current", "v000002"]
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from ragkit.index import Index
+    from ragkit.io.corpus import Passage
+    from ragkit.models.encoder import EncoderInfo
+    enc = EncoderInfo("test-encoder", 16, True, 64, "f" * 32)
+    root, rounds = sys.argv[1], int(sys.argv[2])
+    rng = np.random.default_rng(1)
+    index = Index.open(root)
+    print("ready", flush=True)
+    for r in range(rounds):
+        ps = [Passage(f"r{r}-{i}", "x" * 200, "t") for i in range(2000)]
+        x = rng.standard_normal((2000, 16)).astype("float32")
+        index.upsert(ps, x / np.linalg.norm(x, axis=1, keepdims=True) * 0.5, enc)
+    """
+)
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.9, 1.6])
+def test_killed_writer_leaves_a_loadable_index(tmp_path: Path, delay: float) -> None:
+    root = tmp_path / "idx"
+    Index.build(root, passages(100), unit_vectors(100, DIM), ENC)
+    script = tmp_path / "writer.py"
+    script.write_text(KILL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(root), "200"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    index = Index.open(root)  # whatever version is current is complete
+    assert index.verify() == []
+    assert len(index) == 100 + 2000 * (index.manifest["version"] - 1)
+    assert top_ids(index, unit_vectors(100, DIM)[:2]) == [["p0"], ["p1"]]
+    index.remove(["p5"])  # and it can still be written
+    assert len(Index.open(root)) == len(index)
+    assert [p.name for p in root.iterdir() if p.name.startswith((".staging", "v"))] == [index.version_dir.name]
