@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from ragkit.errors import ResourceError
 from ragkit.index.spec import IndexSpec
 
 METRICS = ("ip", "l2")
@@ -104,10 +103,8 @@ def to_device(index: Any, device: str) -> tuple[Any, str]:
     if not device.startswith("cuda"):
         return index, "cpu"
     if not has_gpu():
-        raise ResourceError(
-            "--device cuda: this Faiss build has no GPU support (or no GPU is visible)",
-            hint="Install the GPU wheel (RAGKIT_GPU=1 make run, or pip install 'ragkit[gpu]'), or use --device cpu.",
-        )
+        # Faiss-GPU when present, CPU otherwise: the encoder may still use the GPU.
+        return index, "cpu"
     import faiss
 
     gpu_id = int(device.split(":", 1)[1]) if ":" in device else 0

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ragkit.errors import ResourceError, UsageError
-from ragkit.models.registry import ModelRef, missing_model_error, resolve
+from ragkit.models.registry import ModelRef, missing_model_error, quiet_transformers, resolve
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,8 @@ def weights_fingerprint(module: Any) -> str:
 @functools.lru_cache(maxsize=4)
 def _load_sentence_transformer(location: str, device: str, trust_remote_code: bool) -> Any:
     from sentence_transformers import SentenceTransformer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # its per-tensor bars would flood stderr on every load
+    quiet_transformers()
 
     return SentenceTransformer(location, device=device, trust_remote_code=trust_remote_code)
 

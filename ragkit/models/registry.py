@@ -95,6 +95,13 @@ def missing_model_error(ref: ModelRef, exc: BaseException) -> ResourceError:
     return ResourceError(f"cannot load model '{ref.name}' ({ref.location}): {detail}", hint=hint)
 
 
+def quiet_transformers() -> None:
+    """Hide transformers' per-tensor loading bars, which would flood stderr on every load."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def cache_root() -> Path:
     if os.environ.get("RAGKIT_HOME"):
         return Path(os.environ["RAGKIT_HOME"]).expanduser()
@@ -124,6 +131,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise a GGUF checkpoint with transformers and save it as safetensors (atomically)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ragkit.console import info
+
+    info(f"converting {gguf.name} to safetensors once (cached in {target.parent})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)

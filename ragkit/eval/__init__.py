@@ -1,0 +1,1 @@
+"""Evaluation: metrics (retrieval now; QA metrics and tasks come with `ragkit eval`)."""
