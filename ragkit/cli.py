@@ -9,6 +9,8 @@ import typer
 from ragkit import __version__
 from ragkit.commands import embed as embed_cmd
 from ragkit.commands import env as env_cmd
+from ragkit.commands import eval as eval_cmd
+from ragkit.commands import generate as generate_cmd
 from ragkit.commands import index as index_cmd
 from ragkit.commands import not_built
 
@@ -43,6 +45,8 @@ def root(
 
 app.command("embed")(embed_cmd.embed)
 app.add_typer(index_cmd.app, name="index")
+app.command("generate")(generate_cmd.generate)
+app.add_typer(eval_cmd.app, name="eval")
 not_built.register(app)
 app.command("env")(env_cmd.env)
 

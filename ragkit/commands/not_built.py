@@ -10,7 +10,6 @@ from ragkit.commands._common import handle_errors
 from ragkit.errors import NotBuiltError
 
 ARCHS = ("rag", "selfrag-critic", "selfrag", "retro", "embedder")
-ISSUES = {"generate": "#3", "eval": "#3"}
 
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -44,20 +43,8 @@ def train_retro(ctx: typer.Context) -> None:
     _not_built("train-retro", "#5")
 
 
-def generate(ctx: typer.Context) -> None:
-    """Answer questions, closed-book or retrieve-then-read, JSONL in and out (not built yet)."""
-    _not_built("generate", ISSUES["generate"])
-
-
-def evaluate(ctx: typer.Context) -> None:
-    """Score predictions or run a task end to end: PopQA, TriviaQA, ARC-C, BEIR, ... (not built yet)."""
-    _not_built("eval", ISSUES["eval"])
-
-
 def register(app: typer.Typer) -> None:
     app.command("train", context_settings=PASSTHROUGH)(train)
     app.command("train-rag", context_settings=PASSTHROUGH)(train_rag)
     app.command("train-selfrag", context_settings=PASSTHROUGH)(train_selfrag)
     app.command("train-retro", context_settings=PASSTHROUGH)(train_retro)
-    app.command("generate", context_settings=PASSTHROUGH)(generate)
-    app.command("eval", context_settings=PASSTHROUGH)(evaluate)

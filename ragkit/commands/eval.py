@@ -1,0 +1,183 @@
+"""`ragkit eval`: score predictions (stdin / --predictions) or run generation itself; `ragkit eval compare`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ragkit.commands._common import BatchOpt, DeviceOpt, JsonOpt, handle_errors
+from ragkit.commands.generate import (
+    ArchOpt, BackendOpt, DtypeOpt, IndexOpt, KOpt, LimitOpt, MaxNewOpt, PassagesOpt, PassageWordsOpt, RemoteOpt,
+    SeedOpt, StopOpt, TemplateOpt, build_generation, run_blocks,
+)
+
+app = typer.Typer(no_args_is_help=False)
+
+
+def _print_metrics(title: str, report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from ragkit.console import stderr
+
+    table = Table(title=title, title_justify="left")
+    for col in ("metric", "mean", "95% CI", "n"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name, m in report["metrics"].items():
+        star = " *" if name == report["primary_metric"] else ""
+        table.add_row(name + star, f"{m['mean']:.4f}", f"[{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]", str(m["n"]))
+    stderr.print(table)
+
+
+@app.callback(invoke_without_command=True)
+def evaluate(
+    ctx: typer.Context,
+    task: Annotated[str | None, typer.Option("--task", help="popqa, triviaqa, nq, arc_c, pubhealth, scifact, asqa, qa (any JSONL with answers), beir.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The task's data file (a BEIR folder for --task beir).")] = None,
+    predictions: Annotated[str | None, typer.Option("--predictions", help="`ragkit generate` (or `ragkit index search` for beir) output; default stdin unless --model is given.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Run generation with this model instead of reading predictions.")] = None,
+    arch: ArchOpt = "none",
+    index: IndexOpt = None,
+    k: KOpt = 5,
+    passages: PassagesOpt = "auto",
+    split: Annotated[str, typer.Option("--split", help="BEIR qrels split (qrels/SPLIT.tsv).")] = "test",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSON report here (per-example rows, aggregates, config).")] = None,
+    label: Annotated[str | None, typer.Option("--label", help="Name of this run in comparisons (default: the report's file name).")] = None,
+    limit: LimitOpt = 0,
+    max_new_tokens: MaxNewOpt = 32,
+    stop: StopOpt = None,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    backend: BackendOpt = "transformers",
+    template: TemplateOpt = None,
+    max_passage_words: PassageWordsOpt = 150,
+    seed: SeedOpt = 0,
+    trust_remote_code: RemoteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a task: pipe predictions in, or pass --model to generate them here.
+
+    Examples:
+
+      ragkit generate data.jsonl --arch rag --passages ctxs | ragkit eval --task popqa --data data.jsonl
+
+      ragkit eval --task arc_c --data arc_challenge_processed.jsonl --model smollm2-135m -o arc.json
+
+      ragkit index search idx/ -q scifact/queries.jsonl --k 100 | ragkit eval --task beir --data scifact/
+
+      ragkit eval compare closed.json rag.json --plot cmp.png
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    with handle_errors():
+        from ragkit.errors import UsageError
+        from ragkit.eval import report as rep
+        from ragkit.eval import runner
+        from ragkit.eval.tasks import ALL_TASKS, get_task, load_examples
+
+        if task is None:
+            raise UsageError("--task is required", hint=f"One of {', '.join(ALL_TASKS)}.")
+        if data is None:
+            raise UsageError("--data is required")
+        began = time.perf_counter()
+        config: dict[str, Any] = {"task": task, "data": str(data), "label": label, "limit": limit}
+        if task == "beir":
+            queries, qrels = runner.load_beir(data, split)
+            if index is not None:
+                from ragkit.retrieval import Retriever
+
+                retriever = Retriever(index, device=device)
+                qids = list(queries)[: limit or None]
+                hits = retriever.retrieve([queries[q] for q in qids], max(k, 10))
+                run = {q: [h.id for h in row] for q, row in zip(qids, hits)}
+                config.update(index=str(index), k=k, embedder=retriever.index.encoder.name)
+            else:
+                run = runner.read_search_run(predictions or "-", qrels)
+                config.update(predictions=predictions or "-")
+            qrels = {q: r for q, r in qrels.items() if q in run} if limit else qrels
+            rows, metrics = runner.score_retrieval(run, qrels, max(k, 10) if index is not None else 100)
+            primary = "ndcg@10"
+        else:
+            the_task = get_task(task)
+            examples = load_examples(the_task, data, limit or None)
+            if model is not None:
+                from ragkit.reader import Question
+
+                generator, gen_config, reader, retriever = build_generation(
+                    model=model, arch=arch, index=index, k=k, passages=passages, max_new_tokens=max_new_tokens,
+                    do_sample=False, temperature=1.0, top_p=1.0, top_k=0, stop=stop, batch_size=batch_size,
+                    device=device, dtype=dtype, backend=backend, template=template,
+                    max_passage_words=max_passage_words, seed=seed, trust_remote_code=trust_remote_code,
+                )
+                questions = [Question(e.id, e.question, e.ctxs, {"retrieval_query": e.query or e.question}) for e in examples]
+                outputs = {r["id"]: (i, r) for i, r in enumerate(
+                    run_blocks(questions, generator, gen_config, reader, retriever, f"{task} ({arch})"), start=1)}
+                pairs = runner.match_predictions(examples, outputs, "<generated>", str(data))
+                config.update(model=model, arch=arch, k=k, passages=passages, index=str(index) if index else None,
+                              max_new_tokens=max_new_tokens, max_passage_words=max_passage_words, seed=seed)
+            else:
+                source = predictions or "-"
+                preds = runner.read_predictions(source)
+                pairs = runner.match_predictions(examples, preds, "<stdin>" if source == "-" else source, str(data))
+                config.update(predictions=source)
+            rows = runner.score(the_task, pairs)
+            metrics = rep.aggregate(rows, the_task.metrics, the_task.binary)
+            primary = the_task.primary
+            if len(rows) < len(examples):
+                from ragkit.console import info
+
+                info(f"warning: scored {len(rows)} of {len(examples)} examples (the others have no prediction)")
+        report = rep.build_report(task, primary, metrics, rows, config, {"total_s": time.perf_counter() - began})
+        if output is not None:
+            rep.save_report(output, report)
+        _print_metrics(f"{task}: {data} ({len(rows)} examples)", report)
+        if as_json:
+            sys.stdout.write(json.dumps({k: v for k, v in report.items() if k != "rows"}, ensure_ascii=False) + "\n")
+
+
+@app.command("compare")
+def compare(
+    reports: Annotated[list[Path], typer.Argument(help="Eval reports (JSON) written with --output.")],
+    metric: Annotated[str | None, typer.Option("--metric", help="Metric to plot (default: each report's primary metric).")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw a bar chart with 95% intervals to this PNG (needs matplotlib).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print runs side by side (every metric, mean and 95% CI); optionally plot one metric.
+
+    Examples:
+
+      ragkit eval compare closed.json ctxs.json index.json
+
+      ragkit eval compare k1.json k5.json k10.json --metric match --plot by_k.png
+    """
+    with handle_errors():
+        from rich.table import Table
+
+        from ragkit.console import stderr
+        from ragkit.eval import report as rep
+
+        loaded = [(rep.label_of(p, r), r) for p in reports for r in [rep.load_report(p)]]
+        names = list(dict.fromkeys(m for _, r in loaded for m in r["metrics"]))
+        table = Table(title="comparison", title_justify="left")
+        table.add_column("run")
+        table.add_column("task")
+        table.add_column("n", justify="right")
+        for name in names:
+            table.add_column(name, justify="right")
+        for label, r in loaded:
+            cells = []
+            for name in names:
+                m = r["metrics"].get(name)
+                cells.append("-" if m is None else f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]")
+            table.add_row(label, r["task"], str(r["n"]), *cells)
+        stderr.print(table)
+        if plot is not None:
+            rep.plot_comparison(loaded, plot, metric)
+        if as_json:
+            out = {label: {name: m["mean"] for name, m in r["metrics"].items()} for label, r in loaded}
+            sys.stdout.write(json.dumps(out) + "\n")

@@ -1,0 +1,159 @@
+"""`ragkit generate`: questions in (JSONL or plain lines), answers out (JSONL)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ragkit.commands._common import BatchOpt, DeviceOpt, handle_errors
+
+ModelGen = Annotated[str, typer.Option("--model", "-m", help="Generator: hub id, local folder, .gguf file or alias (smollm2-135m = shipped SmolLM2-135M-Instruct).")]
+ArchOpt = Annotated[str, typer.Option("--arch", help="none (closed book) or rag (retrieve with --index, or use the input's ctxs, then read).")]
+IndexOpt = Annotated[Path | None, typer.Option("--index", help="ragkit index to retrieve from (--arch rag).")]
+KOpt = Annotated[int, typer.Option("--k", "-k", min=1, help="Passages per question.")]
+PassagesOpt = Annotated[str, typer.Option("--passages", help="Where passages come from: auto (index if given, else ctxs), index, ctxs.")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate per answer.")]
+SampleOpt = Annotated[bool, typer.Option("--do-sample/--greedy", help="Sample (with --temperature/--top-p/--top-k) or decode greedily.")]
+TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0 = off).")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); the answer is cut before it. Default: a newline.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="transformers, or vllm when installed (GPU).")]
+TemplateOpt = Annotated[str | None, typer.Option("--template", help="Prompt template with {prompt}, for models without a chat template.")]
+PassageWordsOpt = Annotated[int, typer.Option("--max-passage-words", min=0, help="Cut each passage to this many words (0 = whole).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
+LimitOpt = Annotated[int, typer.Option("--limit", min=0, help="Only the first N questions (0 = all).")]
+RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code (off unless you ask).")]
+
+
+def build_generation(
+    *, model: str, arch: str, index: Path | None, k: int, passages: str, max_new_tokens: int, do_sample: bool,
+    temperature: float, top_p: float, top_k: int, stop: list[str] | None, batch_size: int, device: str, dtype: str,
+    backend: str, template: str | None, max_passage_words: int, seed: int, trust_remote_code: bool,
+) -> tuple[Any, Any, Any, Any]:
+    """Load what a generation run needs (shared by `generate` and `eval`)."""
+    from ragkit.errors import UsageError
+    from ragkit.models.generator import GenerationConfig, load_generator
+    from ragkit.reader import ARCHS, ReaderConfig
+
+    if arch not in ARCHS:
+        raise UsageError(f"--arch {arch}: expected one of {', '.join(ARCHS)} (selfrag, retro and trained rag come later)")
+    if index is not None and arch != "rag":
+        raise UsageError("--index is only used with --arch rag")
+    reader = ReaderConfig(arch=arch, k=k, source=passages, max_passage_words=max_passage_words, template=template)
+    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, stop=tuple(stop) if stop is not None else ("\n",),
+                                  batch_size=batch_size, seed=seed)
+    retriever = None
+    if arch == "rag" and index is not None:
+        from ragkit.retrieval import Retriever
+
+        retriever = Retriever(index, device=device)
+    generator = load_generator(model, backend=backend, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    return generator, gen_config, reader, retriever
+
+
+def run_blocks(questions: list[Any], generator: Any, gen_config: Any, reader: Any, retriever: Any, label: str,
+               block: int = 32) -> Any:
+    """Answer in blocks with a progress bar; yields output rows in input order."""
+    from ragkit.console import info, progress
+    from ragkit.models.encoder import Throughput
+    from ragkit.reader import answer
+
+    meter = Throughput()
+    with progress() as bar:
+        task = bar.add_task(label, total=len(questions), rate="")
+        for start in range(0, len(questions), block):
+            rows = answer(questions[start : start + block], generator, gen_config, reader, retriever)
+            meter.add(len(rows))
+            bar.update(task, advance=len(rows), rate=f"{meter.rate:.2f} q/s")
+            yield from rows
+    info(f"answered {meter.count} questions in {meter.seconds:.1f}s ({meter.rate:.2f} questions/s, {generator.device})")
+
+
+def generate(
+    input_file: Annotated[str, typer.Argument(help="Questions: JSONL (question/instruction, optional id, ctxs) or plain lines; - for stdin.")] = "-",
+    model: ModelGen = "smollm2-135m",
+    arch: ArchOpt = "none",
+    index: IndexOpt = None,
+    k: KOpt = 5,
+    passages: PassagesOpt = "auto",
+    task: Annotated[str | None, typer.Option("--task", help="Read the input as this eval task's file and prompt as the task does (e.g. arc_c).")] = None,
+    max_new_tokens: MaxNewOpt = 32,
+    do_sample: SampleOpt = False,
+    temperature: TempOpt = 1.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    stop: StopOpt = None,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    backend: BackendOpt = "transformers",
+    template: TemplateOpt = None,
+    max_passage_words: PassageWordsOpt = 150,
+    seed: SeedOpt = 0,
+    limit: LimitOpt = 0,
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Answer questions closed-book (--arch none) or retrieve-then-read (--arch rag); JSONL out.
+
+    Each output line: {"id", "question", "output", "passages": [{id, title, text, score}], "new_tokens",
+    "timings", ...the input's other fields}.
+
+    Examples:
+
+      echo "Who wrote Hamlet?" | ragkit generate
+
+      ragkit generate questions.jsonl --arch rag --index idx/ --k 5 > answers.jsonl
+
+      ragkit generate popqa_longtail_w_gs.jsonl --arch rag --passages ctxs | ragkit eval --task popqa --data popqa_longtail_w_gs.jsonl
+    """
+    with handle_errors():
+        from ragkit.errors import InputError, Location
+        from ragkit.io.jsonl import display_name, open_text
+        from ragkit.models.registry import resolve
+        from ragkit.reader import Question, question_from_json
+
+        resolve(model)  # a missing local model fails before any input is read
+        questions: list[Question] = []
+        if task is not None:
+            from ragkit.eval.tasks import get_task, load_examples
+
+            for ex in load_examples(get_task(task), input_file, limit or None):
+                questions.append(Question(ex.id, ex.question, ex.ctxs, {"retrieval_query": ex.query or ex.question}))
+        else:
+            name = display_name(input_file)
+            handle = open_text(input_file)
+            for lineno, line in enumerate(handle, start=1):
+                text = line.strip()
+                if not text:
+                    continue
+                if text.startswith("{"):
+                    try:
+                        obj = json.loads(text)
+                    except json.JSONDecodeError as exc:
+                        raise InputError(Location(name, lineno), f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+                    questions.append(question_from_json(obj, Location(name, lineno)))
+                else:
+                    questions.append(Question(str(lineno), text))
+                if limit and len(questions) >= limit:
+                    break
+            if input_file != "-":
+                handle.close()
+            if not questions:
+                raise InputError(Location(name), "empty input: no questions")
+        generator, gen_config, reader, retriever = build_generation(
+            model=model, arch=arch, index=index, k=k, passages=passages, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, batch_size=batch_size,
+            device=device, dtype=dtype, backend=backend, template=template, max_passage_words=max_passage_words,
+            seed=seed, trust_remote_code=trust_remote_code,
+        )
+        for row in run_blocks(questions, generator, gen_config, reader, retriever, f"generate ({arch})"):
+            row.pop("retrieval_query", None)
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sys.stdout.flush()

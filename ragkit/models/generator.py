@@ -1,0 +1,211 @@
+"""Loading a generator (causal or seq2seq, any HF model) and batched generation.
+
+Prompts go through the tokenizer's chat template when it has one, or a plain template otherwise.
+Causal models are left-padded so that a batch's prompts all end where generation starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ragkit.errors import ResourceError, UsageError
+from ragkit.models.encoder import resolve_device
+from ragkit.models.registry import ModelRef, materialize, missing_model_error, quiet_transformers, resolve
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Generated:
+    text: str
+    new_tokens: int
+
+
+def _torch_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        # bf16 where the GPU supports it, fp32 on the CPU (fp16/bf16 matmuls are slow or unsupported there)
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+class Generator:
+    """A Hugging Face generator behind one `generate(prompts)` call."""
+
+    def __init__(
+        self,
+        name: str = "smollm2-135m",
+        *,
+        device: str | None = None,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        self.name = name
+        self.ref: ModelRef = resolve(name)
+        self.device = resolve_device(device)
+        quiet_transformers()
+        try:
+            location = materialize(self.ref)
+            config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+            self.is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                location, trust_remote_code=trust_remote_code, padding_side="right" if self.is_seq2seq else "left"
+            )
+            cls = AutoModelForSeq2SeqLM if self.is_seq2seq else AutoModelForCausalLM
+            self.model = cls.from_pretrained(
+                location, dtype=_torch_dtype(dtype, self.device), trust_remote_code=trust_remote_code
+            ).to(self.device)
+        except (OSError, ValueError) as exc:
+            raise missing_model_error(self.ref, exc) from exc
+        self.model.eval()
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render(self, user_message: str, *, template: str | None = None, system: str | None = None) -> str:
+        """The model's input text for one user message (chat template, or `template` with {prompt})."""
+        if template is not None:
+            if "{prompt}" not in template:
+                raise UsageError("--template must contain {prompt}")
+            return template.replace("{prompt}", user_message)
+        if self.has_chat_template:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": user_message}
+            ]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return user_message
+
+    def generate(self, prompts: Sequence[str], config: GenerationConfig = GenerationConfig()) -> list[Generated]:
+        """Generate for rendered prompts in batches; output text is cut at the first stop string."""
+        import torch
+
+        if not prompts:
+            return []
+        torch.manual_seed(config.seed)
+        outputs: list[Generated] = []
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": config.max_new_tokens,
+            "do_sample": config.do_sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if config.do_sample:
+            kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
+        else:
+            # greedy: unset sampling knobs a model's generation_config may carry, to avoid warnings
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        max_len = getattr(self.model.config, "max_position_embeddings", None)
+        for start in range(0, len(prompts), config.batch_size):
+            batch = list(prompts[start : start + config.batch_size])
+            enc = self.tokenizer(
+                batch, return_tensors="pt", padding=True, add_special_tokens=self.is_seq2seq or not self.has_chat_template,
+                truncation=max_len is not None, max_length=(max_len - config.max_new_tokens) if max_len else None,
+            ).to(self.device)
+            prompt_len = 0 if self.is_seq2seq else enc["input_ids"].shape[1]
+            criteria = _stop_criteria(self.tokenizer, config.stop, prompt_len)
+            with torch.inference_mode():
+                out = self.model.generate(**enc, **kwargs, stopping_criteria=criteria)
+            new = out if self.is_seq2seq else out[:, enc["input_ids"].shape[1] :]
+            for row in new:
+                ids = [int(t) for t in row if int(t) != self.tokenizer.pad_token_id]
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                outputs.append(Generated(cut_at_stop(text, config.stop).strip(), len(ids)))
+        return outputs
+
+
+def _stop_criteria(tokenizer: Any, stop: Sequence[str], prompt_len: int) -> Any:
+    """Stop a batch once every row's new text contains a stop string.
+
+    Hand-written because transformers' StopStringCriteria cannot index some vocabularies (it fails on
+    word-level tokenizers); decoding the new tokens each step works for any tokenizer and answers are short.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    if not stop:
+        return StoppingCriteriaList()
+
+    class StopOnStrings(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch
+
+            texts = tokenizer.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
+            done = [any(s in t for s in stop) for t in texts]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnStrings()])
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if s and i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+class VLLMGenerator:
+    """The same interface over vLLM, for GPU serving throughput (`--backend vllm`)."""
+
+    def __init__(self, name: str, *, dtype: str = "auto", trust_remote_code: bool = False) -> None:
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ResourceError("--backend vllm: vLLM is not installed", hint="pip install vllm (needs a CUDA GPU).") from None
+        self.name = name
+        self.ref = resolve(name)
+        self.llm = LLM(model=materialize(self.ref), dtype=dtype, trust_remote_code=trust_remote_code)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.device = "cuda"
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    render = Generator.render
+
+    def generate(self, prompts: Sequence[str], config: GenerationConfig = GenerationConfig()) -> list[Generated]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=config.max_new_tokens,
+            temperature=config.temperature if config.do_sample else 0.0,
+            top_p=config.top_p if config.do_sample else 1.0,
+            top_k=config.top_k if config.do_sample and config.top_k else -1,
+            stop=list(config.stop) or None,
+            seed=config.seed,
+        )
+        results = self.llm.generate(list(prompts), params)
+        return [Generated(r.outputs[0].text.strip(), len(r.outputs[0].token_ids)) for r in results]
+
+
+def load_generator(name: str, *, backend: str = "transformers", device: str | None = None, dtype: str = "auto",
+                   trust_remote_code: bool = False) -> Generator | VLLMGenerator:
+    if backend == "transformers":
+        return Generator(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    if backend == "vllm":
+        return VLLMGenerator(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    raise UsageError(f"--backend {backend}: expected transformers or vllm")

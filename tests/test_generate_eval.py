@@ -1,0 +1,156 @@
+"""`ragkit generate` and `ragkit eval` on a tiny Llama built from a config, through Typer and a real shell pipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ragkit.cli import app
+
+from conftest import write_jsonl
+from test_cli import ragkit_executable
+
+runner = CliRunner()
+
+QUESTIONS = [
+    {"id": "q1", "question": "who was the king", "answers": ["king"], "ctxs": [{"id": "c1", "title": "king", "text": "the king was born", "score": "1.5"}]},
+    {"id": "q2", "question": "which city is in france", "answers": ["paris"], "ctxs": [{"title": "paris", "text": "paris is a city in france"}]},
+    {"id": "q3", "question": "what is science", "answers": ["physics"], "ctxs": [{"title": "science", "text": "physics is a science"}]},
+]
+
+
+def run(*args: object, input: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "qa.jsonl", QUESTIONS)
+
+
+def test_generate_closed_book_schema_and_order(tiny_lm_path: Path, data: Path) -> None:
+    result = run("generate", data, "--model", tiny_lm_path, "--max-new-tokens", "4", "--device", "cpu", "--batch-size", "2")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in rows] == ["q1", "q2", "q3"]
+    for row, src in zip(rows, QUESTIONS):
+        assert set(row) >= {"id", "question", "output", "passages", "new_tokens", "timings", "answers"}
+        assert row["passages"] == [] and row["answers"] == src["answers"] and "ctxs" not in row
+        assert 0 < row["new_tokens"] <= 4 and isinstance(row["output"], str)
+
+
+def test_generate_is_deterministic_and_batch_invariant(tiny_lm_path: Path, data: Path) -> None:
+    outs = []
+    for batch in ("1", "3"):
+        result = run("generate", data, "--model", tiny_lm_path, "--max-new-tokens", "5", "--device", "cpu",
+                     "--batch-size", batch, "--stop", "</never>")
+        assert result.exit_code == 0, result.stderr
+        outs.append([json.loads(line)["output"] for line in result.stdout.splitlines()])
+    assert outs[0] == outs[1], "left padding must not change greedy outputs"
+
+
+def test_rag_with_ctxs_and_with_an_index(tiny_lm_path: Path, tiny_encoder_path: Path, data: Path, tmp_path: Path) -> None:
+    result = run("generate", data, "--model", tiny_lm_path, "--arch", "rag", "--k", "1", "--max-new-tokens", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    first = json.loads(result.stdout.splitlines()[0])
+    assert first["passages"] == [{"id": "c1", "title": "king", "text": "the king was born", "score": 1.5}]
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"d{i}", "title": c["title"], "text": c["text"]}
+                                                        for i, q in enumerate(QUESTIONS) for c in q["ctxs"]])
+    build = run("index", "build", corpus, "-o", tmp_path / "idx", "--model", tiny_encoder_path, "--device", "cpu")
+    assert build.exit_code == 0, build.stderr
+    result = run("generate", data, "--model", tiny_lm_path, "--arch", "rag", "--index", tmp_path / "idx", "--k", "2",
+                 "--max-new-tokens", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(len(r["passages"]) == 2 and r["passages"][0]["id"].startswith("d") for r in rows)
+
+
+def test_rag_without_passages_is_an_input_error(tiny_lm_path: Path) -> None:
+    result = run("generate", "--model", tiny_lm_path, "--arch", "rag", "--device", "cpu", input="a plain question\n")
+    assert result.exit_code == 3 and "has no 'ctxs'" in result.stderr
+
+
+def test_generate_errors(tmp_path: Path, tiny_lm_path: Path) -> None:
+    result = run("generate", "--model", tmp_path / "missing-model")
+    assert result.exit_code == 4 and "does not exist" in result.stderr
+    result = run("generate", "--model", tiny_lm_path, input='{"id": 1}\n')
+    assert result.exit_code == 3 and "<stdin>:1: field 'question' is missing" in result.stderr
+    result = run("generate", "--model", tiny_lm_path, "--arch", "selfrag", input="q\n")
+    assert result.exit_code == 2
+
+
+def test_eval_scores_piped_predictions_and_writes_report(data: Path, tmp_path: Path) -> None:
+    preds = "\n".join(json.dumps({"id": q, "output": out}) for q, out in
+                      [("q1", "The king"), ("q2", "Lyon"), ("q3", "physics")]) + "\n"
+    report_path = tmp_path / "r.json"
+    result = run("eval", "--task", "qa", "--data", data, "-o", report_path, "--json", input=preds)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["metrics"]["match"]["mean"] == pytest.approx(2 / 3)
+    assert summary["metrics"]["em"]["mean"] == pytest.approx(2 / 3)  # "The king" normalises to "king"
+    report = json.loads(report_path.read_text())
+    assert set(report) >= {"ragkit_version", "git_revision", "task", "primary_metric", "n", "metrics", "config", "timings", "rows"}
+    assert report["n"] == 3 and report["primary_metric"] == "match"
+    assert set(report["metrics"]["match"]) == {"mean", "n", "ci95"}
+    assert report["rows"][1] == {"id": "q2", "question": "which city is in france", "golds": ["paris"], "prediction": "Lyon",
+                                 "metrics": {"match": 0.0, "match_norm": 0.0, "em": 0.0, "f1": 0.0}}
+
+
+def test_eval_rejects_predictions_for_unknown_ids(data: Path) -> None:
+    result = run("eval", "--task", "qa", "--data", data, input='{"id": "q1", "output": "x"}\n{"id": "zz", "output": "y"}\n')
+    assert result.exit_code == 3
+    assert result.stderr.startswith("Error: <stdin>:2: field 'id': id 'zz' is not in the data")
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["eval", "--task", "mmlu", "--data", "x"], 2, "unknown task"),
+    (["eval", "--data", "x"], 2, "--task is required"),
+    (["eval", "--task", "qa", "--data", "/no/such/file.jsonl"], 4, "no such file"),
+])
+def test_eval_usage_errors(argv: list[str], code: int, message: str) -> None:
+    result = run(*argv, input="")
+    assert result.exit_code == code and message in result.stderr
+
+
+def test_eval_compare_and_plot(data: Path, tmp_path: Path) -> None:
+    for name, outs in (("closed", ["x", "y", "z"]), ("rag", ["king", "paris", "z"])):
+        preds = "".join(json.dumps({"id": f"q{i + 1}", "output": o}) + "\n" for i, o in enumerate(outs))
+        assert run("eval", "--task", "qa", "--data", data, "-o", tmp_path / f"{name}.json", input=preds).exit_code == 0
+    result = run("eval", "compare", tmp_path / "closed.json", tmp_path / "rag.json", "--plot", tmp_path / "cmp.png", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["rag"]["match"] == pytest.approx(2 / 3)
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert run("eval", "compare", bad).exit_code == 3
+
+
+def test_generate_then_eval_through_a_shell_pipe(tiny_lm_path: Path, data: Path, tmp_path: Path) -> None:
+    exe = ragkit_executable()
+    cmd = (f"{exe} generate {data} --model {tiny_lm_path} --max-new-tokens 3 --device cpu "
+           f"| {exe} eval --task qa --data {data} --json -o {tmp_path / 'r.json'}")
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["n"] == 3 and summary["task"] == "qa" and 0.0 <= summary["metrics"]["f1"]["mean"] <= 1.0
+
+
+def test_eval_beir_from_search_output(tmp_path: Path, tiny_encoder_path: Path) -> None:
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    write_jsonl(beir / "corpus.jsonl", [{"_id": f"d{i}", "title": "", "text": t} for i, t in
+                                         enumerate(["river king", "city music", "poet born", "science physics"])])
+    write_jsonl(beir / "queries.jsonl", [{"_id": "1", "text": "river king"}, {"_id": "2", "text": "science physics"}])
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\td0\t1\n2\td3\t1\n")
+    assert run("index", "build", beir, "-o", tmp_path / "idx", "--model", tiny_encoder_path, "--device", "cpu").exit_code == 0
+    hits = run("index", "search", tmp_path / "idx", "-q", beir / "queries.jsonl", "--k", "4")
+    result = run("eval", "--task", "beir", "--data", beir, "--json", input=hits.stdout)
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["ndcg@10"]["mean"] == pytest.approx(1.0) and metrics["mrr@10"]["mean"] == pytest.approx(1.0)
