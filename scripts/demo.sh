@@ -9,4 +9,7 @@ OUT=.ragkit-demo
 "$RAGKIT" index info "$OUT/index"
 "$RAGKIT" index search "$OUT/index" --k 3 --queries examples/sample/queries.jsonl > "$OUT/hits.jsonl"
 "$RAGKIT" index search "$OUT/index" --k 3 --queries examples/sample/queries.jsonl --format table
-echo "ragkit demo: hits as JSONL in $OUT/hits.jsonl" >&2
+# Retrieve-then-read with the shipped SmolLM2-135M-Instruct (its GGUF is converted once and cached).
+"$RAGKIT" generate examples/sample/queries.jsonl --arch rag --index "$OUT/index" --k 3 --table > "$OUT/answers.jsonl"
+"$RAGKIT" eval --task popqa --data examples/sample/queries.jsonl --predictions "$OUT/answers.jsonl" -o "$OUT/report.json"
+echo "ragkit demo: hits in $OUT/hits.jsonl, answers in $OUT/answers.jsonl, scores in $OUT/report.json" >&2

@@ -99,6 +99,7 @@ def generate(
     seed: SeedOpt = 0,
     limit: LimitOpt = 0,
     trust_remote_code: RemoteOpt = False,
+    table: Annotated[bool, typer.Option("--table", help="Also print question, top passage and answer as a table on stderr.")] = False,
 ) -> None:
     """Answer questions closed-book (--arch none) or retrieve-then-read (--arch rag); JSONL out.
 
@@ -153,7 +154,28 @@ def generate(
             device=device, dtype=dtype, backend=backend, template=template, max_passage_words=max_passage_words,
             seed=seed, trust_remote_code=trust_remote_code,
         )
+        shown = []
         for row in run_blocks(questions, generator, gen_config, reader, retriever, f"generate ({arch})"):
             row.pop("retrieval_query", None)
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
             sys.stdout.flush()
+            if table:
+                shown.append(row)
+        if table:
+            _print_answers(shown)
+
+
+def _print_answers(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    from ragkit.console import stderr
+
+    table = Table(show_lines=True)
+    table.add_column("question", ratio=2)
+    table.add_column("top passage", ratio=3)
+    table.add_column("answer", ratio=2)
+    for row in rows:
+        top = row["passages"][0] if row["passages"] else None
+        shown = "-" if top is None else f"{top['title']}: {top['text'][:160]}" + ("…" if len(top["text"]) > 160 else "")
+        table.add_row(row["question"], shown, row["output"])
+    stderr.print(table)
