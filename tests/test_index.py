@@ -199,3 +199,9 @@ def test_killed_writer_leaves_a_loadable_index(tmp_path: Path, delay: float) -> 
     index.remove(["p5"])  # and it can still be written
     assert len(Index.open(root)) == len(index)
     assert [p.name for p in root.iterdir() if p.name.startswith((".staging", "v"))] == [index.version_dir.name]
+
+
+def test_small_pq_training_warns_once(tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    Index.build(tmp_path / "idx", passages(300), unit_vectors(300, DIM), ENC, spec="ivf-pq:nlist=4,m=8")
+    assert "WARNING clustering" not in capfd.readouterr().err
+    assert [r.getMessage() for r in caplog.records if "PQ trained on 300 vectors" in r.getMessage()]

@@ -111,3 +111,19 @@ def test_gguf_is_converted_once_and_cached(monkeypatch: pytest.MonkeyPatch, tmp_
     assert time.perf_counter() - second < 0.5 < convert_s
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.config.model_type == "llama" and model.num_parameters() > 100_000_000
+
+
+@pytest.mark.slow
+def test_shipped_smollm2_answers_through_the_cli(tmp_path: Path) -> None:
+    """The default generator end to end: alias -> cached GGUF conversion -> chat template -> answer."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ragkit.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "--device", "cpu", "--max-new-tokens", "16"],
+                                input='{"id": "fr", "question": "What is the capital of France?"}\n')
+    assert result.exit_code == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert row["id"] == "fr" and "Paris" in row["output"]

@@ -7,6 +7,7 @@ so removed vectors stay as tombstones that search filters out (see `ragkit.index
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,13 @@ def train_if_needed(index: Any, vectors: np.ndarray, *, seed: int = 0, max_train
     size = min(n, max_train, max(100 * nlist, 20_000))
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
+    inner = _inner(index)
+    if hasattr(inner, "pq") and size < 39 * inner.pq.ksub:
+        # Faiss would print one warning per sub-quantiser (dozens of lines); say it once instead.
+        inner.pq.cp.min_points_per_centroid = 1
+        logging.getLogger("ragkit").warning(
+            "PQ trained on %d vectors (Faiss recommends %d or more): expect coarser codes", size, 39 * inner.pq.ksub
+        )
     index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
 
 
