@@ -12,7 +12,7 @@ from ragkit.commands import env as env_cmd
 from ragkit.commands import eval as eval_cmd
 from ragkit.commands import generate as generate_cmd
 from ragkit.commands import index as index_cmd
-from ragkit.commands import not_built
+from ragkit.commands import train as train_cmd
 
 app = typer.Typer(
     name="ragkit",
@@ -47,7 +47,7 @@ app.command("embed")(embed_cmd.embed)
 app.add_typer(index_cmd.app, name="index")
 app.command("generate")(generate_cmd.generate)
 app.add_typer(eval_cmd.app, name="eval")
-not_built.register(app)
+train_cmd.register(app)
 app.command("env")(env_cmd.env)
 
 

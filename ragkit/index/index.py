@@ -365,6 +365,28 @@ class Index:
             results.append(hits)
         return results
 
+    def vectors_for_vids(self, vids: np.ndarray) -> np.ndarray:
+        """The stored vectors of the given vids (exact for flat/HNSW; PQ/SQ codes give approximations)."""
+        import faiss
+
+        try:
+            return fv.reconstruct(self.faiss_index, vids)
+        except RuntimeError:
+            # IVF indexes reconstruct by id only through a direct map; arbitrary ids need the hashtable kind
+            ivf = faiss.extract_index_ivf(self.faiss_index)
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+            return fv.reconstruct(self.faiss_index, vids)
+
+    def search_with_vectors(self, queries: np.ndarray, k: int) -> tuple[list[list[Hit]], np.ndarray]:
+        """Hits plus each hit's stored vector, shape (len(queries), k, dim); every query must get k hits."""
+        hits = self.search(queries, k)
+        if any(len(row) < k for row in hits):
+            raise ResourceError(f"{self.root} holds {len(self)} passages, fewer than the {k} needed per query",
+                                hint="Lower --n-docs, or add passages to the index.")
+        vids = self.store.vids_for([h.id for row in hits for h in row])
+        flat = np.asarray([vids[h.id] for row in hits for h in row], dtype=np.int64)
+        return hits, self.vectors_for_vids(flat).reshape(len(hits), k, self.dim)
+
     def get(self, ids: Sequence[str]) -> dict[str, Passage]:
         found = self.store.vids_for(list(ids))
         rows = self.store.fetch(found.values())

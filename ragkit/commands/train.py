@@ -1,0 +1,116 @@
+"""`ragkit train --arch ...` and the aliases `train-rag`, `train-selfrag`, `train-retro`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ragkit.commands._common import handle_errors
+from ragkit.train.config import FIELDS
+
+# Options default to None ("not given") so that a --config file can set them; the help shows the real
+# default from TrainConfig.
+
+
+def _help(name: str) -> str:
+    f = FIELDS[name]
+    return f"{f.metadata['help']} [default: {f.default}]"
+
+
+def train(
+    arch: Annotated[str | None, typer.Option("--arch", help=_help("arch"))] = None,
+    data: Annotated[str | None, typer.Option("--data", help=_help("data"))] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help=_help("output"))] = None,
+    index: Annotated[str | None, typer.Option("--index", help=_help("index"))] = None,
+    generator: Annotated[str | None, typer.Option("--generator", help=_help("generator"))] = None,
+    query_encoder: Annotated[str | None, typer.Option("--query-encoder", help=_help("query_encoder"))] = None,
+    n_docs: Annotated[int | None, typer.Option("--n-docs", min=1, help=_help("n_docs"))] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help=_help("loss"))] = None,
+    label_smoothing: Annotated[float | None, typer.Option("--label-smoothing", min=0.0, max=1.0, help=_help("label_smoothing"))] = None,
+    freeze_query_encoder: Annotated[bool | None, typer.Option("--freeze-query-encoder/--train-query-encoder", help=_help("freeze_query_encoder"), show_default=False)] = None,
+    max_source_tokens: Annotated[int | None, typer.Option("--max-source-tokens", min=8, help=_help("max_source_tokens"))] = None,
+    max_target_tokens: Annotated[int | None, typer.Option("--max-target-tokens", min=2, help=_help("max_target_tokens"))] = None,
+    max_passage_words: Annotated[int | None, typer.Option("--max-passage-words", min=0, help=_help("max_passage_words"))] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", min=0.0, help=_help("epochs"))] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help=_help("max_steps"))] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help=_help("batch_size"))] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help=_help("grad_accum"))] = None,
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help=_help("lr"))] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", min=0.0, help=_help("weight_decay"))] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help=_help("scheduler"))] = None,
+    warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", min=0, help=_help("warmup_steps"))] = None,
+    max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", min=0.0, help=_help("max_grad_norm"))] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help=_help("precision"))] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help=_help("seed"))] = None,
+    lora_r: Annotated[int | None, typer.Option("--lora-r", min=0, help=_help("lora_r"))] = None,
+    lora_alpha: Annotated[int | None, typer.Option("--lora-alpha", min=1, help=_help("lora_alpha"))] = None,
+    lora_dropout: Annotated[float | None, typer.Option("--lora-dropout", min=0.0, max=1.0, help=_help("lora_dropout"))] = None,
+    lora_targets: Annotated[str | None, typer.Option("--lora-targets", help=_help("lora_targets"))] = None,
+    save_steps: Annotated[int | None, typer.Option("--save-steps", min=1, help=_help("save_steps"))] = None,
+    save_total_limit: Annotated[int | None, typer.Option("--save-total-limit", min=1, help=_help("save_total_limit"))] = None,
+    logging_steps: Annotated[int | None, typer.Option("--logging-steps", min=1, help=_help("logging_steps"))] = None,
+    report_to: Annotated[str | None, typer.Option("--report-to", help=_help("report_to"))] = None,
+    device: Annotated[str | None, typer.Option("--device", help=_help("device"))] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML/YAML/JSON file with any of these options (flags win; unknown keys are an error).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output (model, optimizer, scheduler, RNG, data position).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the cost report as JSON on stdout.")] = False,
+) -> None:
+    """Train on the one trainer: --arch rag now (selfrag-critic, selfrag, retro, embedder to come).
+
+    Writes OUTPUT/checkpoint-N/ (generator/ and query_encoder/ open with plain transformers, peft and
+    sentence-transformers), OUTPUT/metrics.jsonl, OUTPUT/cost_report.json and the resolved config.
+
+    Examples:
+
+      ragkit train --arch rag --data train.jsonl --index idx/ -o runs/rag --max-steps 300 --lora-r 8
+
+      ragkit train --arch rag --data hf_rag_dir/ --index idx/ -o runs/rag --loss token --n-docs 5
+
+      ragkit train --config run.toml --resume
+    """
+    flags: dict[str, Any] = {k: v for k, v in locals().items() if k in FIELDS}
+    _run(flags, config, resume, as_json)
+
+
+def _run(flags: dict[str, Any], config: Path | None, resume: bool, as_json: bool) -> None:
+    with handle_errors():
+        from rich.table import Table
+
+        from ragkit.console import stderr
+        from ragkit.train.config import resolve_config
+        from ragkit.train.rag_arch import arch_for
+        from ragkit.train.trainer import train as run_training
+
+        resolved = resolve_config(config, flags)
+        arch = arch_for(resolved.arch)
+        resolved.require_paths()
+        report = run_training(resolved, arch, resume=resume)
+        table = Table(title=f"cost report: {resolved.output}", show_header=False, title_justify="left")
+        for key, value in report.to_json().items():
+            table.add_row(key, f"{value:,.2f}" if isinstance(value, float) else str(value))
+        stderr.print(table)
+        if as_json:
+            sys.stdout.write(json.dumps(report.to_json()) + "\n")
+
+
+def _alias(arch: str, doc: str) -> Any:
+    def command(ctx: typer.Context) -> None:
+        # the alias forwards every option to `ragkit train --arch ARCH`
+        from ragkit.cli import app
+
+        app(["train", "--arch", arch, *ctx.args], standalone_mode=True)
+
+    command.__doc__ = doc
+    return command
+
+
+def register(app: typer.Typer) -> None:
+    passthrough = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+    app.command("train")(train)
+    app.command("train-rag", context_settings=passthrough)(_alias("rag", "Alias of `ragkit train --arch rag`."))
+    app.command("train-selfrag", context_settings=passthrough)(_alias("selfrag", "Alias of `ragkit train --arch selfrag`."))
+    app.command("train-retro", context_settings=passthrough)(_alias("retro", "Alias of `ragkit train --arch retro`."))

@@ -1,0 +1,164 @@
+"""RAG for training: a trainable query encoder over a fixed ragkit index, and any HF generator.
+
+The retriever searches the index with the current query embeddings (no gradient), then the doc scores
+are recomputed as q·d with the stored document vectors so that the marginal likelihood trains the
+query encoder (Lewis et al., 2020). Generators: causal LMs read "passage + question" as a prompt and
+are scored on the answer span; seq2seq models read it as the encoder input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ragkit.errors import UsageError
+from ragkit.index import Index
+from ragkit.models.rag_losses import rag_sequence_loss, rag_token_loss
+from ragkit.reader import RAG_PROMPT, format_passages
+
+IGNORE = -100
+LOSSES = ("sequence", "token")
+
+
+@dataclass
+class RagModelConfig:
+    """What defines a RAG model besides its weights; saved beside every checkpoint."""
+
+    generator: str = "smollm2-135m"  # hub id, folder, .gguf or alias
+    query_encoder: str | None = None  # default: the embedder that built the index
+    index: str = ""  # the ragkit index (kept fixed)
+    n_docs: int = 5  # passages marginalised over
+    loss: str = "sequence"  # sequence (RAG-Sequence) or token (RAG-Token)
+    label_smoothing: float = 0.0
+    max_source_tokens: int = 384  # prompt (passage + question) tokens, cut from the left of the passage
+    max_target_tokens: int = 32
+    max_passage_words: int = 100
+    train_query_encoder: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RagForTraining(nn.Module):
+    """forward(questions, answers) -> {"loss", "nll", "doc_scores"}; the trainer only calls this."""
+
+    def __init__(self, config: RagModelConfig, query_encoder: Any, generator: Any, tokenizer: Any, index: Index,
+                 *, render: Any, is_seq2seq: bool) -> None:
+        super().__init__()
+        if config.loss not in LOSSES:
+            raise UsageError(f"--loss {config.loss}: expected one of {', '.join(LOSSES)}")
+        if config.n_docs < 1:
+            raise UsageError("--n-docs must be at least 1")
+        self.config = config
+        self.query_encoder = query_encoder
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.index = index
+        self.render = render
+        self.is_seq2seq = is_seq2seq
+        for p in self.query_encoder.parameters():
+            p.requires_grad_(config.train_query_encoder)
+
+    # -- retrieval ---------------------------------------------------------------------------------
+    def embed_questions(self, questions: list[str]) -> torch.Tensor:
+        # sentence-transformers >= 6 renamed tokenize to preprocess
+        features = (getattr(self.query_encoder, "preprocess", None) or self.query_encoder.tokenize)(questions)
+        device = next(self.query_encoder.parameters()).device
+        features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in features.items()}
+        return self.query_encoder(features)["sentence_embedding"]
+
+    def retrieve(self, questions: list[str]) -> tuple[list[list[Any]], torch.Tensor]:
+        """Top-n_docs hits and their doc scores q·d, differentiable in the query encoder."""
+        q = self.embed_questions(questions)
+        hits, doc_vectors = self.index.search_with_vectors(q.detach().float().cpu().numpy(), self.config.n_docs)
+        d = torch.from_numpy(np.ascontiguousarray(doc_vectors)).to(q.device, q.dtype)
+        return hits, torch.einsum("bd,bkd->bk", q, d)
+
+    # -- generator inputs --------------------------------------------------------------------------
+    def _prompts(self, questions: list[str], hits: list[list[Any]]) -> list[str]:
+        out = []
+        for question, row in zip(questions, hits):
+            for hit in row:
+                passage = format_passages([{"title": hit.title, "text": hit.text}], self.config.max_passage_words)
+                out.append(self.render(RAG_PROMPT.format(question=question, passages=passage)))
+        return out
+
+    def _targets(self, answers: list[str]) -> torch.Tensor:
+        tok = self.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        rows = [tok(a, add_special_tokens=False)["input_ids"][: self.config.max_target_tokens - len(eos)] + eos
+                for a in answers]
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [IGNORE] * (width - len(r)) for r in rows])
+
+    def answer_logits(self, prompts: list[str], target: torch.Tensor) -> torch.Tensor:
+        """Logits aligned with `target` repeated n_docs times: shape (B*K, T, V)."""
+        tok, k = self.tokenizer, self.config.n_docs
+        device = next(self.generator.parameters()).device
+        labels = target.repeat_interleave(k, dim=0).to(device)
+        if self.is_seq2seq:
+            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
+                      max_length=self.config.max_source_tokens).to(device)
+            dec_labels = labels.masked_fill(labels.eq(IGNORE), tok.pad_token_id)
+            decoder_input_ids = self.generator.prepare_decoder_input_ids_from_labels(labels=dec_labels)
+            return self.generator(**enc, decoder_input_ids=decoder_input_ids).logits
+        # causal: [left pad | prompt | answer | right pad]; the answer span starts at the same column in
+        # every row, so logits[:, P-1+t] predicts answer token t for all passages alike.
+        prompt_ids = [ids[-self.config.max_source_tokens:] for ids in
+                      tok(prompts, add_special_tokens=False)["input_ids"]]
+        width_p = max(len(x) for x in prompt_ids)
+        answer = labels.masked_fill(labels.eq(IGNORE), tok.pad_token_id)
+        pad = tok.pad_token_id
+        left = torch.tensor([[pad] * (width_p - len(x)) + x for x in prompt_ids], device=device)
+        left_mask = torch.tensor([[0] * (width_p - len(x)) + [1] * len(x) for x in prompt_ids], device=device)
+        input_ids = torch.cat([left, answer], dim=1)
+        attention = torch.cat([left_mask, labels.ne(IGNORE).long()], dim=1)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = self.generator(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
+        return logits[:, width_p - 1 : width_p - 1 + target.shape[1]]
+
+    def forward(self, questions: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+        if len(questions) != len(answers) or not questions:
+            raise UsageError("a RAG batch needs one answer per question")
+        hits, doc_scores = self.retrieve(questions)
+        target = self._targets(answers)
+        logits = self.answer_logits(self._prompts(questions, hits), target)
+        fn = rag_sequence_loss if self.config.loss == "sequence" else rag_token_loss
+        out = fn(logits, doc_scores.to(logits.device), target.to(logits.device), pad_id=IGNORE,
+                 epsilon=self.config.label_smoothing, reduce=True)
+        n = len(questions)
+        return {"loss": out.loss / n, "nll": out.nll.detach() / n, "doc_scores": doc_scores.detach(),
+                "target_tokens": target.ne(IGNORE).sum()}
+
+
+def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: dict[str, Any] | None = None) -> RagForTraining:
+    """Load the index, a trainable copy of the query encoder and the generator (optionally with LoRA)."""
+    from sentence_transformers import SentenceTransformer
+
+    from ragkit.models.encoder import weights_fingerprint
+    from ragkit.models.generator import Generator
+    from ragkit.models.registry import missing_model_error, quiet_transformers, resolve
+
+    index = Index.open(config.index)
+    name = config.query_encoder or index.encoder.name
+    ref = resolve(name)
+    quiet_transformers()
+    try:
+        # a private copy: the encoder cache shared with retrieval must never be trained in place
+        query_encoder = SentenceTransformer(ref.location, device=device)
+    except (OSError, ValueError) as exc:
+        raise missing_model_error(ref, exc) from exc
+    if config.query_encoder is None and weights_fingerprint(query_encoder) != index.encoder.fingerprint:
+        raise UsageError(f"{config.index}: its embedder '{name}' no longer matches the index fingerprint")
+    generator = Generator(config.generator, device=device, dtype="float32")
+    model = generator.model
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                                 target_modules=lora["targets"] or "all-linear",
+                                                 task_type="SEQ_2_SEQ_LM" if generator.is_seq2seq else "CAUSAL_LM"))
+    return RagForTraining(config, query_encoder, model, generator.tokenizer, index, render=generator.render,
+                          is_seq2seq=generator.is_seq2seq)

@@ -1,0 +1,1 @@
+"""The one trainer (a transformers.Trainer subclass) and its configuration."""

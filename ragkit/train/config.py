@@ -1,0 +1,109 @@
+"""The training configuration: one dataclass, filled from defaults, then a TOML/YAML file, then flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ragkit.errors import InputError, Location, ResourceError, UsageError
+
+ARCHS = ("rag", "selfrag-critic", "selfrag", "retro", "embedder")
+SCHEDULERS = ("linear", "cosine", "polynomial", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    arch: str = field(default="rag", metadata={"help": "rag, selfrag-critic, selfrag, retro or embedder"})
+    data: str = field(default="", metadata={"help": "training data: JSONL (question, answers) or an HF RAG folder"})
+    output: str = field(default="", metadata={"help": "run folder: checkpoints, metrics.jsonl, cost report"})
+    index: str = field(default="", metadata={"help": "ragkit index the retriever searches (kept fixed)"})
+    generator: str = field(default="smollm2-135m", metadata={"help": "generator: hub id, folder, .gguf or alias"})
+    query_encoder: str | None = field(default=None, metadata={"help": "query encoder (default: the index's embedder)"})
+    n_docs: int = field(default=5, metadata={"help": "passages marginalised over"})
+    loss: str = field(default="sequence", metadata={"help": "sequence (RAG-Sequence) or token (RAG-Token)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "epsilon of the smoothed loss"})
+    freeze_query_encoder: bool = field(default=False, metadata={"help": "train only the generator"})
+    max_source_tokens: int = field(default=384, metadata={"help": "prompt tokens kept (passage + question)"})
+    max_target_tokens: int = field(default=32, metadata={"help": "answer tokens kept"})
+    max_passage_words: int = field(default=100, metadata={"help": "words of each passage in the prompt"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data (ignored when max_steps > 0)"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps (-1: from epochs)"})
+    batch_size: int = field(default=2, metadata={"help": "questions per device per step"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    lr: float = field(default=3e-5, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    scheduler: str = field(default="linear", metadata={"help": "linear, cosine, polynomial or constant (after warmup)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (fp16 needs a GPU)"})
+    seed: int = field(default=42, metadata={"help": "random seed (data order, dropout, init)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_targets: str = field(default="", metadata={"help": "comma-separated module names (default: all linear)"})
+    save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
+    report_to: str = field(default="none", metadata={"help": "none, tensorboard or mlflow"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise UsageError(f"--arch {self.arch}: expected one of {', '.join(ARCHS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise UsageError(f"--scheduler {self.scheduler}: expected one of {', '.join(SCHEDULERS)}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+
+    def require_paths(self) -> None:
+        for name in ("data", "output"):
+            if not getattr(self, name):
+                raise UsageError(f"--{name} is required")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ResourceError(f"{p}: no such config file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UsageError(f"--config {p}: expected a .toml, .yaml or .json file")
+    except (ValueError, ImportError) as exc:  # tomllib/yaml/json parse errors are ValueError subclasses
+        raise InputError(Location(str(p)), f"unreadable config ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(Location(str(p)), "a config file must be a table of key = value")
+    for key in data:
+        if key.replace("-", "_") not in FIELDS:
+            raise InputError(Location(str(p), None, key), f"unknown key '{key}'",
+                             hint=f"Known keys: {', '.join(FIELDS)}.")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(file: str | Path | None, flags: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the file, then every flag the user actually gave (None means not given)."""
+    values: dict[str, Any] = load_config_file(file) if file else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    config = TrainConfig(**values)
+    config.validate()
+    return config

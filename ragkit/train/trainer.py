@@ -1,0 +1,196 @@
+"""The one trainer: `transformers.Trainer` with only the architecture-specific parts overridden.
+
+Trainer already gives devices, accelerate/torchrun/DeepSpeed/FSDP, bf16/fp16, gradient accumulation,
+clipping, schedulers with warmup, tensorboard/MLflow and exact resume (optimizer, scheduler, RNG, data
+position). An architecture plugs in through `Arch`: build the model, collate a batch, save and load its
+weights in formats that plain transformers / peft / sentence-transformers open.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import Dataset
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from ragkit.io.atomic import write_json
+from ragkit.train.config import TrainConfig
+
+CONFIG_FILE = "ragkit_train_config.json"
+
+
+class Arch(Protocol):
+    """What an architecture gives the trainer."""
+
+    def build(self, config: TrainConfig, device: str) -> torch.nn.Module: ...
+    def dataset(self, config: TrainConfig) -> Dataset: ...
+    def collate(self, rows: list[Any]) -> dict[str, Any]: ...
+    def save(self, model: torch.nn.Module, directory: Path) -> None: ...
+    def load(self, model: torch.nn.Module, directory: Path) -> None: ...
+
+
+class ListDataset(Dataset):
+    def __init__(self, rows: list[Any]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.rows[i]
+
+
+class RagkitTrainer(Trainer):
+    """compute_loss asks the model; saving and loading go through the architecture."""
+
+    def __init__(self, *args: Any, arch: Arch, train_config: TrainConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arch = arch
+        self.train_config = train_config
+        self.target_tokens = 0
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        out = model(**inputs)
+        self.target_tokens += int(out.get("target_tokens", 0))
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        directory = Path(output_dir or self.args.output_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.arch.save(self.accelerator.unwrap_model(self.model), directory)
+        write_json(directory / CONFIG_FILE, self.train_config.to_json())
+        torch.save(self.args, directory / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        self.arch.load(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint))
+
+
+class MetricsJsonl(TrainerCallback):
+    """Every log line (loss, lr, grad norm, ...) appended to OUTPUT/metrics.jsonl."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs is not None and state.is_world_process_zero:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class RichProgress(TrainerCallback):
+    """A progress bar with loss and learning rate on stderr (Trainer's tqdm bars are turned off)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.task: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from ragkit.console import progress
+
+        if state.is_world_process_zero:
+            self.bar = progress()
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step, rate="")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.update(self.task, rate=f"loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.2e}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def training_arguments(config: TrainConfig, use_cpu: bool) -> TrainingArguments:
+    scheduler = {"polynomial": "polynomial", "cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    return TrainingArguments(
+        output_dir=config.output,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=scheduler[config.scheduler],
+        warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        bf16=config.precision == "bf16",
+        fp16=config.precision == "fp16",
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        save_strategy="steps",
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        use_cpu=use_cpu,
+        dataloader_num_workers=0,
+    )
+
+
+@dataclass
+class CostReport:
+    wall_s: float
+    steps: int
+    examples_per_s: float
+    target_tokens_per_s: float
+    peak_cpu_memory_mib: float
+    peak_gpu_memory_mib: float | None
+    trainable_params: int
+    total_params: int
+    final_loss: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostReport:
+    """Run one training job; returns (and writes) its cost report."""
+    from ragkit.models.encoder import resolve_device
+
+    device = resolve_device(config.device)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / CONFIG_FILE, config.to_json())
+    model = arch.build(config, device)
+    dataset = arch.dataset(config)
+    trainer = RagkitTrainer(
+        model=model, args=training_arguments(config, use_cpu=device == "cpu"), train_dataset=dataset,
+        data_collator=arch.collate, arch=arch, train_config=config,
+        callbacks=[MetricsJsonl(output / "metrics.jsonl"), RichProgress()],
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints logs to stdout, which belongs to data
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    began = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    wall = time.perf_counter() - began
+    trainer.save_model(str(output / "final"))
+    steps = result.global_step
+    examples = steps * config.batch_size * config.grad_accum
+    report = CostReport(
+        wall_s=wall,
+        steps=steps,
+        examples_per_s=examples / wall if wall else 0.0,
+        target_tokens_per_s=trainer.target_tokens / wall if wall else 0.0,
+        peak_cpu_memory_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_gpu_memory_mib=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in model.parameters()),
+        final_loss=result.training_loss,
+    )
+    write_json(output / "cost_report.json", report.to_json())
+    return report

@@ -1,0 +1,162 @@
+"""The trainer with --arch rag on tiny models: loss falls, gradients reach the query encoder, exact
+resume, LoRA, plain-library checkpoints, config files and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ragkit.cli import app
+
+from conftest import build_tiny_causal_lm, make_passages, write_jsonl
+
+runner = CliRunner()
+
+
+def run(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_path: Path, tiny_lm_path: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rag")
+    corpus = write_jsonl(root / "corpus.jsonl", make_passages(30))
+    assert run("index", "build", corpus, "-o", root / "idx", "--model", tiny_encoder_path, "--device", "cpu").exit_code == 0
+    data = write_jsonl(root / "train.jsonl", [{"question": f"river king {i}", "answers": ["city music"]} for i in range(8)])
+    return {"root": root, "index": root / "idx", "data": data, "lm": tiny_lm_path}
+
+
+def base_args(setup: dict[str, Path], output: Path, *extra: object) -> list[object]:
+    return ["train", "--arch", "rag", "--data", setup["data"], "--index", setup["index"], "--generator", setup["lm"],
+            "-o", output, "--n-docs", 3, "--batch-size", 2, "--lr", "1e-2", "--logging-steps", 1, "--device", "cpu",
+            "--json", *extra]
+
+
+def losses(output: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.parametrize("loss", ["sequence", "token"])
+def test_loss_falls_and_checkpoints_open_with_plain_libraries(setup: dict[str, Path], tmp_path: Path, loss: str) -> None:
+    out = tmp_path / "run"
+    result = run(*base_args(setup, out, "--max-steps", 8, "--save-steps", 4, "--loss", loss))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["steps"] == 8 and report["trainable_params"] == report["total_params"] > 0
+    seen = losses(out)
+    assert seen[8] < seen[1] * 0.8, seen
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-8" / "generator")
+    assert model.config.num_hidden_layers == 2
+    assert SentenceTransformer(str(out / "checkpoint-8" / "query_encoder"), device="cpu").encode(["x"]).shape == (1, 32)
+    assert json.loads((out / "checkpoint-8" / "ragkit_train_config.json").read_text())["loss"] == loss
+
+
+def test_query_encoder_receives_gradient(setup: dict[str, Path]) -> None:
+    from ragkit.models.rag import RagModelConfig, build_rag
+
+    model = build_rag(RagModelConfig(generator=str(setup["lm"]), index=str(setup["index"]), n_docs=3))
+    out = model(["river king 1", "city music 2"], ["city", "music"])
+    out["loss"].backward()
+    grads = [p.grad for p in model.query_encoder.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum().item() for g in grads) > 0
+    assert out["doc_scores"].shape == (2, 3)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(setup: dict[str, Path], tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    assert run(*base_args(setup, full, "--max-steps", 6, "--save-steps", 3)).exit_code == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    result = run(*base_args(setup, resumed, "--max-steps", 6, "--save-steps", 3, "--resume"))
+    assert result.exit_code == 0, result.stderr
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
+
+
+def test_lora_trains_an_adapter_peft_can_load(setup: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "lora"
+    result = run(*base_args(setup, out, "--max-steps", 2, "--save-steps", 2, "--lora-r", 4, "--freeze-query-encoder"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert 0 < report["trainable_params"] < report["total_params"] // 2
+    adapter = out / "checkpoint-2" / "generator"
+    assert (adapter / "adapter_model.safetensors").exists()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["lm"]), adapter)
+    assert any("lora" in name for name, _ in peft_model.named_parameters())
+
+
+def test_seq2seq_generator_trains(setup: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(setup["lm"])
+    config = BartConfig(vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=512,
+                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        decoder_start_token_id=tok.eos_token_id, forced_bos_token_id=None)
+    bart = tmp_path / "bart"
+    BartForConditionalGeneration(config).save_pretrained(bart)
+    tok.save_pretrained(bart)
+    out = tmp_path / "run"
+    args = base_args(setup, out, "--max-steps", 6, "--save-steps", 6)
+    args[args.index("--generator") + 1] = bart
+    result = run(*args)
+    assert result.exit_code == 0, result.stderr
+    seen = losses(out)
+    assert seen[6] < seen[1]
+
+
+def test_config_file_flags_win_and_unknown_keys_fail(setup: dict[str, Path], tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'arch = "rag"\ndata = "{setup["data"]}"\nindex = "{setup["index"]}"\ngenerator = "{setup["lm"]}"\n'
+                   f'output = "{tmp_path / "out"}"\nn_docs = 2\nmax_steps = 1\ndevice = "cpu"\nbatch_size = 2\n')
+    result = run("train", "--config", cfg, "--max-steps", 2, "--json")
+    assert result.exit_code == 0, result.stderr
+    saved = json.loads((tmp_path / "out" / "ragkit_train_config.json").read_text())
+    assert saved["max_steps"] == 2 and saved["n_docs"] == 2
+    cfg.write_text('arch = "rag"\nlearning_rate = 3\n')
+    result = run("train", "--config", cfg)
+    assert result.exit_code == 3 and "unknown key 'learning_rate'" in result.stderr
+
+
+def test_bad_training_input(setup: dict[str, Path], tmp_path: Path, other_tiny_encoder_path: Path, wide_tiny_encoder_path: Path) -> None:
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "train.source").write_text("q one\nq two\n")
+    (hf / "train.target").write_text("a one\n\n")
+    args = base_args(setup, tmp_path / "o", "--max-steps", 1)
+    args[args.index("--data") + 1] = hf
+    result = run(*args)
+    assert result.exit_code == 3 and "train.target:2: missing target" in result.stderr
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args[args.index("--data") + 1] = empty
+    assert run(*args).exit_code == 3
+
+    args[args.index("--data") + 1] = setup["data"]
+    result = run(*args, "--query-encoder", wide_tiny_encoder_path)
+    assert result.exit_code == 4 and "dimension" in result.stderr
+    result = run(*args, "--n-docs", 99)
+    assert result.exit_code == 4 and "fewer than the 99" in result.stderr
+
+
+def test_aliases_and_unbuilt_archs() -> None:
+    result = run("train-selfrag", "--max-steps", 1)
+    assert result.exit_code == 1 and "not built yet" in result.stderr and "#6" in result.stderr
+    result = run("train", "--arch", "nonsense", "--data", "x", "-o", "y")
+    assert result.exit_code == 2
