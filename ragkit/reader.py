@@ -135,3 +135,20 @@ def answer(questions: Sequence[Question], generator: Any, gen_config: Generation
             **q.extra,
         })
     return rows
+
+
+def answer_with_rag_checkpoint(questions: Sequence[Question], rag: Any, *, mode: str,
+                               max_new_tokens: int) -> list[dict[str, Any]]:
+    """Answer with a trained RAG model (its own query encoder, index and marginal decoding)."""
+    from ragkit.models.rag_decoding import decode
+
+    began = time.perf_counter()
+    answers = decode(rag, [q.extra.get("retrieval_query") or q.text for q in questions], mode=mode,
+                     max_new_tokens=max_new_tokens)
+    per_q = (time.perf_counter() - began) / max(1, len(questions))
+    rows = []
+    for q, a in zip(questions, answers):
+        passages = [{**_passage_json(h.to_json()), "doc_prob": p} for h, p in zip(a.hits, a.doc_probs)]
+        rows.append({"id": q.id, "question": q.text, "output": a.text, "passages": passages,
+                     "log_prob": a.log_prob, "timings": {"generate_s": per_q}, **q.extra})
+    return rows

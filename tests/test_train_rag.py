@@ -160,3 +160,40 @@ def test_aliases_and_unbuilt_archs() -> None:
     assert result.exit_code == 1 and "not built yet" in result.stderr and "#6" in result.stderr
     result = run("train", "--arch", "nonsense", "--data", "x", "-o", "y")
     assert result.exit_code == 2
+
+
+@pytest.fixture(scope="module")
+def trained(setup: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = run(*base_args(setup, out, "--max-steps", 4, "--save-steps", 4))
+    assert result.exit_code == 0, result.stderr
+    return out / "checkpoint-4"
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence-thorough", "sequence-fast"])
+def test_generate_loads_a_trained_checkpoint(trained: Path, mode: str) -> None:
+    result = runner.invoke(app, ["generate", "--arch", "rag", "--model", str(trained), "--rag-decoding", mode,
+                                 "--max-new-tokens", "4", "--device", "cpu"], input="river king 3\ncity music\n")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 2 and all(len(r["passages"]) == 3 for r in rows)
+    assert sum(p["doc_prob"] for p in rows[0]["passages"]) == pytest.approx(1.0, abs=1e-5)
+    assert isinstance(rows[0]["output"], str) and rows[0]["log_prob"] <= 0.0
+
+
+def test_decoding_modes_agree_with_their_definitions(trained: Path) -> None:
+    from ragkit.models.rag_decoding import decode, load_rag_checkpoint
+
+    rag = load_rag_checkpoint(trained)
+    thorough = decode(rag, ["river king 3"], mode="sequence-thorough", max_new_tokens=4)[0]
+    fast = decode(rag, ["river king 3"], mode="sequence-fast", max_new_tokens=4)[0]
+    assert thorough.log_prob >= fast.log_prob - 1e-5  # summing over every passage can only add mass
+    # with one passage, RAG-Token greedy is plain greedy decoding of that passage's prompt
+    rag.config.n_docs = 1
+    token = decode(rag, ["river king 3"], mode="token", max_new_tokens=4)[0]
+    hits, _ = rag.retrieve(["river king 3"])
+    prompt = rag._prompts(["river king 3"], hits)[0]
+    ids = rag.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    plain = rag.generator.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=rag.tokenizer.pad_token_id)
+    expected = rag.tokenizer.decode(plain[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert token.text == expected

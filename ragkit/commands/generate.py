@@ -11,7 +11,7 @@ import typer
 
 from ragkit.commands._common import BatchOpt, DeviceOpt, handle_errors
 
-ModelGen = Annotated[str, typer.Option("--model", "-m", help="Generator: hub id, local folder, .gguf file or alias (smollm2-135m = shipped SmolLM2-135M-Instruct).")]
+ModelGen = Annotated[str, typer.Option("--model", "-m", help="Generator: hub id, local folder, .gguf file, alias (smollm2-135m = shipped SmolLM2-135M-Instruct), or a `ragkit train --arch rag` checkpoint.")]
 ArchOpt = Annotated[str, typer.Option("--arch", help="none (closed book) or rag (retrieve with --index, or use the input's ctxs, then read).")]
 IndexOpt = Annotated[Path | None, typer.Option("--index", help="ragkit index to retrieve from (--arch rag).")]
 KOpt = Annotated[int, typer.Option("--k", "-k", min=1, help="Passages per question.")]
@@ -29,18 +29,29 @@ PassageWordsOpt = Annotated[int, typer.Option("--max-passage-words", min=0, help
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
 LimitOpt = Annotated[int, typer.Option("--limit", min=0, help="Only the first N questions (0 = all).")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code (off unless you ask).")]
+RagDecodingOpt = Annotated[str | None, typer.Option("--rag-decoding", help="For a trained RAG checkpoint: token, sequence-thorough or sequence-fast (default: what it was trained with).")]
 
 
 def build_generation(
     *, model: str, arch: str, index: Path | None, k: int, passages: str, max_new_tokens: int, do_sample: bool,
     temperature: float, top_p: float, top_k: int, stop: list[str] | None, batch_size: int, device: str, dtype: str,
     backend: str, template: str | None, max_passage_words: int, seed: int, trust_remote_code: bool,
+    rag_decoding: str | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """Load what a generation run needs (shared by `generate` and `eval`)."""
     from ragkit.errors import UsageError
     from ragkit.models.generator import GenerationConfig, load_generator
+    from ragkit.models.rag_decoding import is_rag_checkpoint, load_rag_checkpoint
     from ragkit.reader import ARCHS, ReaderConfig
 
+    if is_rag_checkpoint(model):
+        if arch != "rag":
+            raise UsageError(f"{model} is a trained RAG checkpoint: use --arch rag")
+        from ragkit.models.encoder import resolve_device
+
+        rag = load_rag_checkpoint(model, device=resolve_device(device), index=str(index) if index else None)
+        mode = rag_decoding or ("token" if rag.config.loss == "token" else "sequence-thorough")
+        return rag, GenerationConfig(max_new_tokens=max_new_tokens), mode, None
     if arch not in ARCHS:
         raise UsageError(f"--arch {arch}: expected one of {', '.join(ARCHS)} (selfrag, retro and trained rag come later)")
     if index is not None and arch != "rag":
@@ -60,20 +71,29 @@ def build_generation(
 
 def run_blocks(questions: list[Any], generator: Any, gen_config: Any, reader: Any, retriever: Any, label: str,
                block: int = 32) -> Any:
-    """Answer in blocks with a progress bar; yields output rows in input order."""
+    """Answer in blocks with a progress bar; yields output rows in input order.
+
+    `generator` is a Generator (retrieve-then-read) or a trained RAG model (`reader` is then its
+    decoding mode)."""
     from ragkit.console import info, progress
     from ragkit.models.encoder import Throughput
-    from ragkit.reader import answer
+    from ragkit.models.rag import RagForTraining
+    from ragkit.reader import answer, answer_with_rag_checkpoint
 
     meter = Throughput()
     with progress() as bar:
         task = bar.add_task(label, total=len(questions), rate="")
         for start in range(0, len(questions), block):
-            rows = answer(questions[start : start + block], generator, gen_config, reader, retriever)
+            chunk = questions[start : start + block]
+            if isinstance(generator, RagForTraining):
+                rows = answer_with_rag_checkpoint(chunk, generator, mode=reader, max_new_tokens=gen_config.max_new_tokens)
+            else:
+                rows = answer(chunk, generator, gen_config, reader, retriever)
             meter.add(len(rows))
             bar.update(task, advance=len(rows), rate=f"{meter.rate:.2f} q/s")
             yield from rows
-    info(f"answered {meter.count} questions in {meter.seconds:.1f}s ({meter.rate:.2f} questions/s, {generator.device})")
+    device = getattr(generator, "device", None) or next(generator.parameters()).device
+    info(f"answered {meter.count} questions in {meter.seconds:.1f}s ({meter.rate:.2f} questions/s, {device})")
 
 
 def generate(
@@ -99,6 +119,7 @@ def generate(
     seed: SeedOpt = 0,
     limit: LimitOpt = 0,
     trust_remote_code: RemoteOpt = False,
+    rag_decoding: RagDecodingOpt = None,
     table: Annotated[bool, typer.Option("--table", help="Also print question, top passage and answer as a table on stderr.")] = False,
 ) -> None:
     """Answer questions closed-book (--arch none) or retrieve-then-read (--arch rag); JSONL out.
@@ -152,7 +173,7 @@ def generate(
             model=model, arch=arch, index=index, k=k, passages=passages, max_new_tokens=max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, batch_size=batch_size,
             device=device, dtype=dtype, backend=backend, template=template, max_passage_words=max_passage_words,
-            seed=seed, trust_remote_code=trust_remote_code,
+            seed=seed, trust_remote_code=trust_remote_code, rag_decoding=rag_decoding,
         )
         shown = []
         for row in run_blocks(questions, generator, gen_config, reader, retriever, f"generate ({arch})"):

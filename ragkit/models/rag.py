@@ -94,8 +94,8 @@ class RagForTraining(nn.Module):
         return torch.tensor([r + [IGNORE] * (width - len(r)) for r in rows])
 
     def answer_logits(self, prompts: list[str], target: torch.Tensor) -> torch.Tensor:
-        """Logits aligned with `target` repeated n_docs times: shape (B*K, T, V)."""
-        tok, k = self.tokenizer, self.config.n_docs
+        """Logits aligned with `target`, each row repeated for its K prompts: shape (B*K, T, V)."""
+        tok, k = self.tokenizer, len(prompts) // target.shape[0]
         device = next(self.generator.parameters()).device
         labels = target.repeat_interleave(k, dim=0).to(device)
         if self.is_seq2seq:

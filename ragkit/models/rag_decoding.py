@@ -1,0 +1,200 @@
+"""Decoding a trained RAG model: RAG-Token greedy, RAG-Sequence "thorough" and "fast" (Lewis et al., 2020).
+
+- token: at every step the next-token distribution is the mixture over the K passages weighted by
+  p(z|x); greedy over that mixture, with one KV cache row per passage (causal generators).
+- sequence-thorough: each passage proposes an answer (greedy); every distinct candidate is re-scored
+  under all K passages, log p(y|x) = logsumexp_k [log p(z_k|x) + log p(y|x, z_k)], and the best wins.
+- sequence-fast: candidates are scored only under the passages that proposed them (the others count as
+  probability 0), which skips the re-scoring passes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ragkit.errors import ResourceError, UsageError
+from ragkit.models.rag import RagForTraining, RagModelConfig
+from ragkit.models.rag_losses import rag_sequence_loss
+
+MODES = ("token", "sequence-thorough", "sequence-fast")
+
+
+@dataclass
+class RagAnswer:
+    text: str
+    hits: list[Any]
+    doc_probs: list[float]
+    log_prob: float
+
+
+def is_rag_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "rag_config.json").exists()
+
+
+def load_rag_checkpoint(path: str | Path, *, device: str = "cpu", index: str | None = None) -> RagForTraining:
+    """A trained checkpoint for inference (a LoRA adapter is merged into its base generator)."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from ragkit.index import Index
+    from ragkit.models.generator import Generator
+
+    root = Path(path)
+    if not is_rag_checkpoint(root):
+        raise ResourceError(f"{root}: not a ragkit RAG checkpoint (no rag_config.json)")
+    fields = json.loads((root / "rag_config.json").read_text())
+    config = RagModelConfig(**fields)
+    if index:
+        config.index = index
+    query_encoder = SentenceTransformer(str(root / "query_encoder"), device=device)
+    tokenizer = AutoTokenizer.from_pretrained(root / "generator")
+    if (root / "generator" / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = Generator(config.generator, device=device, dtype="float32")
+        model = PeftModel.from_pretrained(base.model, root / "generator").merge_and_unload()
+        is_seq2seq = base.is_seq2seq
+    else:
+        is_seq2seq = bool(getattr(AutoConfig.from_pretrained(root / "generator"), "is_encoder_decoder", False))
+        cls = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
+        model = cls.from_pretrained(root / "generator").to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    renderer = _Renderer(tokenizer)
+    rag = RagForTraining(config, query_encoder, model, tokenizer, Index.open(config.index), render=renderer,
+                         is_seq2seq=is_seq2seq)
+    return rag.eval()
+
+
+class _Renderer:
+    """The same chat-template rendering the generator used in training."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, message: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return message
+
+
+@torch.no_grad()
+def decode(rag: RagForTraining, questions: list[str], *, mode: str = "sequence-thorough",
+           max_new_tokens: int = 32) -> list[RagAnswer]:
+    if mode not in MODES:
+        raise UsageError(f"--rag-decoding {mode}: expected one of {', '.join(MODES)}")
+    hits, doc_scores = rag.retrieve(questions)
+    prior = torch.log_softmax(doc_scores.float(), dim=1)
+    out = []
+    for i, question in enumerate(questions):
+        prompts = rag._prompts([question], [hits[i]])
+        if mode == "token":
+            text, log_prob = _token_greedy(rag, prompts, prior[i], max_new_tokens)
+        else:
+            text, log_prob = _sequence(rag, question, hits[i], doc_scores[i : i + 1], prompts, prior[i],
+                                       max_new_tokens, thorough=mode == "sequence-thorough")
+        out.append(RagAnswer(text, hits[i], prior[i].exp().tolist(), log_prob))
+    return out
+
+
+def _left_padded(rag: RagForTraining, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = rag.tokenizer
+    ids = [x[-rag.config.max_source_tokens:] for x in tok(prompts, add_special_tokens=False)["input_ids"]]
+    width = max(len(x) for x in ids)
+    device = next(rag.generator.parameters()).device
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, mask
+
+
+def _token_greedy(rag: RagForTraining, prompts: list[str], prior: torch.Tensor, max_new: int) -> tuple[str, float]:
+    tok, model = rag.tokenizer, rag.generator
+    eos = tok.eos_token_id
+    chosen: list[int] = []
+    total = 0.0
+    if rag.is_seq2seq:
+        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=rag.config.max_source_tokens)
+        enc = enc.to(next(model.parameters()).device)
+        start = model.config.decoder_start_token_id
+        for _ in range(max_new):
+            dec = torch.tensor([[start, *chosen]] * len(prompts), device=enc["input_ids"].device)
+            logits = model(**enc, decoder_input_ids=dec).logits[:, -1]
+            token, lp = _mix(logits, prior)
+            if token == eos:
+                break
+            chosen.append(token)
+            total += lp
+        return tok.decode(chosen, skip_special_tokens=True).strip(), total
+    input_ids, mask = _left_padded(rag, prompts)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    past = None
+    step_ids, step_pos = input_ids, positions
+    for _ in range(max_new):
+        outputs = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
+        past = outputs.past_key_values
+        token, lp = _mix(outputs.logits[:, -1], prior)
+        if token == eos:
+            break
+        chosen.append(token)
+        total += lp
+        step_ids = torch.full((len(prompts), 1), token, device=input_ids.device)
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+    return tok.decode(chosen, skip_special_tokens=True).strip(), total
+
+
+def _mix(logits: torch.Tensor, prior: torch.Tensor) -> tuple[int, float]:
+    """Greedy token of the mixture Σ_k p(z_k|x) p(y|x, z_k, y<t)."""
+    marginal = (torch.log_softmax(logits.float(), dim=-1) + prior.to(logits.device)[:, None]).logsumexp(0)
+    token = int(marginal.argmax())
+    return token, float(marginal[token])
+
+
+def _sequence(rag: RagForTraining, question: str, hits: list[Any], doc_scores: torch.Tensor, prompts: list[str],
+              prior: torch.Tensor, max_new: int, *, thorough: bool) -> tuple[str, float]:
+    tok, model = rag.tokenizer, rag.generator
+    if rag.is_seq2seq:
+        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=rag.config.max_source_tokens)
+        enc = enc.to(next(model.parameters()).device)
+        generated = model.generate(**enc, max_new_tokens=max_new, do_sample=False)
+        texts = tok.batch_decode(generated, skip_special_tokens=True)
+    else:
+        input_ids, mask = _left_padded(rag, prompts)
+        generated = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                   pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(generated[:, input_ids.shape[1]:], skip_special_tokens=True)
+    proposals: dict[str, list[int]] = {}
+    for k, text in enumerate(texts):
+        proposals.setdefault(text.strip(), []).append(k)
+    best, best_lp = "", float("-inf")
+    for candidate, proposers in proposals.items():
+        if not candidate:
+            continue
+        target = rag._targets([candidate])
+        if thorough:  # the candidate under every passage: the exact RAG-Sequence marginal
+            logits = rag.answer_logits(prompts, target)
+            score = -float(rag_sequence_loss(logits, doc_scores.to(logits.device), target.to(logits.device),
+                                             pad_id=-100, reduce=True).nll)
+        else:  # only under the passages that proposed it
+            logits = rag.answer_logits([prompts[k] for k in proposers], target)
+            lp_doc = _per_doc_logprob(logits, target)
+            score = float((lp_doc + prior[proposers].to(lp_doc.device)).logsumexp(0))
+        if score > best_lp:
+            best, best_lp = candidate, score
+    return best, best_lp
+
+
+def _per_doc_logprob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    target = target.to(logits.device)
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    k = logits.shape[0]
+    labels = target.expand(k, -1)
+    mask = labels.ne(-100)
+    token_lp = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+    return token_lp.sum(-1)
