@@ -45,7 +45,7 @@ class RagForTraining(nn.Module):
     """forward(questions, answers) -> {"loss", "nll", "doc_scores"}; the trainer only calls this."""
 
     def __init__(self, config: RagModelConfig, query_encoder: Any, generator: Any, tokenizer: Any, index: Index,
-                 *, render: Any, is_seq2seq: bool) -> None:
+                 *, render: Any, is_seq2seq: bool, searcher: Any = None) -> None:
         super().__init__()
         if config.loss not in LOSSES:
             raise UsageError(f"--loss {config.loss}: expected one of {', '.join(LOSSES)}")
@@ -56,6 +56,8 @@ class RagForTraining(nn.Module):
         self.generator = generator
         self.tokenizer = tokenizer
         self.index = index
+        # what answers searches: the index itself, or Ray actors serving it (same results)
+        self.searcher = searcher if searcher is not None else index
         self.render = render
         self.is_seq2seq = is_seq2seq
         for p in self.query_encoder.parameters():
@@ -72,8 +74,8 @@ class RagForTraining(nn.Module):
     def retrieve(self, questions: list[str]) -> tuple[list[list[Any]], torch.Tensor]:
         """Top-n_docs hits and their doc scores q·d, differentiable in the query encoder."""
         q = self.embed_questions(questions)
-        hits, doc_vectors = self.index.search_with_vectors(q.detach().float().cpu().numpy(), self.config.n_docs)
-        d = torch.from_numpy(np.ascontiguousarray(doc_vectors)).to(q.device, q.dtype)
+        hits, doc_vectors = self.searcher.search_with_vectors(q.detach().float().cpu().numpy(), self.config.n_docs)
+        d = torch.from_numpy(np.array(doc_vectors, dtype=np.float32)).to(q.device, q.dtype)  # Ray arrays are read-only
         return hits, torch.einsum("bd,bkd->bk", q, d)
 
     # -- generator inputs --------------------------------------------------------------------------
@@ -133,7 +135,8 @@ class RagForTraining(nn.Module):
                 "target_tokens": target.ne(IGNORE).sum()}
 
 
-def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: dict[str, Any] | None = None) -> RagForTraining:
+def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: dict[str, Any] | None = None,
+              searcher: Any = None) -> RagForTraining:
     """Load the index, a trainable copy of the query encoder and the generator (optionally with LoRA)."""
     from sentence_transformers import SentenceTransformer
 
@@ -141,7 +144,7 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: dict[str, An
     from ragkit.models.generator import Generator
     from ragkit.models.registry import missing_model_error, quiet_transformers, resolve
 
-    index = Index.open(config.index)
+    index = Index.open(config.index.split(",")[0])  # with shards, the first one describes them all
     name = config.query_encoder or index.encoder.name
     ref = resolve(name)
     quiet_transformers()
@@ -161,4 +164,4 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: dict[str, An
                                                  target_modules=lora["targets"] or "all-linear",
                                                  task_type="SEQ_2_SEQ_LM" if generator.is_seq2seq else "CAUSAL_LM"))
     return RagForTraining(config, query_encoder, model, generator.tokenizer, index, render=generator.render,
-                          is_seq2seq=generator.is_seq2seq)
+                          is_seq2seq=generator.is_seq2seq, searcher=searcher)

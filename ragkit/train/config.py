@@ -49,6 +49,10 @@ class TrainConfig:
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard or mlflow"})
+    distributed_retriever: str = field(default="none", metadata={"help": "none (in-process) or ray (actors serve the index)"})
+    num_retrieval_workers: int = field(default=1, metadata={"help": "Ray actors holding a replica of the index"})
+    shard_index: bool = field(default=False, metadata={"help": "--index is a comma-separated list of shards, one Ray actor each"})
+    ray_address: str | None = field(default=None, metadata={"help": "an existing Ray cluster (default: a private local Ray)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
 
     def validate(self) -> None:
@@ -58,6 +62,10 @@ class TrainConfig:
             raise UsageError(f"--scheduler {self.scheduler}: expected one of {', '.join(SCHEDULERS)}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if self.distributed_retriever not in ("none", "ray"):
+            raise UsageError(f"--distributed-retriever {self.distributed_retriever}: expected none or ray")
+        if self.shard_index and self.distributed_retriever != "ray":
+            raise UsageError("--shard-index needs --distributed-retriever ray")
 
     def require_paths(self) -> None:
         for name in ("data", "output"):

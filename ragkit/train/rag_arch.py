@@ -37,7 +37,15 @@ class RagArch:
         if config.lora_r > 0:
             targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
             lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout, "targets": targets}
-        return build_rag(rag_model_config(config), device=device, lora=lora)
+        searcher = None
+        if config.distributed_retriever == "ray":
+            from ragkit.retrieval.ray_retriever import RayIndexClient
+
+            dirs = config.index.split(",") if config.shard_index else [config.index]
+            searcher = RayIndexClient(dirs, mode="shards" if config.shard_index else "replicas",
+                                      num_workers=config.num_retrieval_workers, address=config.ray_address,
+                                      cpus_per_worker=0.5)
+        return build_rag(rag_model_config(config), device=device, lora=lora, searcher=searcher)
 
     def dataset(self, config: TrainConfig) -> ListDataset:
         return ListDataset(read_pairs(config.data))

@@ -1,0 +1,111 @@
+"""Retrieval served by Ray actors: replicas of one index, or one shard each with the top-k merged.
+
+The caller embeds its queries (the query encoder may be training) and sends vectors; each actor
+loads its index once and answers `search` calls. Replicas are used round-robin so that concurrent
+training workers do not queue behind one actor; shards are all asked and their hits merged by score,
+for indexes larger than one process's memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragkit.errors import ResourceError, UsageError
+from ragkit.index import Hit, Index
+
+
+class _Worker:
+    """The actor body: one opened index."""
+
+    def __init__(self, index_dir: str, threads: int | None) -> None:
+        self.index = Index.open(index_dir, threads=threads)
+
+    def info(self) -> dict[str, Any]:
+        return {"dim": self.index.dim, "encoder": self.index.encoder.to_json(), "passages": len(self.index)}
+
+    def search(self, vectors: np.ndarray, k: int, with_vectors: bool) -> tuple[list[list[dict[str, Any]]], Any]:
+        if with_vectors:
+            hits, vecs = self.index.search_with_vectors(vectors, k)
+        else:
+            hits, vecs = self.index.search(vectors, k), None
+        return [[h.to_json() for h in row] for row in hits], vecs
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ResourceError("--distributed-retriever ray needs Ray", hint="pip install 'ragkit[ray]'") from None
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, namespace="ragkit", ignore_reinit_error=True)
+        else:  # a private local Ray bound to this machine only
+            ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="ragkit", _node_ip_address="127.0.0.1",
+                     ignore_reinit_error=True, log_to_driver=False)
+    return ray
+
+
+class RayIndexClient:
+    """Search vectors through Ray actors; same results as `Index.search` on the same data."""
+
+    def __init__(self, index_dirs: Sequence[str | Path], *, mode: str = "replicas", num_workers: int = 1,
+                 address: str | None = None, threads: int | None = None, cpus_per_worker: float = 1.0) -> None:
+        if mode not in ("replicas", "shards"):
+            raise UsageError(f"ray retriever mode {mode}: expected replicas or shards")
+        ray = start_ray(address)
+        actor = ray.remote(num_cpus=cpus_per_worker)(_Worker)
+        dirs = [str(d) for d in index_dirs]
+        if mode == "replicas":
+            if len(dirs) != 1:
+                raise UsageError("replicas serve one index; give shards=... for several")
+            self.workers = [actor.remote(dirs[0], threads) for _ in range(max(1, num_workers))]
+        else:
+            self.workers = [actor.remote(d, threads) for d in dirs]
+        infos = ray.get([w.info.remote() for w in self.workers])
+        dims = {i["dim"] for i in infos}
+        fingerprints = {i["encoder"]["fingerprint"] for i in infos}
+        if len(dims) != 1 or len(fingerprints) != 1:
+            raise ResourceError("the index shards were built with different embedders or dimensions")
+        self.encoder_info = infos[0]["encoder"]
+        self.dim = dims.pop()
+        self.mode = mode
+        self._next = itertools.cycle(range(len(self.workers)))
+        self._ray = ray
+
+    def search(self, vectors: np.ndarray, k: int, *, with_vectors: bool = False) -> tuple[list[list[Hit]], Any]:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.mode == "replicas":
+            rows, vecs = self._ray.get(self.workers[next(self._next)].search.remote(vectors, k, with_vectors))
+            return [[Hit(**h) for h in row] for row in rows], vecs
+        parts = self._ray.get([w.search.remote(vectors, k, with_vectors) for w in self.workers])
+        return merge_shards([p[0] for p in parts], [p[1] for p in parts] if with_vectors else None, k)
+
+    def search_with_vectors(self, vectors: np.ndarray, k: int) -> tuple[list[list[Hit]], np.ndarray]:
+        """The `Index.search_with_vectors` contract, so RAG training can use either."""
+        hits, vecs = self.search(vectors, k, with_vectors=True)
+        if any(len(row) < k for row in hits):
+            raise ResourceError(f"the index holds fewer than the {k} passages needed per query")
+        return hits, vecs
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            self._ray.kill(w)
+
+
+def merge_shards(per_shard: list[list[list[dict[str, Any]]]], vectors: list[np.ndarray] | None,
+                 k: int) -> tuple[list[list[Hit]], Any]:
+    """Top-k over every shard's top-k (higher score first), ranks renumbered."""
+    merged, merged_vecs = [], []
+    for q in range(len(per_shard[0])):
+        pool = [(h["score"], s, j, h) for s, shard in enumerate(per_shard) for j, h in enumerate(shard[q])]
+        pool.sort(key=lambda t: -t[0])
+        best = pool[:k]
+        merged.append([Hit(**{**h, "rank": r}) for r, (_, _, _, h) in enumerate(best, start=1)])
+        if vectors is not None:
+            merged_vecs.append(np.stack([vectors[s][q, j] for _, s, j, _ in best]))
+    return merged, (np.stack(merged_vecs) if vectors is not None else None)
