@@ -56,6 +56,33 @@ def question_from_json(obj: dict[str, Any], where: Location) -> Question:
     return Question(str(qid) if qid is not None else str(where.line), text, ctxs, extra)
 
 
+def questions_from_examples(examples: Sequence[Any]) -> list[Question]:
+    """Eval-task examples as questions; the retriever searches with the bare question or claim."""
+    return [Question(ex.id, ex.question, ex.ctxs, {"retrieval_query": ex.query or ex.question}) for ex in examples]
+
+
+def read_questions(path: str, *, limit: int = 0, task: str | None = None) -> list[Question]:
+    """Questions from JSONL or plain lines (a line's number is its id), or from an eval task's file."""
+    from ragkit.io.jsonl import display_name, iter_records
+
+    if task is not None:
+        from ragkit.eval.tasks import get_task, load_examples
+
+        return questions_from_examples(load_examples(get_task(task), path, limit or None))
+    name = display_name(path)
+    questions: list[Question] = []
+    for lineno, record in iter_records(path):
+        if isinstance(record, str):
+            questions.append(Question(str(lineno), record))
+        else:
+            questions.append(question_from_json(record, Location(name, lineno)))
+        if limit and len(questions) >= limit:
+            break
+    if not questions:
+        raise InputError(Location(name), "empty input: no questions")
+    return questions
+
+
 def format_passages(passages: Sequence[dict[str, Any]], max_words: int) -> str:
     blocks = []
     for i, p in enumerate(passages, start=1):

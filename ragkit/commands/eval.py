@@ -106,7 +106,7 @@ def evaluate(
             the_task = get_task(task)
             examples = load_examples(the_task, data, limit or None)
             if model is not None:
-                from ragkit.reader import Question
+                from ragkit.reader import questions_from_examples
 
                 generator, gen_config, reader, retriever = build_generation(
                     model=model, arch=arch, index=index, k=k, passages=passages, max_new_tokens=max_new_tokens,
@@ -114,7 +114,7 @@ def evaluate(
                     device=device, dtype=dtype, backend=backend, template=template,
                     max_passage_words=max_passage_words, seed=seed, trust_remote_code=trust_remote_code,
                 )
-                questions = [Question(e.id, e.question, e.ctxs, {"retrieval_query": e.query or e.question}) for e in examples]
+                questions = questions_from_examples(examples)
                 outputs = {r["id"]: (i, r) for i, r in enumerate(
                     run_blocks(questions, generator, gen_config, reader, retriever, f"{task} ({arch})"), start=1)}
                 pairs = runner.match_predictions(examples, outputs, "<generated>", str(data))

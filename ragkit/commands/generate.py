@@ -136,39 +136,11 @@ def generate(
       ragkit generate popqa_longtail_w_gs.jsonl --arch rag --passages ctxs | ragkit eval --task popqa --data popqa_longtail_w_gs.jsonl
     """
     with handle_errors():
-        from ragkit.errors import InputError, Location
-        from ragkit.io.jsonl import display_name, open_text
         from ragkit.models.registry import resolve
-        from ragkit.reader import Question, question_from_json
+        from ragkit.reader import read_questions
 
         resolve(model)  # a missing local model fails before any input is read
-        questions: list[Question] = []
-        if task is not None:
-            from ragkit.eval.tasks import get_task, load_examples
-
-            for ex in load_examples(get_task(task), input_file, limit or None):
-                questions.append(Question(ex.id, ex.question, ex.ctxs, {"retrieval_query": ex.query or ex.question}))
-        else:
-            name = display_name(input_file)
-            handle = open_text(input_file)
-            for lineno, line in enumerate(handle, start=1):
-                text = line.strip()
-                if not text:
-                    continue
-                if text.startswith("{"):
-                    try:
-                        obj = json.loads(text)
-                    except json.JSONDecodeError as exc:
-                        raise InputError(Location(name, lineno), f"malformed JSON ({exc.msg} at column {exc.colno})") from None
-                    questions.append(question_from_json(obj, Location(name, lineno)))
-                else:
-                    questions.append(Question(str(lineno), text))
-                if limit and len(questions) >= limit:
-                    break
-            if input_file != "-":
-                handle.close()
-            if not questions:
-                raise InputError(Location(name), "empty input: no questions")
+        questions = read_questions(input_file, limit=limit, task=task)
         generator, gen_config, reader, retriever = build_generation(
             model=model, arch=arch, index=index, k=k, passages=passages, max_new_tokens=max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, batch_size=batch_size,

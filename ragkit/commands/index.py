@@ -180,27 +180,18 @@ def remove(
 
 
 def _read_ids(path: str) -> list[str]:
+    """One id per line, or JSONL objects with `id`."""
     from ragkit.errors import InputError, Location
-    from ragkit.io.jsonl import display_name, open_text
+    from ragkit.io.jsonl import display_name, iter_records
 
     out = []
-    handle = open_text(path)
-    for lineno, line in enumerate(handle, start=1):
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("{"):
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InputError(Location(display_name(path), lineno), f"malformed JSON ({exc.msg})") from None
-            if "id" not in obj:
-                raise InputError(Location(display_name(path), lineno, "id"), "field 'id' is missing")
-            out.append(str(obj["id"]))
+    for lineno, record in iter_records(path):
+        if isinstance(record, str):
+            out.append(record)
+        elif "id" in record:
+            out.append(str(record["id"]))
         else:
-            out.append(text)
-    if path != "-":
-        handle.close()
+            raise InputError(Location(display_name(path), lineno, "id"), "field 'id' is missing")
     return out
 
 

@@ -47,6 +47,31 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             handle.close()
 
 
+def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """Non-blank lines as (line number, JSON object) when they start with '{', else (line number, text).
+
+    Queries, questions and id lists accept both, so a plain `echo "question" | ragkit ...` works.
+    """
+    name = display_name(path)
+    handle = open_text(path)
+    try:
+        for lineno, line in enumerate(handle, start=1):
+            text = line.strip()
+            if not text:
+                continue
+            if not text.startswith("{"):
+                yield lineno, text
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(Location(name, lineno), f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+            yield lineno, obj
+    finally:
+        if handle is not sys.stdin:
+            handle.close()
+
+
 def write_jsonl_line(obj: dict[str, Any], out: IO[str] | None = None) -> None:
     out = out or sys.stdout
     out.write(json.dumps(obj, ensure_ascii=False) + "\n")
