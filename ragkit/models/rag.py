@@ -118,8 +118,11 @@ class RagForTraining(nn.Module):
         input_ids = torch.cat([left, answer], dim=1)
         attention = torch.cat([left_mask, labels.ne(IGNORE).long()], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = self.generator(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
-        return logits[:, width_p - 1 : width_p - 1 + target.shape[1]]
+        # only the answer span's logits: full-sequence logits over a 50k vocabulary dominate memory
+        span = target.shape[1]
+        logits = self.generator(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                logits_to_keep=span + 1).logits
+        return logits[:, :span]
 
     def forward(self, questions: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
         if len(questions) != len(answers) or not questions:
