@@ -6,7 +6,7 @@ corpus passage titled with the question's subject contains an answer. Before and
 dev match / EM of the reader, and answer recall@k of the retriever (a retrieved passage contains an
 answer); closed-book SmolLM2 is the baseline. Ends with the trainer's cost report.
 
-    python benchmarks/rag_finetune_popqa.py [--steps 200] [--n-docs 4]
+    python benchmarks/rag_finetune_popqa.py [--steps 120] [--n-docs 3]
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def answer_recall(encoder_path: str, index: Path, dev: list[dict], k: int) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--n-docs", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--n-docs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-4)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def main() -> None:
     run_dir = WORK / "run"
     train_s = sh("train", "--arch", "rag", "--data", str(WORK / "train.jsonl"), "--index", str(index), "-o", str(run_dir),
                  "--generator", "smollm2-135m", "--n-docs", str(args.n_docs), "--lora-r", "8", "--lora-alpha", "16",
-                 "--batch-size", "2", "--grad-accum", "2", "--lr", str(args.lr), "--max-steps", str(args.steps),
+                 "--batch-size", "2", "--grad-accum", "1", "--lr", str(args.lr), "--max-steps", str(args.steps),
                  "--warmup-steps", "10", "--save-steps", str(args.steps), "--logging-steps", "10",
                  "--max-passage-words", "80", "--device", "cpu", "--seed", "0")
     report = WORK / "rag_trained.json"

@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from _common import SHARED_DATA, hardware, print_table, write_result
 

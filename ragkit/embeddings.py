@@ -127,12 +127,8 @@ def load_shards(directory: str | Path) -> tuple[list[Passage], np.ndarray, Encod
     for shard_id in range(num_shards):
         meta = metas[shard_id]
         vectors = np.load(root / meta["embeddings"], mmap_mode="r", allow_pickle=False)
-        rows = []
         psg_path = root / meta["passages"]
-        for lineno, obj in read_jsonl(psg_path):
-            rows.append(
-                Passage(str(obj.pop("id")), obj.pop("text"), obj.pop("title", ""), obj)
-            )
+        rows = [Passage(str(obj.pop("id")), obj.pop("text"), obj.pop("title", ""), obj) for _, obj in read_jsonl(psg_path)]
         if len(rows) != vectors.shape[0] or vectors.shape[1] != encoder.dim:
             raise InputError(
                 Location(str(psg_path)),

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ragkit.cli import app
 
-from conftest import REPO, make_passages, write_jsonl
+from conftest import make_passages, write_jsonl
 
 runner = CliRunner()
 

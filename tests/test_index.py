@@ -15,7 +15,6 @@ import pytest
 
 from ragkit.errors import InputError, ResourceError, UsageError
 from ragkit.index import Index
-from ragkit.index import layout
 from ragkit.io.corpus import Passage
 from ragkit.models.encoder import EncoderInfo
 

@@ -8,12 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from ragkit.cli import app
 
-from conftest import build_tiny_causal_lm, make_passages, write_jsonl
+from conftest import make_passages, write_jsonl
 
 runner = CliRunner()
 
