@@ -97,6 +97,10 @@ class RagForTraining(nn.Module):
 
     def answer_logits(self, prompts: list[str], target: torch.Tensor) -> torch.Tensor:
         """Logits aligned with `target`, each row repeated for its K prompts: shape (B*K, T, V)."""
+        return self._answer_logits(prompts, target)[0]
+
+    def _answer_logits(self, prompts: list[str], target: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The logits, and how many (non-pad) tokens the generator read to produce them."""
         tok, k = self.tokenizer, len(prompts) // target.shape[0]
         device = next(self.generator.parameters()).device
         labels = target.repeat_interleave(k, dim=0).to(device)
@@ -105,7 +109,8 @@ class RagForTraining(nn.Module):
                       max_length=self.config.max_source_tokens).to(device)
             dec_labels = labels.masked_fill(labels.eq(IGNORE), tok.pad_token_id)
             decoder_input_ids = self.generator.prepare_decoder_input_ids_from_labels(labels=dec_labels)
-            return self.generator(**enc, decoder_input_ids=decoder_input_ids).logits
+            read = int(enc["attention_mask"].sum()) + int(labels.ne(IGNORE).sum())
+            return self.generator(**enc, decoder_input_ids=decoder_input_ids).logits, read
         # causal: [left pad | prompt | answer | right pad]; the answer span starts at the same column in
         # every row, so logits[:, P-1+t] predicts answer token t for all passages alike.
         prompt_ids = [ids[-self.config.max_source_tokens:] for ids in
@@ -122,20 +127,20 @@ class RagForTraining(nn.Module):
         span = target.shape[1]
         logits = self.generator(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                 logits_to_keep=span + 1).logits
-        return logits[:, :span]
+        return logits[:, :span], int(attention.sum())
 
     def forward(self, questions: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
         if len(questions) != len(answers) or not questions:
             raise UsageError("a RAG batch needs one answer per question")
         hits, doc_scores = self.retrieve(questions)
         target = self._targets(answers)
-        logits = self.answer_logits(self._prompts(questions, hits), target)
+        logits, read = self._answer_logits(self._prompts(questions, hits), target)
         fn = rag_sequence_loss if self.config.loss == "sequence" else rag_token_loss
         out = fn(logits, doc_scores.to(logits.device), target.to(logits.device), pad_id=IGNORE,
                  epsilon=self.config.label_smoothing, reduce=True)
         n = len(questions)
         return {"loss": out.loss / n, "nll": out.nll.detach() / n, "doc_scores": doc_scores.detach(),
-                "target_tokens": target.ne(IGNORE).sum()}
+                "tokens": read}
 
 
 def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: dict[str, Any] | None = None,

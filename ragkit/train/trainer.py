@@ -53,12 +53,12 @@ class RagkitTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.arch = arch
         self.train_config = train_config
-        self.target_tokens = 0
+        self.tokens = 0
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         out = model(**inputs)
-        self.target_tokens += int(out.get("target_tokens", 0))
+        self.tokens += int(out.get("tokens", 0))
         return (out["loss"], out) if return_outputs else out["loss"]
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
@@ -146,7 +146,7 @@ class CostReport:
     wall_s: float
     steps: int
     examples_per_s: float
-    target_tokens_per_s: float
+    tokens_per_s: float  # generator tokens read (prompts with their passages + answers), all K passages
     peak_cpu_memory_mib: float
     peak_gpu_memory_mib: float | None
     trainable_params: int
@@ -185,7 +185,7 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
         wall_s=wall,
         steps=steps,
         examples_per_s=examples / wall if wall else 0.0,
-        target_tokens_per_s=trainer.target_tokens / wall if wall else 0.0,
+        tokens_per_s=trainer.tokens / wall if wall else 0.0,
         peak_cpu_memory_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         peak_gpu_memory_mib=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
