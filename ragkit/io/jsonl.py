@@ -30,21 +30,10 @@ def display_name(path: str | Path) -> str:
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line; a line that is not a JSON object is an error."""
     name = display_name(path)
-    handle = open_text(path)
-    try:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(Location(name, lineno), f"malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise InputError(Location(name, lineno), f"expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-    finally:
-        if handle is not sys.stdin:
-            handle.close()
+    for lineno, record in iter_records(path):
+        if isinstance(record, str):
+            raise InputError(Location(name, lineno), "expected a JSON object on this line")
+        yield lineno, record
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]:

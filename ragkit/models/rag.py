@@ -95,6 +95,16 @@ class RagForTraining(nn.Module):
         width = max(len(r) for r in rows)
         return torch.tensor([r + [IGNORE] * (width - len(r)) for r in rows])
 
+    def left_padded(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal prompts (kept to their last max_source_tokens) left-padded: (input_ids, attention_mask)."""
+        tok = self.tokenizer
+        ids = [x[-self.config.max_source_tokens:] for x in tok(prompts, add_special_tokens=False)["input_ids"]]
+        width = max(len(x) for x in ids)
+        device = next(self.generator.parameters()).device
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        return input_ids, mask
+
     def answer_logits(self, prompts: list[str], target: torch.Tensor) -> torch.Tensor:
         """Logits aligned with `target`, each row repeated for its K prompts: shape (B*K, T, V)."""
         return self._answer_logits(prompts, target)[0]
@@ -113,13 +123,8 @@ class RagForTraining(nn.Module):
             return self.generator(**enc, decoder_input_ids=decoder_input_ids).logits, read
         # causal: [left pad | prompt | answer | right pad]; the answer span starts at the same column in
         # every row, so logits[:, P-1+t] predicts answer token t for all passages alike.
-        prompt_ids = [ids[-self.config.max_source_tokens:] for ids in
-                      tok(prompts, add_special_tokens=False)["input_ids"]]
-        width_p = max(len(x) for x in prompt_ids)
+        left, left_mask = self.left_padded(prompts)
         answer = labels.masked_fill(labels.eq(IGNORE), tok.pad_token_id)
-        pad = tok.pad_token_id
-        left = torch.tensor([[pad] * (width_p - len(x)) + x for x in prompt_ids], device=device)
-        left_mask = torch.tensor([[0] * (width_p - len(x)) + [1] * len(x) for x in prompt_ids], device=device)
         input_ids = torch.cat([left, answer], dim=1)
         attention = torch.cat([left_mask, labels.ne(IGNORE).long()], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)

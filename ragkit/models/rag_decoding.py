@@ -103,16 +103,6 @@ def decode(rag: RagForTraining, questions: list[str], *, mode: str = "sequence-t
     return out
 
 
-def _left_padded(rag: RagForTraining, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    tok = rag.tokenizer
-    ids = [x[-rag.config.max_source_tokens:] for x in tok(prompts, add_special_tokens=False)["input_ids"]]
-    width = max(len(x) for x in ids)
-    device = next(rag.generator.parameters()).device
-    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids], device=device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-    return input_ids, mask
-
-
 def _token_greedy(rag: RagForTraining, prompts: list[str], prior: torch.Tensor, max_new: int) -> tuple[str, float]:
     tok, model = rag.tokenizer, rag.generator
     eos = tok.eos_token_id
@@ -131,7 +121,7 @@ def _token_greedy(rag: RagForTraining, prompts: list[str], prior: torch.Tensor, 
             chosen.append(token)
             total += lp
         return tok.decode(chosen, skip_special_tokens=True).strip(), total
-    input_ids, mask = _left_padded(rag, prompts)
+    input_ids, mask = rag.left_padded(prompts)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     past = None
     step_ids, step_pos = input_ids, positions
@@ -165,7 +155,7 @@ def _sequence(rag: RagForTraining, question: str, hits: list[Any], doc_scores: t
         generated = model.generate(**enc, max_new_tokens=max_new, do_sample=False)
         texts = tok.batch_decode(generated, skip_special_tokens=True)
     else:
-        input_ids, mask = _left_padded(rag, prompts)
+        input_ids, mask = rag.left_padded(prompts)
         generated = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
                                    pad_token_id=tok.pad_token_id)
         texts = tok.batch_decode(generated[:, input_ids.shape[1]:], skip_special_tokens=True)
