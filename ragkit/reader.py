@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ragkit.errors import InputError, Location, UsageError
+from ragkit.io.passages import passage_json as _passage_json
 from ragkit.models.generator import GenerationConfig
 
 CLOSED_BOOK_PROMPT = "Answer the question. Reply with only the answer, in a few words.\n\nQuestion: {question}"
@@ -101,15 +102,6 @@ def user_message(question: str, passages: Sequence[dict[str, Any]], config: Read
     return RAG_PROMPT.format(question=question, passages=format_passages(passages, config.max_passage_words))
 
 
-def _passage_json(p: dict[str, Any]) -> dict[str, Any]:
-    score = p.get("score")
-    try:
-        score = float(score) if score is not None else None
-    except (TypeError, ValueError):
-        score = None
-    return {"id": p.get("id"), "title": p.get("title", ""), "text": p.get("text", ""), "score": score}
-
-
 def answer(questions: Sequence[Question], generator: Any, gen_config: GenerationConfig, config: ReaderConfig,
            retriever: Any = None) -> list[dict[str, Any]]:
     """Answer a block of questions; returns one output row per question, in input order."""
@@ -179,3 +171,21 @@ def answer_with_rag_checkpoint(questions: Sequence[Question], rag: Any, *, mode:
         rows.append({"id": q.id, "question": q.text, "output": a.text, "passages": passages,
                      "log_prob": a.log_prob, "timings": {"generate_s": per_q}, **q.extra})
     return rows
+
+
+def answer_with_selfrag(questions: Sequence[Question], decoder: Any, config: ReaderConfig,
+                        retriever: Any = None) -> list[dict[str, Any]]:
+    """Answer with Self-RAG; passages (the input's ctxs, or --index hits) are fetched only when it retrieves."""
+    from ragkit.models.selfrag.decoding import SelfRagQuestion
+
+    use_index = config.source == "index" or (config.source == "auto" and retriever is not None)
+    if use_index and retriever is None:
+        raise UsageError("--passages index needs --index DIR")
+
+    def fetch(q: Question) -> Any:
+        if use_index:
+            return lambda: [h.to_json() for h in retriever.retrieve([q.extra.get("retrieval_query") or q.text],
+                                                                    decoder.config.ndocs)[0]]
+        return lambda: q.ctxs
+
+    return decoder.answer([SelfRagQuestion(q.id, q.text, fetch(q), q.extra) for q in questions])

@@ -118,3 +118,26 @@ def build_tiny_causal_lm(directory: Path, *, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+def build_tiny_selfrag_lm(directory: Path, *, seed: int = 0) -> Path:
+    """The tiny Llama with the Self-RAG reflection vocabulary added (random, untrained rows)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragkit.models.selfrag.tokens import add_reflection_tokens
+
+    base = build_tiny_causal_lm(directory / "base", seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)
+    add_reflection_tokens(tokenizer, model)
+    out = directory / "tiny-selfrag"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_selfrag_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_selfrag_lm(tmp_path_factory.mktemp("tiny-selfrag"))

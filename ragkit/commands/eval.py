@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -14,6 +15,10 @@ from ragkit.commands._common import BatchOpt, DeviceOpt, JsonOpt, handle_errors
 from ragkit.commands.generate import (
     ArchOpt, BackendOpt, DtypeOpt, IndexOpt, KOpt, LimitOpt, MaxNewOpt, PassagesOpt, PassageWordsOpt, RemoteOpt,
     SeedOpt, StopOpt, TemplateOpt, build_generation, run_blocks,
+)
+from ragkit.commands.generate import (
+    BeamOpt, CompatOpt, DepthOpt, GroundOpt, IgnoreContOpt, LongFormOpt, ModeOpt, SeqScoreOpt, ThresholdOpt,
+    UtilityOpt, WRelOpt, WSupOpt, WUseOpt, selfrag_config,
 )
 
 app = typer.Typer(no_args_is_help=False)
@@ -58,6 +63,19 @@ def evaluate(
     max_passage_words: PassageWordsOpt = 150,
     seed: SeedOpt = 0,
     trust_remote_code: RemoteOpt = False,
+    mode: ModeOpt = "adaptive_retrieval",
+    threshold: ThresholdOpt = 0.2,
+    w_rel: WRelOpt = 1.0,
+    w_sup: WSupOpt = 1.0,
+    w_use: WUseOpt = 0.5,
+    use_groundness: GroundOpt = True,
+    use_utility: UtilityOpt = True,
+    use_seqscore: SeqScoreOpt = True,
+    compat_upstream: CompatOpt = False,
+    long_form: LongFormOpt = None,
+    beam_width: BeamOpt = 2,
+    max_depth: DepthOpt = 6,
+    ignore_cont: IgnoreContOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a task: pipe predictions in, or pass --model to generate them here.
@@ -67,6 +85,8 @@ def evaluate(
       ragkit generate data.jsonl --arch rag --passages ctxs | ragkit eval --task popqa --data data.jsonl
 
       ragkit eval --task arc_c --data arc_challenge_processed.jsonl --model smollm2-135m -o arc.json
+
+      ragkit eval --task popqa --data popqa_longtail_w_gs.jsonl -m selfrag/selfrag_llama2_7b --arch selfrag --k 10
 
       ragkit index search idx/ -q scifact/queries.jsonl --k 100 | ragkit eval --task beir --data scifact/
 
@@ -108,11 +128,18 @@ def evaluate(
             if model is not None:
                 from ragkit.reader import questions_from_examples
 
+                selfrag = selfrag_config(
+                    mode=mode, threshold=threshold, k=k, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    w_rel=w_rel, w_sup=w_sup, w_use=w_use, use_groundness=use_groundness, use_utility=use_utility,
+                    use_seqscore=use_seqscore, compat_upstream=compat_upstream, long_form=long_form,
+                    beam_width=beam_width, max_depth=max_depth, ignore_cont=ignore_cont, task=task,
+                ) if arch == "selfrag" else None
                 generator, gen_config, reader, retriever = build_generation(
                     model=model, arch=arch, index=index, k=k, passages=passages, max_new_tokens=max_new_tokens,
                     do_sample=False, temperature=1.0, top_p=1.0, top_k=0, stop=stop, batch_size=batch_size,
                     device=device, dtype=dtype, backend=backend, template=template,
                     max_passage_words=max_passage_words, seed=seed, trust_remote_code=trust_remote_code,
+                    selfrag=selfrag,
                 )
                 questions = questions_from_examples(examples)
                 outputs = {r["id"]: (i, r) for i, r in enumerate(
@@ -120,13 +147,16 @@ def evaluate(
                 pairs = runner.match_predictions(examples, outputs, "<generated>", str(data))
                 config.update(model=model, arch=arch, k=k, passages=passages, index=str(index) if index else None,
                               max_new_tokens=max_new_tokens, max_passage_words=max_passage_words, seed=seed)
+                if selfrag is not None:
+                    config["selfrag"] = dataclasses.asdict(selfrag)
             else:
                 source = predictions or "-"
                 preds = runner.read_predictions(source)
                 pairs = runner.match_predictions(examples, preds, "<stdin>" if source == "-" else source, str(data))
                 config.update(predictions=source)
             rows = runner.score(the_task, pairs)
-            metrics = rep.aggregate(rows, the_task.metrics, the_task.binary)
+            extra = ("retrieved",) if rows and "retrieved" in rows[0]["metrics"] else ()
+            metrics = rep.aggregate(rows, the_task.metrics + extra, the_task.binary + extra)
             primary = the_task.primary
             if len(rows) < len(examples):
                 from ragkit.console import info

@@ -12,7 +12,7 @@ import typer
 from ragkit.commands._common import BatchOpt, DeviceOpt, handle_errors
 
 ModelGen = Annotated[str, typer.Option("--model", "-m", help="Generator: hub id, local folder, .gguf file, alias (smollm2-135m = shipped SmolLM2-135M-Instruct), or a `ragkit train --arch rag` checkpoint.")]
-ArchOpt = Annotated[str, typer.Option("--arch", help="none (closed book) or rag (retrieve with --index, or use the input's ctxs, then read).")]
+ArchOpt = Annotated[str, typer.Option("--arch", help="none (closed book), rag (retrieve with --index, or use the input's ctxs, then read) or selfrag (a model with Self-RAG reflection tokens; see the --mode options).")]
 IndexOpt = Annotated[Path | None, typer.Option("--index", help="ragkit index to retrieve from (--arch rag).")]
 KOpt = Annotated[int, typer.Option("--k", "-k", min=1, help="Passages per question.")]
 PassagesOpt = Annotated[str, typer.Option("--passages", help="Where passages come from: auto (index if given, else ctxs), index, ctxs.")]
@@ -29,6 +29,41 @@ PassageWordsOpt = Annotated[int, typer.Option("--max-passage-words", min=0, help
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
 LimitOpt = Annotated[int, typer.Option("--limit", min=0, help="Only the first N questions (0 = all).")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code (off unless you ask).")]
+# Self-RAG (--arch selfrag); defaults follow the paper, --compat-upstream reproduces the reference scripts
+ModeOpt = Annotated[str, typer.Option("--mode", help="Self-RAG: adaptive_retrieval, always_retrieve or no_retrieval.")]
+ThresholdOpt = Annotated[float, typer.Option("--threshold", help="Self-RAG: retrieve when P([Retrieval]) normalised against [No Retrieval] exceeds this; negative: retrieve iff the model writes [Retrieval].")]
+WRelOpt = Annotated[float, typer.Option("--w-rel", help="Self-RAG: weight of the relevance score.")]
+WSupOpt = Annotated[float, typer.Option("--w-sup", help="Self-RAG: weight of the support (groundness) score.")]
+WUseOpt = Annotated[float, typer.Option("--w-use", help="Self-RAG: weight of the utility score.")]
+GroundOpt = Annotated[bool, typer.Option("--use-groundness/--no-groundness", help="Self-RAG: add the support score.")]
+UtilityOpt = Annotated[bool, typer.Option("--use-utility/--no-utility", help="Self-RAG: add the utility score.")]
+SeqScoreOpt = Annotated[bool, typer.Option("--use-seqscore/--no-seqscore", help="Self-RAG: add exp(mean token log-prob) of the continuation.")]
+CompatOpt = Annotated[bool, typer.Option("--compat-upstream", help="Self-RAG: reproduce the reference scripts exactly, faults included (docs/selfrag.md).")]
+LongFormOpt = Annotated[bool | None, typer.Option("--long-form/--short-form", help="Self-RAG: segment-level beam search (long answers) or one scored answer per passage. Default: long form for asqa, short otherwise.", show_default=False)]
+BeamOpt = Annotated[int, typer.Option("--beam-width", min=1, help="Self-RAG long form: segments kept per level.")]
+DepthOpt = Annotated[int, typer.Option("--max-depth", min=2, help="Self-RAG long form: levels of the segment tree (the root counts).")]
+IgnoreContOpt = Annotated[bool, typer.Option("--ignore-cont", help="Self-RAG long form: drop segments judged [No support / Contradictory].")]
+CLOSED_TASKS = ("arc_c", "pubhealth", "scifact")
+LONG_FORM_TASKS = ("asqa",)
+
+
+def selfrag_config(*, mode: str, threshold: float, k: int, max_new_tokens: int, batch_size: int, w_rel: float,
+                   w_sup: float, w_use: float, use_groundness: bool, use_utility: bool, use_seqscore: bool,
+                   compat_upstream: bool, long_form: bool | None, beam_width: int, max_depth: int,
+                   ignore_cont: bool, task: str | None) -> Any:
+    from ragkit.models.selfrag.decoding import SelfRagConfig
+    from ragkit.models.selfrag.scoring import ScoringConfig
+
+    scoring = ScoringConfig(w_rel=w_rel, w_sup=w_sup, w_use=w_use, use_groundness=use_groundness,
+                            use_utility=use_utility, use_seqscore=use_seqscore, compat_upstream=compat_upstream)
+    config = SelfRagConfig(mode=mode, threshold=threshold if threshold >= 0 else None, ndocs=k,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, closed=task in CLOSED_TASKS,
+                           long_form=long_form if long_form is not None else task in LONG_FORM_TASKS,
+                           beam_width=beam_width, max_depth=max_depth, ignore_cont=ignore_cont, scoring=scoring)
+    config.validate()
+    return config
+
+
 RagDecodingOpt = Annotated[str | None, typer.Option("--rag-decoding", help="For a trained RAG checkpoint: token, sequence-thorough or sequence-fast (default: what it was trained with).")]
 
 
@@ -36,7 +71,7 @@ def build_generation(
     *, model: str, arch: str, index: Path | None, k: int, passages: str, max_new_tokens: int, do_sample: bool,
     temperature: float, top_p: float, top_k: int, stop: list[str] | None, batch_size: int, device: str, dtype: str,
     backend: str, template: str | None, max_passage_words: int, seed: int, trust_remote_code: bool,
-    rag_decoding: str | None = None,
+    rag_decoding: str | None = None, selfrag: Any = None,
 ) -> tuple[Any, Any, Any, Any]:
     """Load what a generation run needs (shared by `generate` and `eval`)."""
     from ragkit.errors import UsageError
@@ -52,8 +87,18 @@ def build_generation(
         rag = load_rag_checkpoint(model, device=resolve_device(device), index=str(index) if index else None)
         mode = rag_decoding or ("token" if rag.config.loss == "token" else "sequence-thorough")
         return rag, GenerationConfig(max_new_tokens=max_new_tokens), mode, None
+    if arch == "selfrag":
+        from ragkit.models.selfrag.loading import load_selfrag_decoder
+
+        retriever = None
+        if index is not None:
+            from ragkit.retrieval import Retriever
+
+            retriever = Retriever(index, device=device)
+        decoder = load_selfrag_decoder(model, selfrag, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return decoder, None, ReaderConfig(arch="rag", k=k, source=passages, max_passage_words=0), retriever
     if arch not in ARCHS:
-        raise UsageError(f"--arch {arch}: expected one of {', '.join(ARCHS)} (selfrag, retro and trained rag come later)")
+        raise UsageError(f"--arch {arch}: expected one of {', '.join(ARCHS)}, selfrag (retro comes later)")
     if index is not None and arch != "rag":
         raise UsageError("--index is only used with --arch rag")
     reader = ReaderConfig(arch=arch, k=k, source=passages, max_passage_words=max_passage_words, template=template)
@@ -78,14 +123,17 @@ def run_blocks(questions: list[Any], generator: Any, gen_config: Any, reader: An
     from ragkit.console import info, progress
     from ragkit.models.encoder import Throughput
     from ragkit.models.rag import RagForTraining
-    from ragkit.reader import answer, answer_with_rag_checkpoint
+    from ragkit.models.selfrag.decoding import SelfRagDecoder
+    from ragkit.reader import answer, answer_with_rag_checkpoint, answer_with_selfrag
 
     meter = Throughput()
     with progress() as bar:
         task = bar.add_task(label, total=len(questions), rate="")
         for start in range(0, len(questions), block):
             chunk = questions[start : start + block]
-            if isinstance(generator, RagForTraining):
+            if isinstance(generator, SelfRagDecoder):
+                rows = answer_with_selfrag(chunk, generator, reader, retriever)
+            elif isinstance(generator, RagForTraining):
                 rows = answer_with_rag_checkpoint(chunk, generator, mode=reader, max_new_tokens=gen_config.max_new_tokens)
             else:
                 rows = answer(chunk, generator, gen_config, reader, retriever)
@@ -120,9 +168,22 @@ def generate(
     limit: LimitOpt = 0,
     trust_remote_code: RemoteOpt = False,
     rag_decoding: RagDecodingOpt = None,
+    mode: ModeOpt = "adaptive_retrieval",
+    threshold: ThresholdOpt = 0.2,
+    w_rel: WRelOpt = 1.0,
+    w_sup: WSupOpt = 1.0,
+    w_use: WUseOpt = 0.5,
+    use_groundness: GroundOpt = True,
+    use_utility: UtilityOpt = True,
+    use_seqscore: SeqScoreOpt = True,
+    compat_upstream: CompatOpt = False,
+    long_form: LongFormOpt = None,
+    beam_width: BeamOpt = 2,
+    max_depth: DepthOpt = 6,
+    ignore_cont: IgnoreContOpt = False,
     table: Annotated[bool, typer.Option("--table", help="Also print question, top passage and answer as a table on stderr.")] = False,
 ) -> None:
-    """Answer questions closed-book (--arch none) or retrieve-then-read (--arch rag); JSONL out.
+    """Answer questions closed-book (--arch none), retrieve-then-read (--arch rag) or with Self-RAG; JSONL out.
 
     Each output line: {"id", "question", "output", "passages": [{id, title, text, score}], "new_tokens",
     "timings", ...the input's other fields}.
@@ -134,6 +195,8 @@ def generate(
       ragkit generate questions.jsonl --arch rag --index idx/ --k 5 > answers.jsonl
 
       ragkit generate popqa_longtail_w_gs.jsonl --arch rag --passages ctxs | ragkit eval --task popqa --data popqa_longtail_w_gs.jsonl
+
+      ragkit generate popqa_longtail_w_gs.jsonl -m selfrag/selfrag_llama2_7b --arch selfrag --mode adaptive_retrieval --k 10
     """
     with handle_errors():
         from ragkit.models.registry import resolve
@@ -146,6 +209,12 @@ def generate(
             do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, batch_size=batch_size,
             device=device, dtype=dtype, backend=backend, template=template, max_passage_words=max_passage_words,
             seed=seed, trust_remote_code=trust_remote_code, rag_decoding=rag_decoding,
+            selfrag=selfrag_config(
+                mode=mode, threshold=threshold, k=k, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                w_rel=w_rel, w_sup=w_sup, w_use=w_use, use_groundness=use_groundness, use_utility=use_utility,
+                use_seqscore=use_seqscore, compat_upstream=compat_upstream, long_form=long_form,
+                beam_width=beam_width, max_depth=max_depth, ignore_cont=ignore_cont, task=task,
+            ) if arch == "selfrag" else None,
         )
         shown = []
         for row in run_blocks(questions, generator, gen_config, reader, retriever, f"generate ({arch})"):
@@ -168,7 +237,7 @@ def _print_answers(rows: list[dict[str, Any]]) -> None:
     table.add_column("top passage", ratio=3)
     table.add_column("answer", ratio=2)
     for row in rows:
-        top = row["passages"][0] if row["passages"] else None
+        top = row["passages"][0] if row.get("passages") else None
         shown = "-" if top is None else f"{top['title']}: {top['text'][:160]}" + ("…" if len(top["text"]) > 160 else "")
         table.add_row(row["question"], shown, row["output"])
     stderr.print(table)

@@ -51,6 +51,8 @@ def score(task: Task, pairs: Iterable[tuple[Example, dict[str, Any]]]) -> list[d
     rows = []
     for example, prediction in pairs:
         metrics = task.score(example, prediction["output"])
+        if isinstance(prediction.get("retrieved"), bool):  # Self-RAG: how often it chose to retrieve
+            metrics["retrieved"] = float(prediction["retrieved"])
         row = {"id": example.id, "question": example.question, "golds": example.golds,
                "prediction": prediction["output"], "metrics": metrics}
         if prediction.get("passages"):

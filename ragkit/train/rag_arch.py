@@ -11,7 +11,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-
 from ragkit.errors import ResourceError
 from ragkit.io.atomic import write_json
 from ragkit.models.rag import RagForTraining, RagModelConfig, build_rag
