@@ -10,6 +10,7 @@ from ragkit import __version__
 from ragkit.commands import embed as embed_cmd
 from ragkit.commands import env as env_cmd
 from ragkit.commands import eval as eval_cmd
+from ragkit.commands import export as export_cmd
 from ragkit.commands import generate as generate_cmd
 from ragkit.commands import index as index_cmd
 from ragkit.commands import train as train_cmd
@@ -48,6 +49,7 @@ app.add_typer(index_cmd.app, name="index")
 app.command("generate")(generate_cmd.generate)
 app.add_typer(eval_cmd.app, name="eval")
 train_cmd.register(app)
+app.command("export")(export_cmd.export)
 app.command("env")(env_cmd.env)
 
 

@@ -79,7 +79,13 @@ class RagArch:
         model.query_encoder[0].auto_model.load_state_dict(load_file(encoder_weights))
 
 
-ARCH_REGISTRY: dict[str, Any] = {"rag": RagArch}
+def _selfrag(critic: bool) -> Any:
+    from ragkit.train.selfrag_arch import SelfRagArch
+
+    return lambda: SelfRagArch(critic=critic)
+
+
+ARCH_REGISTRY: dict[str, Any] = {"rag": RagArch, "selfrag": _selfrag(False), "selfrag-critic": _selfrag(True)}
 
 
 def arch_for(name: str) -> Any:

@@ -1,0 +1,52 @@
+"""`ragkit export`: a training checkpoint -> a plain Hugging Face model folder (LoRA merged)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ragkit.commands._common import handle_errors
+
+
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint folder (`ragkit train` OUTPUT/final or OUTPUT/checkpoint-N), or its model/ folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the merged model (must not exist, or be empty).")],
+    dtype: Annotated[str, typer.Option("--dtype", help="Saved precision: auto (as loaded), float32, bfloat16, float16.")] = "auto",
+) -> None:
+    """Merge LoRA weights into the base model and save a plain transformers folder (model + tokenizer),
+    loadable by AutoModelForCausalLM.from_pretrained and by vLLM (the Self-RAG seed's merge step).
+
+    The folder is written beside OUTPUT and renamed into place only when complete.
+
+    Examples:
+
+      ragkit export runs/selfrag/final -o models/selfrag-smollm2
+
+      ragkit export runs/critic/checkpoint-500 -o models/critic --dtype bfloat16
+    """
+    with handle_errors():
+        import shutil
+        import tempfile
+
+        from ragkit.console import info
+        from ragkit.errors import UsageError
+        from ragkit.models.selfrag.loading import load_causal_lm
+
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise UsageError(f"{output}: exists and is not empty", hint="Choose a new --output folder.")
+        model, tokenizer = load_causal_lm(str(checkpoint), device="cpu", dtype=dtype, merge_lora=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            if output.exists():
+                output.rmdir()
+            staging.rename(output)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        params = sum(p.numel() for p in model.parameters())
+        info(f"exported {checkpoint} -> {output} ({params / 1e6:.1f}M parameters, LoRA merged)")

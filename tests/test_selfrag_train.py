@@ -1,0 +1,131 @@
+"""Self-RAG training: label masks, the generator and critic on the shared trainer, LoRA checkpoints that
+carry the reflection-token rows, export, and critic labelling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import write_jsonl
+from ragkit.cli import app
+from ragkit.train.selfrag_data import IGNORE, InstructionExample, encode
+
+GEN_ROWS = [
+    {"instruction": "who was the king of france", "output":
+     "[Retrieval]<paragraph>paris\nthe king of france was born in paris</paragraph>[Relevant]the king[Fully supported][Utility:5]"},
+    {"instruction": "the river in london", "output": "[No Retrieval]the river[Utility:4]"},
+    {"instruction": "music of the city", "input": "rome",
+     "output": "[Retrieval]<paragraph>rome\nmusic film poet</paragraph>[Irrelevant]the music[Utility:2]"},
+] * 4
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_prompt_and_paragraph_contents_are_masked(tiny_selfrag_path: Path) -> None:
+    tok = _tokenizer(tiny_selfrag_path)
+    ex = InstructionExample("who was the king", "", "[Retrieval]<paragraph>paris\nthe city</paragraph>[Relevant]king")
+    enc = encode(ex, tok, critic=False, max_length=256)
+    ids, labels = enc["input_ids"], enc["labels"]
+    tokens = tok.convert_ids_to_tokens(ids)
+    trained = [t for t, lab in zip(tokens, labels) if lab != IGNORE]
+    assert trained == ["[Retrieval]", "<paragraph>", "</paragraph>", "[Relevant]", "king", "</s>"]
+    for i, lab in enumerate(labels):
+        if lab != IGNORE:
+            assert lab == ids[i]
+
+
+def test_critic_prompt_has_no_trailing_newline_and_trains_only_the_token(tiny_selfrag_path: Path) -> None:
+    tok = _tokenizer(tiny_selfrag_path)
+    enc = encode(InstructionExample("rate it", "the king", "[Relevant]"), tok, critic=True, max_length=256)
+    trained = [t for t, lab in zip(tok.convert_ids_to_tokens(enc["input_ids"]), enc["labels"]) if lab != IGNORE]
+    assert trained == ["[Relevant]", "</s>"]
+
+
+def _train(tmp_path: Path, model: Path, arch: str, rows: list[dict], *extra: str) -> Path:
+    data = write_jsonl(tmp_path / f"{arch}.jsonl", rows)
+    out = tmp_path / f"run-{arch}"
+    result = CliRunner().invoke(app, [
+        "train", "--arch", arch, "--data", str(data), "--generator", str(model), "-o", str(out),
+        "--max-steps", "12", "--batch-size", "4", "--lr", "3e-3", "--logging-steps", "2", "--save-steps", "12",
+        "--device", "cpu", "--json", *extra])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_generator_lora_trains_and_checkpoint_restores_new_token_rows(tiny_lm_path: Path, tmp_path: Path) -> None:
+    run = _train(tmp_path, tiny_lm_path, "selfrag", GEN_ROWS)
+    losses = _losses(run)
+    assert losses[-1] < losses[0]
+    final = run / "final" / "model"
+    assert (final / "adapter_model.safetensors").exists()
+    assert json.loads((run / "final" / "selfrag.json").read_text())["role"] == "generator"
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_lm_path.resolve())
+
+    from ragkit.models.selfrag.loading import load_causal_lm
+    from ragkit.models.selfrag.tokens import reflection_ids
+
+    torch.manual_seed(1)
+    model, tok = load_causal_lm(str(run / "final"), device="cpu")
+    ids = reflection_ids(tok)
+    batch = tok(["who was the king of france [Retrieval]"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits[0, -1]
+    # the base's new rows start random: equal outputs under another seed mean the adapter restored them
+    torch.manual_seed(2)
+    again, _ = load_causal_lm(str(run / "final"), device="cpu")
+    with torch.no_grad():
+        assert torch.allclose(again(**batch).logits[0, -1], logits, atol=1e-5)
+    assert (final / "adapter_model.safetensors").stat().st_size < 200_000  # no full embedding copy
+
+    # export merges LoRA into a plain model folder with the same outputs
+    exported = tmp_path / "exported"
+    result = CliRunner().invoke(app, ["export", str(run / "final"), "-o", str(exported)])
+    assert result.exit_code == 0, result.stderr
+    assert not (exported / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(exported)
+    with torch.no_grad():
+        assert torch.allclose(plain(**batch).logits[0, -1], logits, atol=1e-4)
+    assert reflection_ids(_tokenizer(exported)).ids == ids.ids
+
+
+def test_critic_trains_and_exported_model_is_refused_by_export_twice(tiny_lm_path: Path, tmp_path: Path) -> None:
+    rows = [{"instruction": "is the evidence relevant", "input": "paris", "output": "[Relevant]", "task": "relevance"},
+            {"instruction": "is the evidence relevant", "input": "rome film", "output": "[Irrelevant]",
+             "task": "relevance"}] * 4
+    run = _train(tmp_path, tiny_lm_path, "selfrag-critic", rows, "--lora-r", "0")
+    assert (run / "final" / "model" / "model.safetensors").exists()  # full fine-tuning with --lora-r 0
+    assert json.loads((run / "final" / "selfrag.json").read_text())["role"] == "critic"
+    losses = _losses(run)
+    assert losses[-1] < losses[0]
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    result = CliRunner().invoke(app, ["export", str(run / "final"), "-o", str(target)])
+    assert result.exit_code == 2 and "exists" in result.stderr
+    assert (target / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("row, field", [({"output": "[Relevant]"}, "instruction"),
+                                        ({"instruction": "x", "output": ""}, "output")])
+def test_bad_training_rows_name_file_line_and_field(tiny_lm_path: Path, tmp_path: Path, row: dict, field: str) -> None:
+    data = write_jsonl(tmp_path / "bad.jsonl", [GEN_ROWS[0], row])
+    result = CliRunner().invoke(app, ["train", "--arch", "selfrag", "--data", str(data), "--generator",
+                                      str(tiny_lm_path), "-o", str(tmp_path / "r"), "--max-steps", "1",
+                                      "--device", "cpu"])
+    assert result.exit_code == 3
+    assert f"bad.jsonl:2: field '{field}'" in result.stderr
