@@ -129,3 +129,74 @@ def test_bad_training_rows_name_file_line_and_field(tiny_lm_path: Path, tmp_path
                                       "--device", "cpu"])
     assert result.exit_code == 3
     assert f"bad.jsonl:2: field '{field}'" in result.stderr
+
+
+# -- critic labelling -------------------------------------------------------------------------------
+class ScriptedCritic:
+    """Judgements fixed by the evidence text, to check which passage and tokens the labeller writes."""
+
+    def __init__(self, retrieve: bool) -> None:
+        self.retrieve = retrieve
+        self.asked: dict[str, int] = {}
+
+    def judge(self, task, items):
+        from ragkit.models.selfrag.critic import Judgement
+
+        self.asked[task] = self.asked.get(task, 0) + len(items)
+        out = []
+        for _, text in items:
+            if task == "retrieval":
+                token = "[Retrieval]" if self.retrieve else "[No Retrieval]"
+            elif task == "utility":
+                token = "[Utility:4]"
+            elif task == "relevance":
+                token = "[Irrelevant]" if "rome" in text else "[Relevant]"
+            else:
+                token = "[Fully supported]" if "paris" in text.split("Evidence:")[1] else "[Partially supported]"
+            out.append(Judgement(token, {token: 1.0}))
+        return out
+
+
+def test_labelling_picks_the_relevant_best_supported_passage() -> None:
+    from ragkit.models.selfrag.critic import label_examples
+
+    found = [{"id": "r", "title": "rome", "text": "rome film"}, {"id": "l", "title": "london", "text": "a city"},
+             {"id": "p", "title": "paris", "text": "the king"}]
+    critic = ScriptedCritic(retrieve=True)
+    rows = label_examples(critic, [{"instruction": "who was the king", "output": "the king", "id": 7}],
+                          lambda queries, k: [found[:k]] * len(queries), 3)
+    assert rows[0]["output"] == ("[Retrieval]<paragraph>paris\nthe king</paragraph>[Relevant]the king"
+                                 "[Fully supported][Utility:4]")
+    assert rows[0]["id"] == 7 and rows[0]["critic"]["passage"] == "p"
+    assert critic.asked == {"retrieval": 1, "utility": 1, "relevance": 3, "groundness": 2}  # rome is irrelevant
+    only_rome = label_examples(ScriptedCritic(True), [{"instruction": "q", "output": "a"}],
+                               lambda queries, k: [found[:1]] * len(queries), 1)
+    assert only_rome[0]["output"] == "[Retrieval]<paragraph>rome\nrome film</paragraph>[Irrelevant]a[Utility:4]"
+    none = label_examples(ScriptedCritic(False), [{"instruction": "q", "output": "a"}],
+                          lambda queries, k: pytest.fail("no retrieval expected"), 3)
+    assert none[0]["output"] == "[No Retrieval]a[Utility:4]"
+
+
+def test_selfrag_label_cli_on_a_tiny_critic(tiny_selfrag_path: Path, tiny_encoder_path: Path, corpus_file: Path,
+                                            tmp_path: Path) -> None:
+    from ragkit.models.selfrag.tokens import REFLECTION_TOKENS
+
+    runner = CliRunner()
+    idx = tmp_path / "idx"
+    built = runner.invoke(app, ["index", "build", str(corpus_file), "-o", str(idx), "--model", str(tiny_encoder_path),
+                                "--device", "cpu"])
+    assert built.exit_code == 0, built.stderr
+    data = write_jsonl(tmp_path / "plain.jsonl", [{"instruction": "who was the king", "output": "the king"},
+                                                  {"question": "the river", "answers": ["river"]}])
+    result = runner.invoke(app, ["selfrag", "label", str(data), "--critic", str(tiny_selfrag_path), "--index",
+                                 str(idx), "--ndocs", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 2
+    for row, answer in zip(rows, ["the king", "river"]):
+        assert row["output"].startswith(("[Retrieval]<paragraph>", "[No Retrieval]"))
+        assert answer in row["output"]
+        assert row["critic"]["utility"] in REFLECTION_TOKENS and row["output"].endswith(row["critic"]["utility"])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x"}])
+    failed = runner.invoke(app, ["selfrag", "label", str(bad), "--critic", str(tiny_selfrag_path), "--index", str(idx)])
+    assert failed.exit_code == 3 and "bad.jsonl:1: field 'output'" in failed.stderr

@@ -64,9 +64,10 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output (model, optimizer, scheduler, RNG, data position).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the cost report as JSON on stdout.")] = False,
 ) -> None:
-    """Train on the one trainer: --arch rag now (selfrag-critic, selfrag, retro, embedder to come).
+    """Train on the one trainer: --arch rag, selfrag, selfrag-critic (retro and embedder to come).
 
-    Writes OUTPUT/checkpoint-N/ (generator/ and query_encoder/ open with plain transformers, peft and
+    Writes OUTPUT/checkpoint-N/ and OUTPUT/final/ (rag: generator/ and query_encoder/; selfrag and
+    selfrag-critic: model/ with the reflection tokens; all open with plain transformers, peft and
     sentence-transformers), OUTPUT/metrics.jsonl, OUTPUT/cost_report.json and the resolved config.
 
     Examples:
@@ -74,6 +75,8 @@ def train(
       ragkit train --arch rag --data train.jsonl --index idx/ -o runs/rag --max-steps 300 --lora-r 8
 
       ragkit train --arch rag --data hf_rag_dir/ --index idx/ -o runs/rag --loss token --n-docs 5
+
+      ragkit train --arch selfrag-critic --data critic_train.json -o runs/critic --generator meta-llama/Llama-2-7b-hf
 
       ragkit train --config run.toml --resume
     """
