@@ -41,7 +41,12 @@ def test_help_lists_every_command_and_version() -> None:
     assert run("--version").stdout.strip() == "ragkit 0.1.0"
 
 
-@pytest.mark.parametrize("argv", [["train", "--arch", "retro"], ["train", "--arch", "embedder"], ["train-selfrag", "--lora-r", "8"], ["train-retro"]])
+def test_train_selfrag_alias_forwards_to_train() -> None:
+    result = run("train-selfrag", "--lora-r", "8")
+    assert result.exit_code == 2 and "--data is required" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["train", "--arch", "retro"], ["train", "--arch", "embedder"], ["train-retro"]])
 def test_unbuilt_commands_say_so_and_fail(argv: list[str]) -> None:
     result = run(*argv)
     assert result.exit_code == 1

@@ -155,8 +155,8 @@ def test_bad_training_input(setup: dict[str, Path], tmp_path: Path, other_tiny_e
 
 
 def test_aliases_and_unbuilt_archs() -> None:
-    result = run("train-selfrag", "--max-steps", 1)
-    assert result.exit_code == 1 and "not built yet" in result.stderr and "#6" in result.stderr
+    result = run("train-retro", "--max-steps", 1)
+    assert result.exit_code == 1 and "not built yet" in result.stderr and "#5" in result.stderr
     result = run("train", "--arch", "nonsense", "--data", "x", "-o", "y")
     assert result.exit_code == 2
 
