@@ -177,3 +177,26 @@ def test_generate_selfrag_with_plain_model_exits_4(tiny_lm_path: Path, tmp_path:
                                 input="who was the king\n")
     assert result.exit_code == 4
     assert "reflection tokens" in result.stderr
+
+
+def test_vllm_completion_maps_to_the_same_scores() -> None:
+    """vLLM returns top-k Logprob objects per position; the mapping must feed the same scoring."""
+    from types import SimpleNamespace
+
+    from ragkit.models.selfrag.decoding import vllm_step_output
+    from ragkit.models.selfrag.scoring import score_candidate
+    from ragkit.models.selfrag.tokens import ReflectionIds
+
+    ids = ReflectionIds({t: i for i, t in enumerate(REFLECTION_TOKENS)})
+    rel, irr, full = ids.ids["[Relevant]"], ids.ids["[Irrelevant]"], ids.ids["[Fully supported]"]
+    lp = SimpleNamespace
+    completion = SimpleNamespace(
+        text="[Relevant]paris[Fully supported]</s>", token_ids=[rel, 99, full, 100], cumulative_logprob=-1.2,
+        logprobs=[{rel: lp(logprob=math.log(0.6)), irr: lp(logprob=math.log(0.2))}, {99: lp(logprob=-0.1)},
+                  {full: lp(logprob=math.log(0.5))}, {100: lp(logprob=-0.1)}])
+    step = vllm_step_output(completion, "</s>")
+    assert step.text == "[Relevant]paris[Fully supported]"
+    s = score_candidate(step, ids, ScoringConfig(use_seqscore=False, use_utility=False))
+    assert s.relevance == pytest.approx(0.75)
+    # partial and no-support are outside the returned top-k: log-prob -100, as the reference counts them
+    assert s.support == pytest.approx(1.0)

@@ -95,7 +95,8 @@ def build_generation(
             from ragkit.retrieval import Retriever
 
             retriever = Retriever(index, device=device)
-        decoder = load_selfrag_decoder(model, selfrag, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        decoder = load_selfrag_decoder(model, selfrag, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       backend=backend)
         return decoder, None, ReaderConfig(arch="rag", k=k, source=passages, max_passage_words=0), retriever
     if arch not in ARCHS:
         raise UsageError(f"--arch {arch}: expected one of {', '.join(ARCHS)}, selfrag (retro comes later)")

@@ -274,3 +274,38 @@ def _checked_passages(question: SelfRagQuestion, passages: list[dict[str, Any]])
 
 
 
+
+
+class VLLMSelfRagDecoder(SelfRagDecoder):
+    """The same decoding with vLLM generating (GPU serving throughput): each continuation comes back with the
+    top `logprobs` log-probabilities per position, as the reference scripts request them."""
+
+    def __init__(self, llm: Any, config: SelfRagConfig, *, name: str = "the model", logprobs: int = 5000) -> None:
+        config.validate()
+        self.llm, self.config, self.logprobs = llm, config, logprobs
+        self.tokenizer = llm.get_tokenizer()
+        self.ids = reflection_ids(self.tokenizer, name)
+        self.tracked = sorted(set(self.ids.all_ids))
+        self.device = "cuda"
+        self.calls = 0
+
+    def step(self, prompts: Sequence[str], max_new_tokens: int, *, stop_at_retrieval: bool = False) -> list[StepOutput]:
+        from vllm import SamplingParams
+
+        stop_ids = [self.ids.ids[RETRIEVAL]] if stop_at_retrieval else []
+        params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_new_tokens, logprobs=self.logprobs,
+                                skip_special_tokens=False, stop_token_ids=stop_ids or None)
+        self.calls += 1
+        return [vllm_step_output(r.outputs[0], self.tokenizer.eos_token) for r in self.llm.generate(list(prompts), params)]
+
+
+def vllm_step_output(completion: Any, eos_token: str | None) -> StepOutput:
+    """A vLLM CompletionOutput as a StepOutput: per position {token id: log-prob} (Logprob objects or floats)."""
+    positions = []
+    for entry in completion.logprobs or []:
+        positions.append({int(t): float(getattr(v, "logprob", v)) for t, v in entry.items()})
+    text = completion.text
+    if eos_token and text.endswith(eos_token):
+        text = text[: -len(eos_token)]
+    return StepOutput(text=text, token_ids=list(completion.token_ids), logprobs=positions,
+                      cumulative_logprob=float(completion.cumulative_logprob or 0.0))

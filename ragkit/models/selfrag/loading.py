@@ -56,11 +56,19 @@ def load_causal_lm(name: str, *, device: str | None = None, dtype: str = "auto",
 
 
 def load_selfrag_decoder(name: str, config: Any, *, device: str | None = None, dtype: str = "auto",
-                         trust_remote_code: bool = False) -> Any:
-    from ragkit.models.selfrag.decoding import SelfRagDecoder
+                         trust_remote_code: bool = False, backend: str = "transformers") -> Any:
+    from ragkit.models.selfrag.decoding import SelfRagDecoder, VLLMSelfRagDecoder
 
     if config is None:
         raise ResourceError("--arch selfrag needs its decoding options")
+    if backend == "vllm":
+        from ragkit.models.generator import VLLMGenerator
+
+        if checkpoint_model_dir(name) is not None and (checkpoint_model_dir(name) / "adapter_config.json").exists():
+            raise ResourceError(f"{name}: a LoRA checkpoint; vLLM needs a merged model",
+                                hint=f"ragkit export {name} -o MERGED, then --model MERGED.")
+        return VLLMSelfRagDecoder(VLLMGenerator(name, dtype=dtype, trust_remote_code=trust_remote_code).llm, config,
+                                  name=name)
     model, tokenizer = load_causal_lm(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                       merge_lora=True)
     return SelfRagDecoder(model, tokenizer, config, name=name)
