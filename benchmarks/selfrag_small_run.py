@@ -12,7 +12,7 @@ with LoRA, and PopQA rows 51-100 of popqa_longtail_w_gs (their released ctxs) ar
 
 Every stage caches under benchmarks/.work/selfrag/ (delete it to start again).
 
-    python benchmarks/selfrag_small_run.py [--critic-steps 150] [--generator-steps 120]
+    python benchmarks/selfrag_small_run.py [--critic-steps 100] [--generator-steps 120]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def critic_data(seed: int = 0) -> tuple[list[dict], list[dict]]:
     corpus = {}
     for line in (SHARED_DATA / "beir_scifact" / "corpus.jsonl").open():
         d = json.loads(line)
-        corpus[d["_id"]] = f"{d.get('title', '')}\n{' '.join(d['text'].split()[:120])}"
+        corpus[d["_id"]] = f"{d.get('title', '')}\n{' '.join(d['text'].split()[:80])}"
     doc_ids = sorted(corpus)
     examples = []
     claims = [json.loads(line) for line in (SHARED_DATA / "scifact_claims" / "claims_train.jsonl").open()]
@@ -103,13 +103,13 @@ def critic_accuracy(critic_dir: Path, held_out: list[dict]) -> dict[str, dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--critic-steps", type=int, default=150)
+    parser.add_argument("--critic-steps", type=int, default=100)
     parser.add_argument("--generator-steps", type=int, default=120)
     parser.add_argument("--ndocs", type=int, default=5)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    base = ["--device", "cpu", "--max-seq-length", "512", "--batch-size", "4", "--lr", "3e-4", "--logging-steps", "10"]
+    base = ["--device", "cpu", "--max-seq-length", "448", "--batch-size", "4", "--lr", "3e-4", "--logging-steps", "10"]
 
     train, held_out = critic_data()
     (WORK / "critic_train.json").write_text(json.dumps(train))

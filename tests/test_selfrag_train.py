@@ -200,3 +200,12 @@ def test_selfrag_label_cli_on_a_tiny_critic(tiny_selfrag_path: Path, tiny_encode
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x"}])
     failed = runner.invoke(app, ["selfrag", "label", str(bad), "--critic", str(tiny_selfrag_path), "--index", str(idx)])
     assert failed.exit_code == 3 and "bad.jsonl:1: field 'output'" in failed.stderr
+
+
+def test_too_long_examples_keep_their_output_in_the_loss(tiny_selfrag_path: Path) -> None:
+    tok = _tokenizer(tiny_selfrag_path)
+    long_input = " ".join(["the city of paris"] * 100)
+    enc = encode(InstructionExample("rate it", long_input, "[Relevant]"), tok, critic=True, max_length=32)
+    assert len(enc["input_ids"]) == 32
+    trained = [t for t, lab in zip(tok.convert_ids_to_tokens(enc["input_ids"]), enc["labels"]) if lab != IGNORE]
+    assert trained == ["[Relevant]", "</s>"]

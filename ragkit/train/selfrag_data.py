@@ -65,11 +65,20 @@ def prompt_for(example: InstructionExample, *, critic: bool) -> str:
 
 
 def encode(example: InstructionExample, tokenizer: Any, *, critic: bool, max_length: int) -> dict[str, list[int]]:
-    """input_ids and labels for one example (prompt masked; paragraph contents masked)."""
+    """input_ids and labels for one example (prompt masked; paragraph contents masked).
+
+    Too long: the prompt loses tokens from its start (the output, which is what is trained, is kept whole
+    unless it alone exceeds max_length); the reference truncates at the right, which can drop every label."""
     prompt = prompt_for(example, critic=critic)
-    ids = tokenizer(prompt + example.output + tokenizer.eos_token, truncation=True, max_length=max_length)["input_ids"]
-    prompt_len = len(tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"])
-    labels = [IGNORE] * min(prompt_len, len(ids)) + ids[prompt_len:]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full = tokenizer(prompt + example.output + tokenizer.eos_token)["input_ids"]
+    prompt_len = len(prompt_ids) if full[: len(prompt_ids)] == prompt_ids else _common_prefix(prompt_ids, full)
+    if len(full) > max_length:
+        cut = min(len(full) - max_length, prompt_len)
+        full, prompt_len = full[cut:], prompt_len - cut
+        full = full[:max_length]
+    ids = full
+    labels = [IGNORE] * prompt_len + ids[prompt_len:]
     vocab = tokenizer.get_vocab()
     if PARAGRAPH_OPEN in vocab and PARAGRAPH_CLOSE in vocab:
         open_id, close_id = vocab[PARAGRAPH_OPEN], vocab[PARAGRAPH_CLOSE]
@@ -82,6 +91,13 @@ def encode(example: InstructionExample, tokenizer: Any, *, critic: bool, max_len
             elif tok == open_id:
                 inside = True
     return {"input_ids": ids, "labels": labels}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
