@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ragkit.commands._common import BatchOpt, DeviceOpt, JsonOpt, handle_errors
+from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionOpt, JsonOpt, RetrievalModeOpt, handle_errors
 from ragkit.commands.generate import (
     ArchOpt, BackendOpt, DtypeOpt, IndexOpt, KOpt, LimitOpt, MaxNewOpt, PassagesOpt, PassageWordsOpt, RemoteOpt,
     SeedOpt, StopOpt, TemplateOpt, build_generation, run_blocks,
@@ -76,6 +76,9 @@ def evaluate(
     beam_width: BeamOpt = 2,
     max_depth: DepthOpt = 6,
     ignore_cont: IgnoreContOpt = False,
+    retrieval_mode: RetrievalModeOpt = "dense",
+    fusion: FusionOpt = "rrf",
+    dense_weight: DenseWeightOpt = 0.5,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a task: pipe predictions in, or pass --model to generate them here.
@@ -99,6 +102,9 @@ def evaluate(
         from ragkit.eval import report as rep
         from ragkit.eval import runner
         from ragkit.eval.tasks import ALL_TASKS, get_task, load_examples
+        from ragkit.retrieval.retriever import RetrievalMode
+
+        retrieval = RetrievalMode(retrieval_mode, fusion, dense_weight)
 
         if task is None:
             raise UsageError("--task is required", hint=f"One of {', '.join(ALL_TASKS)}.")
@@ -111,11 +117,12 @@ def evaluate(
             if index is not None:
                 from ragkit.retrieval import Retriever
 
-                retriever = Retriever(index, device=device)
+                retriever = Retriever(index, device=device, mode=retrieval)
                 qids = list(queries)[: limit or None]
                 hits = retriever.retrieve([queries[q] for q in qids], max(k, 10))
                 run = {q: [h.id for h in row] for q, row in zip(qids, hits)}
-                config.update(index=str(index), k=k, embedder=retriever.index.encoder.name)
+                config.update(index=str(index), k=k, embedder=retriever.index.encoder.name,
+                              retrieval=dataclasses.asdict(retrieval))
             else:
                 run = runner.read_search_run(predictions or "-", qrels)
                 config.update(predictions=predictions or "-")
@@ -139,7 +146,7 @@ def evaluate(
                     do_sample=False, temperature=1.0, top_p=1.0, top_k=0, stop=stop, batch_size=batch_size,
                     device=device, dtype=dtype, backend=backend, template=template,
                     max_passage_words=max_passage_words, seed=seed, trust_remote_code=trust_remote_code,
-                    selfrag=selfrag,
+                    selfrag=selfrag, retrieval=retrieval,
                 )
                 questions = questions_from_examples(examples)
                 outputs = {r["id"]: (i, r) for i, r in enumerate(

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ragkit.commands._common import BatchOpt, DeviceOpt, handle_errors
+from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionOpt, RetrievalModeOpt, handle_errors
 
 ModelGen = Annotated[str, typer.Option("--model", "-m", help="Generator: hub id, local folder, .gguf file, alias (smollm2-135m = shipped SmolLM2-135M-Instruct), or a `ragkit train --arch rag` checkpoint.")]
 ArchOpt = Annotated[str, typer.Option("--arch", help="none (closed book), rag (retrieve with --index, or use the input's ctxs, then read) or selfrag (a model with Self-RAG reflection tokens; see the --mode options).")]
@@ -71,13 +71,14 @@ def build_generation(
     *, model: str, arch: str, index: Path | None, k: int, passages: str, max_new_tokens: int, do_sample: bool,
     temperature: float, top_p: float, top_k: int, stop: list[str] | None, batch_size: int, device: str, dtype: str,
     backend: str, template: str | None, max_passage_words: int, seed: int, trust_remote_code: bool,
-    rag_decoding: str | None = None, selfrag: Any = None,
+    rag_decoding: str | None = None, selfrag: Any = None, retrieval: Any = None,
 ) -> tuple[Any, Any, Any, Any]:
     """Load what a generation run needs (shared by `generate` and `eval`)."""
     from ragkit.errors import UsageError
     from ragkit.models.generator import GenerationConfig, load_generator
     from ragkit.models.rag_decoding import is_rag_checkpoint, load_rag_checkpoint
     from ragkit.reader import ARCHS, ReaderConfig
+    from ragkit.retrieval.retriever import RetrievalMode, Retriever
 
     if is_rag_checkpoint(model):
         if arch != "rag":
@@ -90,11 +91,7 @@ def build_generation(
     if arch == "selfrag":
         from ragkit.models.selfrag.loading import load_selfrag_decoder
 
-        retriever = None
-        if index is not None:
-            from ragkit.retrieval import Retriever
-
-            retriever = Retriever(index, device=device)
+        retriever = Retriever(index, device=device, mode=retrieval or RetrievalMode()) if index is not None else None
         decoder = load_selfrag_decoder(model, selfrag, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                        backend=backend)
         return decoder, None, ReaderConfig(arch="rag", k=k, source=passages, max_passage_words=0), retriever
@@ -108,9 +105,7 @@ def build_generation(
                                   batch_size=batch_size, seed=seed)
     retriever = None
     if arch == "rag" and index is not None:
-        from ragkit.retrieval import Retriever
-
-        retriever = Retriever(index, device=device)
+        retriever = Retriever(index, device=device, mode=retrieval or RetrievalMode())
     generator = load_generator(model, backend=backend, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return generator, gen_config, reader, retriever
 
@@ -182,6 +177,9 @@ def generate(
     beam_width: BeamOpt = 2,
     max_depth: DepthOpt = 6,
     ignore_cont: IgnoreContOpt = False,
+    retrieval_mode: RetrievalModeOpt = "dense",
+    fusion: FusionOpt = "rrf",
+    dense_weight: DenseWeightOpt = 0.5,
     table: Annotated[bool, typer.Option("--table", help="Also print question, top passage and answer as a table on stderr.")] = False,
 ) -> None:
     """Answer questions closed-book (--arch none), retrieve-then-read (--arch rag) or with Self-RAG; JSONL out.
@@ -202,6 +200,7 @@ def generate(
     with handle_errors():
         from ragkit.models.registry import resolve
         from ragkit.reader import read_questions
+        from ragkit.retrieval.retriever import RetrievalMode
 
         resolve(model)  # a missing local model fails before any input is read
         questions = read_questions(input_file, limit=limit, task=task)
@@ -216,6 +215,7 @@ def generate(
                 use_seqscore=use_seqscore, compat_upstream=compat_upstream, long_form=long_form,
                 beam_width=beam_width, max_depth=max_depth, ignore_cont=ignore_cont, task=task,
             ) if arch == "selfrag" else None,
+            retrieval=RetrievalMode(retrieval_mode, fusion, dense_weight),
         )
         shown = []
         for row in run_blocks(questions, generator, gen_config, reader, retriever, f"generate ({arch})"):

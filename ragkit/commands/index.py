@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ragkit.commands._common import BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, handle_errors
+from ragkit.commands._common import DenseWeightOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, handle_errors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,6 +59,9 @@ def build(
     embeddings: Annotated[Path | None, typer.Option("--embeddings", help="Use precomputed shards from `ragkit embed` instead of embedding CORPUS.")] = None,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise embeddings.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index (atomically).")] = False,
+    sparse: Annotated[bool, typer.Option("--sparse", help="Also build a BM25 side (bm25s) for --retrieval-mode sparse|hybrid, kept in step with add/remove.")] = False,
+    bm25_k1: Annotated[float, typer.Option("--bm25-k1", min=0.0, help="BM25 k1 (with --sparse).")] = 1.5,
+    bm25_b: Annotated[float, typer.Option("--bm25-b", min=0.0, max=1.0, help="BM25 b (with --sparse).")] = 0.75,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
@@ -75,10 +78,13 @@ def build(
       ragkit index build --embeddings emb/ -o idx/ --spec hnsw:M=32
 
       cat corpus.jsonl | ragkit index build - -o idx/
+
+      ragkit index build corpus.jsonl -o idx/ --sparse      # dense + BM25, for hybrid search
     """
     with handle_errors():
         from ragkit.errors import UsageError
         from ragkit.index import Index, parse_memory, parse_spec
+        from ragkit.index.sparse import SparseConfig
         from ragkit.io.corpus import read_passages
         from ragkit.models.encoder import Encoder, resolve_device
 
@@ -100,6 +106,7 @@ def build(
         index = Index.build(
             output, passages, vectors, encoder_info, spec=parsed, metric=metric, max_memory=budget,
             overwrite=overwrite, threads=threads or None, device=faiss_device,
+            sparse=SparseConfig(k1=bm25_k1, b=bm25_b) if sparse else None,
         )
         summary = {k: index.info()[k] for k in ("path", "passages", "spec", "factory", "dim", "embedder", "bytes_on_disk")}
         if index.manifest.get("auto_reason"):
@@ -207,6 +214,9 @@ def search(
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
     output_format: Annotated[str, typer.Option("--format", help="jsonl (one line per query on stdout) or table (human, on stdout).")] = "jsonl",
+    mode: Annotated[str, typer.Option("--mode", help="dense (embedder + Faiss), sparse (BM25 side) or hybrid (both, fused).")] = "dense",
+    fusion: FusionOpt = "rrf",
+    dense_weight: DenseWeightOpt = 0.5,
 ) -> None:
     """Search with queries from stdin or a file; one JSONL line of hits per query on stdout.
 
@@ -217,30 +227,30 @@ def search(
       echo "who wrote Hamlet" | ragkit index search idx/ --format table
 
       ragkit index search idx/ -q questions.jsonl --k 20 --nprobe 32 > hits.jsonl
+
+      ragkit index search idx/ -q questions.jsonl --mode hybrid --fusion rrf --dense-weight 0.5
     """
     with handle_errors():
         from ragkit.errors import UsageError
         from ragkit.index import Index
         from ragkit.io.queries import iter_queries
-        from ragkit.models.encoder import Encoder, resolve_device
+        from ragkit.models.encoder import resolve_device
+        from ragkit.retrieval.retriever import RetrievalMode, Retriever
 
         if output_format not in ("jsonl", "table"):
             raise UsageError(f"--format {output_format}: expected jsonl or table")
         torch_device = resolve_device(device)
         index = Index.open(index_dir, device=torch_device, threads=threads or None)
         index.set_search_params(ef_search=ef_search or None, nprobe=nprobe or None)
-        built = index.encoder
-        encoder = Encoder(model or built.name, device=torch_device, normalize=built.normalize,
-                          max_seq_length=built.max_seq_length)
-        index.check_encoder(encoder.info)
+        retriever = Retriever(index, model=model, device=torch_device, batch_size=batch_size,
+                              mode=RetrievalMode(mode, fusion, dense_weight))
 
         count = 0
         block: list[Any] = []
 
         def flush() -> None:
             nonlocal count
-            vectors = encoder.encode_queries([q.text for q in block], batch_size=batch_size)
-            for query, hits in zip(block, index.search(vectors, k)):
+            for query, hits in zip(block, retriever.retrieve([q.text for q in block], k)):
                 count += 1
                 row = {"id": query.id if query.id is not None else str(count), "query": query.text, **query.extra,
                        "hits": [h.to_json() for h in hits]}
@@ -272,6 +282,30 @@ def _print_table(row: dict[str, Any]) -> None:
         text = (hit["title"] + ": " if hit["title"] else "") + hit["text"]
         table.add_row(str(hit["rank"]), f"{hit['score']:.3f}", hit["id"], text[:300] + ("…" if len(text) > 300 else ""))
     Console(highlight=False).print(table)
+
+
+@app.command("sparse")
+def sparse_cmd(
+    index_dir: IndexDir,
+    bm25_k1: Annotated[float, typer.Option("--bm25-k1", min=0.0, help="BM25 k1.")] = 1.5,
+    bm25_b: Annotated[float, typer.Option("--bm25-b", min=0.0, max=1.0, help="BM25 b.")] = 0.75,
+    as_json: JsonOpt = False,
+) -> None:
+    """Give an existing index a BM25 side (or rebuild it with new parameters), as a new atomic version.
+
+    Examples:
+
+      ragkit index sparse idx/
+
+      ragkit index sparse idx/ --bm25-k1 0.9 --bm25-b 0.4
+    """
+    with handle_errors():
+        from ragkit.index import Index
+        from ragkit.index.sparse import SparseConfig
+
+        index = Index.open(index_dir)
+        index.add_sparse(SparseConfig(k1=bm25_k1, b=bm25_b))
+        _print_summary({k: index.info()[k] for k in ("path", "version", "passages", "sparse", "bytes_on_disk")}, as_json)
 
 
 @app.command("info")

@@ -16,6 +16,7 @@ from ragkit import __version__
 from ragkit.errors import InputError, Location, ResourceError, UsageError
 from ragkit.index import layout
 from ragkit.index import vectors as fv
+from ragkit.index.sparse import SparseConfig, SparseSide, build_sparse, sparse_files
 from ragkit.index.spec import IndexSpec, parse_spec, resolve_spec
 from ragkit.index.store import PassageStore
 from ragkit.io.corpus import Passage
@@ -85,6 +86,7 @@ class Index:
         self.store = store
         self.tombstones = store.tombstones()
         self.device = "cpu"
+        self._sparse: SparseSide | None = None
         fv.set_search_params(self.faiss_index, self.spec.search_params())
 
     # -- properties ------------------------------------------------------------------------------
@@ -106,6 +108,15 @@ class Index:
 
     def __len__(self) -> int:
         return int(self.manifest["counts"]["passages"])
+
+    @property
+    def sparse_config(self) -> SparseConfig | None:
+        meta = self.manifest.get("sparse")
+        return SparseConfig.from_json(meta) if meta else None
+
+    @property
+    def has_sparse(self) -> bool:
+        return self.sparse_config is not None
 
     # -- opening ---------------------------------------------------------------------------------
     @staticmethod
@@ -165,8 +176,10 @@ class Index:
         overwrite: bool = False,
         threads: int | None = None,
         device: str = "cpu",
+        sparse: SparseConfig | None = None,
     ) -> "Index":
-        """Create an index from passages and their vectors (row i embeds passages[i])."""
+        """Create an index from passages and their vectors (row i embeds passages[i]); with `sparse`, also a
+        BM25 side over the same passages."""
         root = Path(root)
         if metric not in fv.METRICS:
             raise UsageError(f"--metric {metric}: expected one of {', '.join(fv.METRICS)}")
@@ -208,6 +221,9 @@ class Index:
                 "factory": resolved.factory(encoder.dim, len(passages)),
                 "removes_in_place": resolved.removes_in_place,
             }
+            if sparse is not None:
+                manifest["sparse"] = {"library": "bm25s", **sparse.to_json()}
+                _rebuild_sparse(staging, store, sparse)
             store.close()
             cls._write_version(root, staging, version, manifest, faiss_index)
         return cls.open(root, device=device)
@@ -227,7 +243,7 @@ class Index:
         manifest["counts"] = {"passages": n_passages, "vectors": int(faiss_index.ntotal), "tombstones": n_tombstones}
         manifest["files"] = {
             name: {"bytes": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}
-            for name in (layout.VECTORS, layout.PASSAGES)
+            for name in (layout.VECTORS, layout.PASSAGES, *sparse_files(staging))
         }
         (staging / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         return layout.publish(root, staging, version)
@@ -250,6 +266,8 @@ class Index:
                     cpu_index = self._compact(store, cpu_index)
                     report.compacted = True
                 store.commit()
+                if self.sparse_config is not None:  # bm25s cannot update in place: rebuilt from the store
+                    _rebuild_sparse(staging, store, self.sparse_config)
                 store.close()
                 self._write_version(self.root, staging, version, self.manifest, cpu_index)
             except BaseException:
@@ -365,6 +383,37 @@ class Index:
             results.append(hits)
         return results
 
+    def search_sparse(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        """Top-k BM25 hits per query text (fewer when fewer passages share a term with the query)."""
+        if k <= 0:
+            raise UsageError("--k must be positive")
+        config = self.sparse_config
+        if config is None:
+            raise ResourceError(f"{self.root} has no sparse (BM25) side",
+                                hint="Rebuild it with `ragkit index build --sparse`, or add one with `ragkit index sparse DIR`.")
+        if self._sparse is None:
+            self._sparse = SparseSide(self.version_dir, config)
+        scores, vids = self._sparse.search(list(queries), k)
+        passages = self.store.fetch({int(v) for row in vids for v in row if v >= 0})
+        results = []
+        for row_scores, row_vids in zip(scores, vids):
+            hits: list[Hit] = []
+            for score, vid in zip(row_scores, row_vids):
+                p = passages.get(int(vid))
+                if vid >= 0 and p is not None:
+                    hits.append(Hit(p["id"], float(score), len(hits) + 1, p["title"], p["text"], p["metadata"]))
+            results.append(hits)
+        return results
+
+    def add_sparse(self, config: SparseConfig) -> None:
+        """Give an existing index a BM25 side (a new version; vectors and passages unchanged)."""
+        manifest = {**self.manifest, "sparse": {"library": "bm25s", **config.to_json()}}
+
+        def change(store: PassageStore, faiss_index: Any, report: ChangeReport) -> None:
+            self.manifest = manifest  # _mutate writes self.manifest and rebuilds the sparse side from it
+
+        self._mutate(change)  # on failure _mutate reloads the last published version (no sparse side)
+
     def vectors_for_vids(self, vids: np.ndarray) -> np.ndarray:
         """The stored vectors of the given vids (exact for flat/HNSW; PQ/SQ codes give approximations)."""
         import faiss
@@ -407,8 +456,16 @@ class Index:
             "dim": m["encoder"]["dim"],
             "normalize": m["encoder"]["normalize"],
             "fingerprint": m["encoder"]["fingerprint"],
+            "sparse": m.get("sparse"),
             "bytes_on_disk": sum(f["bytes"] for f in m["files"].values()),
             "created_at": m["created_at"],
             "updated_at": m["updated_at"],
             "device": self.device,
         }
+
+
+def _rebuild_sparse(staging: Path, store: PassageStore, config: SparseConfig) -> None:
+    import shutil
+
+    shutil.rmtree(staging / "sparse", ignore_errors=True)
+    build_sparse(staging, ((vid, f"{p.title} {p.text}".strip()) for vid, p in store.iter_passages()), config)

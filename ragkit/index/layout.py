@@ -6,6 +6,7 @@
         manifest.json             what is inside: embedder, metric, spec, counts, checksums
         vectors.faiss             open it with faiss.read_index
         passages.sqlite           passages by string id (table `passages`)
+        sparse/                   optional BM25 side (bm25s files + vids.npy)
       .lock                       held by the one writer
 
 A writer fills a staging folder, fsyncs it, renames it to the next version and only then repoints
@@ -55,8 +56,11 @@ def new_staging_dir(root: Path, version: int) -> Path:
 
 def publish(root: Path, staging: Path, version: int) -> Path:
     """Make a fully written staging folder the live version, atomically."""
-    for item in staging.iterdir():
-        fsync_file(item)
+    for item in sorted(staging.rglob("*"), key=lambda p: -len(p.parts)):  # files, then their folders
+        if item.is_dir():
+            fsync_dir(item)
+        else:
+            fsync_file(item)
     fsync_dir(staging)
     final = root / f"v{version:06d}"
     os.rename(staging, final)

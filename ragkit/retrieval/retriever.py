@@ -1,28 +1,68 @@
-"""The in-process retriever: the index's own embedder over one ragkit index (Ray actors come later)."""
+"""The in-process retriever: the index's own embedder (and its BM25 side) over one ragkit index."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+from dataclasses import dataclass
+
+from ragkit.errors import ResourceError, UsageError
 from ragkit.index import Hit, Index
 from ragkit.models.encoder import Encoder
+from ragkit.retrieval.fusion import FUSIONS, fuse
+
+MODES = ("dense", "sparse", "hybrid")
+
+
+@dataclass(frozen=True)
+class RetrievalMode:
+    """dense (embedder + Faiss), sparse (BM25), or hybrid (both, fused)."""
+
+    mode: str = "dense"
+    fusion: str = "rrf"  # rrf or score
+    weight: float = 0.5  # the dense side's share in hybrid fusion
+    depth: int = 100  # hits fetched from each side before fusing
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"--mode {self.mode}: expected one of {', '.join(MODES)}")
+        if self.fusion not in FUSIONS:
+            raise UsageError(f"--fusion {self.fusion}: expected one of {', '.join(FUSIONS)}")
+        if not 0.0 <= self.weight <= 1.0:
+            raise UsageError(f"--weight {self.weight}: expected a number in [0, 1]")
 
 
 class Retriever:
-    """Embeds query texts with the model that built the index and returns its top-k hits."""
+    """Embeds query texts with the model that built the index and returns its top-k hits; with a sparse
+    side, also BM25 or hybrid retrieval (the embedder is not loaded for sparse-only retrieval)."""
 
     def __init__(self, index: str | Path | Index, *, model: str | None = None, device: str | None = None,
-                 threads: int | None = None, batch_size: int = 64) -> None:
+                 threads: int | None = None, batch_size: int = 64, mode: RetrievalMode = RetrievalMode()) -> None:
+        mode.validate()
         self.index = index if isinstance(index, Index) else Index.open(index, threads=threads)
-        built = self.index.encoder
-        self.encoder = Encoder(model or built.name, device=device, normalize=built.normalize,
-                               max_seq_length=built.max_seq_length)
-        self.index.check_encoder(self.encoder.info)
+        self.mode = mode
+        if mode.mode != "dense" and not self.index.has_sparse:
+            raise ResourceError(f"{self.index.root} has no sparse (BM25) side for --mode {mode.mode}",
+                                hint=f"Add one with `ragkit index sparse {self.index.root}`.")
+        self.encoder: Encoder | None = None
+        if mode.mode != "sparse":
+            built = self.index.encoder
+            self.encoder = Encoder(model or built.name, device=device, normalize=built.normalize,
+                                   max_seq_length=built.max_seq_length)
+            self.index.check_encoder(self.encoder.info)
         self.batch_size = batch_size
 
     def retrieve(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         if not queries:
             return []
+        if self.mode.mode == "sparse":
+            return self.index.search_sparse(queries, k)
+        assert self.encoder is not None
         vectors = self.encoder.encode_queries(list(queries), batch_size=self.batch_size)
-        return self.index.search(vectors, k)
+        if self.mode.mode == "dense":
+            return self.index.search(vectors, k)
+        depth = max(k, self.mode.depth)
+        dense = self.index.search(vectors, depth)
+        sparse = self.index.search_sparse(queries, depth)
+        return [fuse(d, s, k, method=self.mode.fusion, weight=self.mode.weight) for d, s in zip(dense, sparse)]
