@@ -284,6 +284,44 @@ def _print_table(row: dict[str, Any]) -> None:
     Console(highlight=False).print(table)
 
 
+@app.command("refresh")
+def refresh(
+    index_dir: IndexDir,
+    model: Annotated[str, typer.Option("--model", "-m", help="The new embedder (e.g. a `ragkit train --arch embedder` checkpoint's embedder/ folder).")],
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-embed every passage with a new embedder and swap the vectors in place (same spec, same ids).
+
+    Streamed with progress; crash-safe: the old version serves searches until the new one is complete.
+
+    Examples:
+
+      ragkit index refresh idx/ --model runs/embedder/final/embedder
+    """
+    with handle_errors():
+        from ragkit.console import info, progress
+        from ragkit.index import Index
+        from ragkit.models.encoder import Encoder, Throughput, resolve_device
+
+        index = Index.open(index_dir)
+        encoder = Encoder(model, device=resolve_device(device), normalize=index.encoder.normalize)
+        meter = Throughput()
+        with progress() as bar:
+            task = bar.add_task("re-embed", total=len(index), rate="")
+
+            def encode(texts: list[str]) -> Any:
+                vectors = encoder.encode(texts, batch_size=batch_size)
+                meter.add(len(texts))
+                bar.update(task, advance=len(texts), rate=f"{meter.rate:.1f} passages/s")
+                return vectors
+
+            count = index.refresh(encode, encoder.info)
+        info(f"re-embedded {count} passages in {meter.seconds:.1f}s ({meter.rate:.1f} passages/s)")
+        _print_summary({k: index.info()[k] for k in ("path", "version", "passages", "embedder", "dim", "spec")}, as_json)
+
+
 @app.command("sparse")
 def sparse_cmd(
     index_dir: IndexDir,

@@ -383,6 +383,52 @@ class Index:
             results.append(hits)
         return results
 
+    def refresh(self, encode: Any, encoder: EncoderInfo, *, batch: int = 4096) -> int:
+        """Re-embed every passage with a new model and swap the vectors in as a new version.
+
+        `encode(texts) -> np.ndarray` is called on blocks of passages in store order. Until the new version
+        is published the old one serves searches; a process killed meanwhile leaves it untouched."""
+        with layout.writer_lock(self.root):
+            if layout.current_version_dir(self.root) != self.version_dir:
+                raise ResourceError(f"{self.root}: changed by another writer since it was opened; open it again")
+            version = layout.next_version(self.root)
+            staging = layout.new_staging_dir(self.root, version)
+            self.store.copy_to(staging / layout.PASSAGES)
+            store = PassageStore(staging / layout.PASSAGES)
+            store.clear_tombstones()  # the new vectors hold live passages only
+            vids: list[int] = []
+            blocks: list[np.ndarray] = []
+            pending: list[tuple[int, Passage]] = []
+            for item in store.iter_passages():
+                pending.append(item)
+                if len(pending) >= batch:
+                    vids += [v for v, _ in pending]
+                    blocks.append(np.asarray(encode([p.embedding_text() for _, p in pending]), dtype=np.float32))
+                    pending.clear()
+            if pending:
+                vids += [v for v, _ in pending]
+                blocks.append(np.asarray(encode([p.embedding_text() for _, p in pending]), dtype=np.float32))
+            vectors = np.concatenate(blocks) if blocks else np.zeros((0, encoder.dim), dtype=np.float32)
+            spec = parse_spec(self.manifest["spec_requested"])
+            resolved, reason = resolve_spec(spec, max(1, len(vids)), encoder.dim, None)
+            fresh = fv.new_index(resolved, encoder.dim, max(1, len(vids)), self.metric)
+            if len(vids):
+                fv.train_if_needed(fresh, vectors)
+                fv.add(fresh, vectors, np.asarray(vids, dtype=np.int64))
+            manifest = {**self.manifest, "encoder": encoder.to_json(), "spec": resolved.text, "auto_reason": reason,
+                        "factory": resolved.factory(encoder.dim, max(1, len(vids))),
+                        "removes_in_place": resolved.removes_in_place}
+            store.commit()
+            store.close()
+            if (self.version_dir / "sparse").is_dir():  # same passages: the BM25 side carries over
+                import shutil
+
+                shutil.copytree(self.version_dir / "sparse", staging / "sparse")
+            self._write_version(self.root, staging, version, manifest, fresh)
+        reopened = Index.open(self.root, device=self.device)
+        self.__dict__.update(reopened.__dict__)
+        return len(vids)
+
     def search_sparse(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
         """Top-k BM25 hits per query text (fewer when fewer passages share a term with the query)."""
         if k <= 0:

@@ -85,7 +85,14 @@ def _selfrag(critic: bool) -> Any:
     return lambda: SelfRagArch(critic=critic)
 
 
-ARCH_REGISTRY: dict[str, Any] = {"rag": RagArch, "selfrag": _selfrag(False), "selfrag-critic": _selfrag(True)}
+def _embedder() -> Any:
+    from ragkit.train.embedder_arch import EmbedderArch
+
+    return EmbedderArch()
+
+
+ARCH_REGISTRY: dict[str, Any] = {"rag": RagArch, "selfrag": _selfrag(False), "selfrag-critic": _selfrag(True),
+                                 "embedder": _embedder}
 
 
 def arch_for(name: str) -> Any:

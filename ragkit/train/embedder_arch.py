@@ -1,0 +1,202 @@
+"""Contrastive fine-tuning of the retriever's encoder (`--arch embedder`) on the one trainer.
+
+The model is a sentence-transformers model and the loss is sentence-transformers' own
+MultipleNegativesRankingLoss (in-batch negatives + optional hard negatives), or its cached variant
+(GradCache: large effective batches in small memory, `--loss cached-mnrl --mini-batch-size N`). Data:
+JSONL {query, positive, negative?/negatives?} or a BEIR folder (queries.jsonl, corpus.jsonl,
+qrels/train.tsv). Hard negatives are mined from a ragkit index before training (`--index DIR
+--hard-negatives N`): the index's top hits for the query with every positive removed.
+
+    CHECKPOINT/embedder/      a sentence-transformers folder (SentenceTransformer(path) opens it)
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ragkit.errors import InputError, Location, ResourceError, UsageError
+from ragkit.io.jsonl import read_jsonl
+from ragkit.train.config import TrainConfig
+from ragkit.train.trainer import ListDataset
+
+LOSSES = ("mnrl", "cached-mnrl")
+
+
+@dataclass
+class TrainingPair:
+    query: str
+    positive: str
+    positive_ids: set[str] = field(default_factory=set)  # every relevant doc id of the query (never a negative)
+    negatives: list[str] = field(default_factory=list)
+
+
+def read_training_pairs(path: str | Path, split: str = "train") -> list[TrainingPair]:
+    p = Path(path)
+    if p.is_dir():
+        return _read_beir_pairs(p, split)
+    if not p.is_file():
+        raise ResourceError(f"{p}: no such file or folder")
+    pairs = []
+    for lineno, obj in read_jsonl(p):
+        query = obj.get("query", obj.get("question", obj.get("anchor")))
+        positive = obj.get("positive", obj.get("pos"))
+        if isinstance(positive, list):
+            positive = positive[0] if positive else None
+        if not isinstance(query, str) or not query.strip():
+            raise InputError(Location(str(p), lineno, "query"), "field 'query' is missing or empty")
+        if not isinstance(positive, str) or not positive.strip():
+            raise InputError(Location(str(p), lineno, "positive"), "field 'positive' is missing or empty")
+        negatives = obj.get("negatives", obj.get("negative", []))
+        negatives = [negatives] if isinstance(negatives, str) else negatives
+        if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+            raise InputError(Location(str(p), lineno, "negatives"), "field 'negatives' must be a list of strings")
+        ids = obj.get("positive_id")
+        pairs.append(TrainingPair(query, positive, {str(ids)} if ids is not None else set(), list(negatives)))
+    if not pairs:
+        raise InputError(Location(str(p)), "empty input: no training pairs")
+    return pairs
+
+
+def _read_beir_pairs(folder: Path, split: str) -> list[TrainingPair]:
+    qrels_path, queries_path, corpus_path = folder / "qrels" / f"{split}.tsv", folder / "queries.jsonl", folder / "corpus.jsonl"
+    for f in (qrels_path, queries_path, corpus_path):
+        if not f.exists():
+            raise ResourceError(f"{f}: missing (a BEIR folder has corpus.jsonl, queries.jsonl and qrels/{split}.tsv)")
+    relevant: dict[str, list[str]] = {}
+    with qrels_path.open(encoding="utf-8") as handle:
+        for lineno, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
+            if lineno == 1 and row and row[0] == "query-id":
+                continue
+            if len(row) < 3:
+                raise InputError(Location(str(qrels_path), lineno), "expected query-id, corpus-id, score")
+            if int(row[2]) > 0:
+                relevant.setdefault(row[0], []).append(row[1])
+    queries = {str(o.get("_id")): o.get("text", "") for _, o in read_jsonl(queries_path)}
+    wanted = {d for docs in relevant.values() for d in docs}
+    docs = {}
+    for _, o in read_jsonl(corpus_path):
+        if str(o.get("_id")) in wanted:
+            docs[str(o["_id"])] = f"{o.get('title') or ''} {o.get('text') or ''}".strip()
+    pairs = []
+    for qid, doc_ids in relevant.items():
+        if qid not in queries:
+            raise InputError(Location(str(queries_path)), f"query '{qid}' of {qrels_path.name} has no text")
+        for d in doc_ids:
+            if d not in docs:
+                raise InputError(Location(str(corpus_path)), f"document '{d}' of {qrels_path.name} is not in the corpus")
+            pairs.append(TrainingPair(queries[qid], docs[d], set(doc_ids)))
+    if not pairs:
+        raise InputError(Location(str(qrels_path)), "empty input: no positive qrels")
+    return pairs
+
+
+def mine_hard_negatives(pairs: list[TrainingPair], retriever: Any, n: int, *, depth: int = 30) -> int:
+    """Add up to n hard negatives per pair: the index's top hits, positives (by id and by text) removed."""
+    if n <= 0:
+        return 0
+    added = 0
+    hits = retriever.retrieve([p.query for p in pairs], depth)
+    for pair, row in zip(pairs, hits):
+        positives_text = {pair.positive.strip()}
+        for h in row:
+            if len(pair.negatives) >= n:
+                break
+            text = f"{h.title} {h.text}".strip()
+            if h.id in pair.positive_ids or text in positives_text or h.text.strip() in positives_text:
+                continue
+            pair.negatives.append(text)
+            added += 1
+    return added
+
+
+class EmbedderForTraining(torch.nn.Module):
+    """forward(features) -> {"loss", "tokens"}: the sentence-transformers loss over tokenised columns."""
+
+    def __init__(self, model: Any, loss: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, features: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        device = next(self.model.parameters()).device
+        features = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in f.items()} for f in features]
+        value = self.loss(features, None)
+        return {"loss": value, "tokens": int(sum(f["attention_mask"].sum() for f in features))}
+
+
+class EmbedderArch:
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.negatives = 0
+
+    def build(self, config: TrainConfig, device: str) -> EmbedderForTraining:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import losses as st_losses
+
+        from ragkit.models.registry import materialize, missing_model_error, quiet_transformers, resolve
+
+        loss_name = "mnrl" if config.loss == "sequence" else config.loss  # "sequence" is the unset default
+        if loss_name not in LOSSES:
+            raise UsageError(f"--loss {config.loss}: expected one of {', '.join(LOSSES)} for --arch embedder")
+        name = config.embedder or _index_embedder(config.index) or "minilm"
+        ref = resolve(name)
+        quiet_transformers()
+        try:
+            model = SentenceTransformer(materialize(ref), device=device)
+        except (OSError, ValueError) as exc:
+            raise missing_model_error(ref, exc) from exc
+        if loss_name == "cached-mnrl":
+            loss = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size,
+                                                                show_progress_bar=False)
+        else:
+            loss = st_losses.MultipleNegativesRankingLoss(model)
+        self.model = model
+        return EmbedderForTraining(model, loss)
+
+    def dataset(self, config: TrainConfig) -> ListDataset:
+        pairs = read_training_pairs(config.data)
+        if config.hard_negatives > 0:
+            if not config.index:
+                raise UsageError("--hard-negatives needs --index DIR to mine them from")
+            from ragkit.retrieval import Retriever
+
+            self.negatives = mine_hard_negatives(pairs, Retriever(config.index), config.hard_negatives)
+        # every row needs the same number of columns: pairs short of negatives repeat their last one
+        width = max(len(p.negatives) for p in pairs) if config.hard_negatives > 0 else 0
+        for p in pairs:
+            p.negatives = (p.negatives + [p.negatives[-1]] * width)[:width] if p.negatives else []
+        if width and any(not p.negatives for p in pairs):
+            pairs = [p for p in pairs if p.negatives]
+        return ListDataset(pairs)
+
+    def collate(self, rows: list[TrainingPair]) -> dict[str, Any]:
+        columns = [[r.query for r in rows], [r.positive for r in rows]]
+        for j in range(len(rows[0].negatives)):
+            columns.append([r.negatives[j] for r in rows])
+        # sentence-transformers >= 6 names it `preprocess` (tokenize is deprecated); 5.x has only tokenize
+        prepare = getattr(self.model, "preprocess", None) or self.model.tokenize
+        return {"features": [prepare(texts) for texts in columns]}
+
+    def save(self, model: EmbedderForTraining, directory: Path) -> None:
+        model.model.save(str(directory / "embedder"))
+
+    def load(self, model: EmbedderForTraining, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights = directory / "embedder" / "model.safetensors"
+        if not weights.exists():
+            raise ResourceError(f"{directory}: no embedder weights to resume from")
+        model.model[0].auto_model.load_state_dict(load_file(weights))
+
+
+def _index_embedder(index: str) -> str | None:
+    if not index:
+        return None
+    from ragkit.index import Index
+
+    return Index.open(index.split(",")[0]).encoder.name

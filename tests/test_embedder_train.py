@@ -1,0 +1,129 @@
+"""Embedder fine-tuning on the one trainer, hard-negative mining, and `ragkit index refresh`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_passages, write_jsonl
+from ragkit.cli import app
+from ragkit.train.embedder_arch import TrainingPair, mine_hard_negatives, read_training_pairs
+
+
+def run(*args: object, input: str | None = None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+@pytest.fixture
+def built(tmp_path: Path, tiny_encoder_path: Path) -> tuple[Path, list[dict]]:
+    passages = make_passages(40)
+    corpus = write_jsonl(tmp_path / "c.jsonl", passages)
+    out = tmp_path / "idx"
+    result = run("index", "build", corpus, "-o", out, "--model", tiny_encoder_path, "--device", "cpu", "--sparse")
+    assert result.exit_code == 0, result.stderr
+    return out, passages
+
+
+def pairs_for(passages: list[dict]) -> list[dict]:
+    return [{"query": p["text"].split()[0] + " " + p["title"], "positive": f"{p['title']} {p['text']}",
+             "positive_id": p["id"]} for p in passages[:24]]
+
+
+def test_hard_negatives_never_include_a_positive(built: tuple[Path, list[dict]]) -> None:
+    from ragkit.retrieval import Retriever
+
+    index, passages = built
+    pairs = [TrainingPair(r["query"], r["positive"], {r["positive_id"]}) for r in pairs_for(passages)]
+    # the query is the positive itself, so the positive is the top hit and must be skipped
+    for pair in pairs:
+        pair.query = pair.positive
+    added = mine_hard_negatives(pairs, Retriever(index, device="cpu"), 3)
+    assert added == 3 * len(pairs)
+    by_text = {f"{p['title']} {p['text']}": p["id"] for p in passages}
+    for pair in pairs:
+        assert len(pair.negatives) == 3
+        assert pair.positive not in pair.negatives
+        assert not {by_text[n] for n in pair.negatives} & pair.positive_ids
+
+
+def test_embedder_trains_and_index_refresh_swaps_vectors(built: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    index, passages = built
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs_for(passages))
+    out = tmp_path / "run"
+    result = run("train", "--arch", "embedder", "--data", data, "--index", index, "--hard-negatives", 1, "-o", out,
+                 "--max-steps", 12, "--batch-size", 8, "--lr", "1e-3", "--logging-steps", 2, "--save-steps", 12,
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses[-1] < losses[0]
+    model_dir = out / "final" / "embedder"
+    from sentence_transformers import SentenceTransformer
+
+    assert SentenceTransformer(str(model_dir), device="cpu").encode(["city"]).shape == (1, 32)
+
+    before = json.loads(run("index", "info", index, "--json").stdout)
+    refreshed = run("index", "refresh", index, "--model", model_dir, "--device", "cpu", "--json")
+    assert refreshed.exit_code == 0, refreshed.stderr
+    after = json.loads(run("index", "info", index, "--json").stdout)
+    assert after["version"] == before["version"] + 1 and after["passages"] == before["passages"]
+    assert after["fingerprint"] != before["fingerprint"] and after["embedder"] == str(model_dir)
+    hit = run("index", "search", index, "--k", 1, "--device", "cpu", input=pairs_for(passages)[0]["positive"] + "\n")
+    assert hit.exit_code == 0, hit.stderr
+    assert run("index", "search", index, "--mode", "sparse", input="city\n").exit_code == 0  # BM25 side kept
+
+
+def test_cached_mnrl_runs(built: tuple[Path, list[dict]], tmp_path: Path, tiny_encoder_path: Path) -> None:
+    _, passages = built
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs_for(passages))
+    result = run("train", "--arch", "embedder", "--embedder", tiny_encoder_path, "--data", data, "-o", tmp_path / "r",
+                 "--loss", "cached-mnrl", "--mini-batch-size", 4, "--max-steps", 2, "--batch-size", 8,
+                 "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 2
+
+
+def test_refresh_killed_midway_leaves_the_old_index(built: tuple[Path, list[dict]], other_tiny_encoder_path: Path) -> None:
+    from ragkit.index import Index
+    from ragkit.models.encoder import Encoder
+
+    root, _ = built
+    index = Index.open(root)
+    old = index.info()
+    encoder = Encoder(str(other_tiny_encoder_path), device="cpu")
+    calls = []
+
+    def dies(texts: list[str]):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encoder.encode(texts)
+
+    with pytest.raises(KeyboardInterrupt):
+        index.refresh(dies, encoder.info, batch=16)
+    reopened = Index.open(root)
+    assert reopened.info()["fingerprint"] == old["fingerprint"] and reopened.info()["version"] == old["version"]
+    assert len(reopened.search_sparse(["city"], 3)) == 1
+
+
+def test_bad_pairs_name_file_line_and_field(tmp_path: Path) -> None:
+    from ragkit.errors import InputError
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "q", "positive": "p"}, {"query": "q2"}])
+    with pytest.raises(InputError, match="bad.jsonl:2: field 'positive'"):
+        read_training_pairs(bad)
+    result = run("train", "--arch", "embedder", "--data", bad, "-o", tmp_path / "r", "--max-steps", 1, "--device", "cpu")
+    assert result.exit_code == 3 and "bad.jsonl:2" in result.stderr
+
+
+def test_beir_train_qrels_become_pairs(tmp_path: Path) -> None:
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    write_jsonl(folder / "corpus.jsonl", [{"_id": "d1", "title": "T", "text": "one"}, {"_id": "d2", "text": "two"}])
+    write_jsonl(folder / "queries.jsonl", [{"_id": "q1", "text": "first"}])
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t1\n")
+    pairs = read_training_pairs(folder)
+    assert [(p.query, p.positive, p.positive_ids) for p in pairs] == [("first", "T one", {"d1", "d2"}),
+                                                                     ("first", "two", {"d1", "d2"})]
