@@ -209,3 +209,21 @@ def test_too_long_examples_keep_their_output_in_the_loss(tiny_selfrag_path: Path
     assert len(enc["input_ids"]) == 32
     trained = [t for t, lab in zip(tok.convert_ids_to_tokens(enc["input_ids"]), enc["labels"]) if lab != IGNORE]
     assert trained == ["[Relevant]", "</s>"]
+
+
+def test_tracker_writes_tensorboard_events_and_cost_report_prices_gpu_hours(tiny_lm_path: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    run = _train(tmp_path, tiny_lm_path, "selfrag-critic",
+                 [{"instruction": "rate", "input": "paris", "output": "[Relevant]"}] * 8,
+                 "--tracker", "tensorboard", "--gpu-hour-price", "2.5")
+    assert list(run.rglob("events.out.tfevents.*")), "no tensorboard event file"
+    report = json.loads((run / "cost_report.json").read_text())
+    assert report["gpu_hours"] == 0.0 and report["gpu_cost"] == 0.0  # a CPU run uses no GPU-hours
+    assert report["trainable_params"] < report["total_params"]
+
+
+def test_unknown_tracker_is_a_usage_error(tiny_lm_path: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", GEN_ROWS)
+    result = CliRunner().invoke(app, ["train", "--arch", "selfrag", "--data", str(data), "-o", str(tmp_path / "r"),
+                                      "--tracker", "wandb"])
+    assert result.exit_code == 2 and "--tracker wandb" in result.stderr

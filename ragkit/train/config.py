@@ -52,7 +52,8 @@ class TrainConfig:
     save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
-    report_to: str = field(default="none", metadata={"help": "none, tensorboard or mlflow"})
+    report_to: str = field(default="none", metadata={"help": "tracker: none, tensorboard or mlflow (logs under OUTPUT/runs or ./mlruns)"})
+    gpu_hour_price: float = field(default=0.0, metadata={"help": "price of one GPU-hour, for the cost report's estimate (0: not priced)"})
     distributed_retriever: str = field(default="none", metadata={"help": "none (in-process) or ray (actors serve the index)"})
     num_retrieval_workers: int = field(default=1, metadata={"help": "Ray actors holding a replica of the index"})
     shard_index: bool = field(default=False, metadata={"help": "--index is a comma-separated list of shards, one Ray actor each"})
@@ -66,6 +67,8 @@ class TrainConfig:
             raise UsageError(f"--scheduler {self.scheduler}: expected one of {', '.join(SCHEDULERS)}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if self.report_to not in ("none", "tensorboard", "mlflow"):
+            raise UsageError(f"--tracker {self.report_to}: expected none, tensorboard or mlflow")
         if self.distributed_retriever not in ("none", "ray"):
             raise UsageError(f"--distributed-retriever {self.distributed_retriever}: expected none or ray")
         if self.shard_index and self.distributed_retriever != "ray":

@@ -152,6 +152,8 @@ class CostReport:
     trainable_params: int
     total_params: int
     final_loss: float | None
+    gpu_hours: float = 0.0  # wall time x GPUs used
+    gpu_cost: float | None = None  # gpu_hours x --gpu-hour-price, when a price is given
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -162,6 +164,7 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     from ragkit.models.encoder import resolve_device
 
     device = resolve_device(config.device)
+    _check_tracker(config.report_to)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / CONFIG_FILE, config.to_json())
@@ -192,5 +195,18 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
         total_params=sum(p.numel() for p in model.parameters()),
         final_loss=result.training_loss,
     )
+    gpus = trainer.args.world_size if device.startswith("cuda") else 0
+    report.gpu_hours = wall * gpus / 3600
+    report.gpu_cost = report.gpu_hours * config.gpu_hour_price if config.gpu_hour_price > 0 else None
     write_json(output / "cost_report.json", report.to_json())
     return report
+
+
+def _check_tracker(tracker: str) -> None:
+    import importlib.util
+
+    from ragkit.errors import ResourceError
+
+    if tracker != "none" and importlib.util.find_spec(tracker) is None:
+        raise ResourceError(f"--tracker {tracker}: the {tracker} package is not installed",
+                            hint=f"pip install {tracker}")
