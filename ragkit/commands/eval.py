@@ -13,7 +13,8 @@ import typer
 
 from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionOpt, JsonOpt, RetrievalModeOpt, handle_errors
 from ragkit.commands.generate import (
-    ArchOpt, BackendOpt, DtypeOpt, IndexOpt, KOpt, LimitOpt, MaxNewOpt, PassagesOpt, PassageWordsOpt, RemoteOpt,
+    ArchOpt, BackendOpt, DtypeOpt, IndexOpt, KOpt, LimitOpt, MaxNewOpt, PassagesOpt, PassageWordsOpt, QuantizeOpt,
+    RemoteOpt,
     SeedOpt, StopOpt, TemplateOpt, build_generation, run_blocks,
 )
 from ragkit.commands.generate import (
@@ -59,6 +60,7 @@ def evaluate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     backend: BackendOpt = "transformers",
+    quantize: QuantizeOpt = "none",
     template: TemplateOpt = None,
     max_passage_words: PassageWordsOpt = 150,
     seed: SeedOpt = 0,
@@ -146,14 +148,15 @@ def evaluate(
                     do_sample=False, temperature=1.0, top_p=1.0, top_k=0, stop=stop, batch_size=batch_size,
                     device=device, dtype=dtype, backend=backend, template=template,
                     max_passage_words=max_passage_words, seed=seed, trust_remote_code=trust_remote_code,
-                    selfrag=selfrag, retrieval=retrieval,
+                    selfrag=selfrag, retrieval=retrieval, quantize=quantize,
                 )
                 questions = questions_from_examples(examples)
                 outputs = {r["id"]: (i, r) for i, r in enumerate(
                     run_blocks(questions, generator, gen_config, reader, retriever, f"{task} ({arch})"), start=1)}
                 pairs = runner.match_predictions(examples, outputs, "<generated>", str(data))
                 config.update(model=model, arch=arch, k=k, passages=passages, index=str(index) if index else None,
-                              max_new_tokens=max_new_tokens, max_passage_words=max_passage_words, seed=seed)
+                              max_new_tokens=max_new_tokens, max_passage_words=max_passage_words, seed=seed,
+                              quantize=quantize)
                 if selfrag is not None:
                     config["selfrag"] = dataclasses.asdict(selfrag)
             else:

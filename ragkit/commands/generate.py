@@ -23,6 +23,7 @@ TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucle
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0 = off).")]
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); the answer is cut before it. Default: a newline.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16.")]
+QuantizeOpt = Annotated[str, typer.Option("--quantize", help="none; int8 (CPU: dynamic int8 Linear layers); 8bit or 4bit (GPU: bitsandbytes).")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="transformers, or vllm when installed (GPU).")]
 TemplateOpt = Annotated[str | None, typer.Option("--template", help="Prompt template with {prompt}, for models without a chat template.")]
 PassageWordsOpt = Annotated[int, typer.Option("--max-passage-words", min=0, help="Cut each passage to this many words (0 = whole).")]
@@ -71,7 +72,7 @@ def build_generation(
     *, model: str, arch: str, index: Path | None, k: int, passages: str, max_new_tokens: int, do_sample: bool,
     temperature: float, top_p: float, top_k: int, stop: list[str] | None, batch_size: int, device: str, dtype: str,
     backend: str, template: str | None, max_passage_words: int, seed: int, trust_remote_code: bool,
-    rag_decoding: str | None = None, selfrag: Any = None, retrieval: Any = None,
+    rag_decoding: str | None = None, selfrag: Any = None, retrieval: Any = None, quantize: str = "none",
 ) -> tuple[Any, Any, Any, Any]:
     """Load what a generation run needs (shared by `generate` and `eval`)."""
     from ragkit.errors import UsageError
@@ -106,7 +107,8 @@ def build_generation(
     retriever = None
     if arch == "rag" and index is not None:
         retriever = Retriever(index, device=device, mode=retrieval or RetrievalMode())
-    generator = load_generator(model, backend=backend, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    generator = load_generator(model, backend=backend, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                               quantize=quantize)
     return generator, gen_config, reader, retriever
 
 
@@ -158,6 +160,7 @@ def generate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     backend: BackendOpt = "transformers",
+    quantize: QuantizeOpt = "none",
     template: TemplateOpt = None,
     max_passage_words: PassageWordsOpt = 150,
     seed: SeedOpt = 0,
@@ -215,7 +218,7 @@ def generate(
                 use_seqscore=use_seqscore, compat_upstream=compat_upstream, long_form=long_form,
                 beam_width=beam_width, max_depth=max_depth, ignore_cont=ignore_cont, task=task,
             ) if arch == "selfrag" else None,
-            retrieval=RetrievalMode(retrieval_mode, fusion, dense_weight),
+            retrieval=RetrievalMode(retrieval_mode, fusion, dense_weight), quantize=quantize,
         )
         shown = []
         for row in run_blocks(questions, generator, gen_config, reader, retriever, f"generate ({arch})"):

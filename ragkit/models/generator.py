@@ -15,6 +15,7 @@ from ragkit.models.encoder import resolve_device
 from ragkit.models.registry import ModelRef, materialize, missing_model_error, quiet_transformers, resolve
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = ("none", "int8", "8bit", "4bit")
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,12 @@ class Generator:
         device: str | None = None,
         dtype: str = "auto",
         trust_remote_code: bool = False,
+        quantize: str = "none",
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+        if quantize not in QUANTIZE:
+            raise UsageError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
         self.name = name
         self.ref: ModelRef = resolve(name)
         self.device = resolve_device(device)
@@ -73,12 +77,16 @@ class Generator:
                 location, trust_remote_code=trust_remote_code, padding_side="right" if self.is_seq2seq else "left"
             )
             cls = AutoModelForSeq2SeqLM if self.is_seq2seq else AutoModelForCausalLM
-            self.model = cls.from_pretrained(
-                location, dtype=_torch_dtype(dtype, self.device), trust_remote_code=trust_remote_code
-            ).to(self.device)
+            extra = _bitsandbytes_kwargs(quantize, self.device)
+            model = cls.from_pretrained(
+                location, dtype=_torch_dtype(dtype, self.device), trust_remote_code=trust_remote_code, **extra
+            )
+            self.model = model if extra else model.to(self.device)
         except (OSError, ValueError) as exc:
             raise missing_model_error(self.ref, exc) from exc
         self.model.eval()
+        if quantize == "int8":
+            self.model = quantize_int8_dynamic(self.model, self.device)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -134,6 +142,39 @@ class Generator:
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 outputs.append(Generated(cut_at_stop(text, config.stop).strip(), len(ids)))
         return outputs
+
+
+def quantize_int8_dynamic(model: Any, device: str) -> Any:
+    """int8 dynamic quantisation of every Linear layer (weights int8, activations quantised per batch).
+
+    CPU only: it is PyTorch's own x86/ARM kernel path; on a GPU use --quantize 8bit/4bit (bitsandbytes)."""
+    import warnings
+
+    import torch
+
+    if device != "cpu":
+        raise UsageError("--quantize int8 is the CPU path; on a GPU use --quantize 8bit or 4bit (bitsandbytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch marks its quantised tensor constructors deprecated (still supported)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _bitsandbytes_kwargs(quantize: str, device: str) -> dict[str, Any]:
+    """from_pretrained arguments for 4-/8-bit loading with bitsandbytes (GPU)."""
+    if quantize not in ("8bit", "4bit"):
+        return {}
+    import importlib.util
+
+    if not device.startswith("cuda"):
+        raise UsageError(f"--quantize {quantize} (bitsandbytes) needs a CUDA GPU; on the CPU use --quantize int8")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ResourceError(f"--quantize {quantize}: bitsandbytes is not installed", hint="pip install bitsandbytes")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    config = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "8bit" else
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def _stop_criteria(tokenizer: Any, stop: Sequence[str], prompt_len: int) -> Any:
@@ -203,9 +244,9 @@ class VLLMGenerator:
 
 
 def load_generator(name: str, *, backend: str = "transformers", device: str | None = None, dtype: str = "auto",
-                   trust_remote_code: bool = False) -> Generator | VLLMGenerator:
+                   trust_remote_code: bool = False, quantize: str = "none") -> Generator | VLLMGenerator:
     if backend == "transformers":
-        return Generator(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return Generator(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
     if backend == "vllm":
         return VLLMGenerator(name, dtype=dtype, trust_remote_code=trust_remote_code)
     raise UsageError(f"--backend {backend}: expected transformers or vllm")
