@@ -88,3 +88,18 @@ def test_sparse_mode_without_a_sparse_side_then_added(tmp_path: Path, tiny_encod
     assert run("index", "search", out, "--mode", "sparse", input="city\n").exit_code == 0
     bad = run("index", "search", out, "--mode", "fuzzy", input="city\n")
     assert bad.exit_code == 2 and "--mode fuzzy" in bad.stderr
+
+
+def test_int8_encoder_backend_keeps_the_fingerprint_and_close_vectors(tiny_encoder_path: Path) -> None:
+    import numpy as np
+
+    from ragkit.models.encoder import Encoder
+
+    texts = [" ".join(p["text"].split()[:8]) for p in make_passages(12)]
+    plain = Encoder(str(tiny_encoder_path), device="cpu")
+    fast = Encoder(str(tiny_encoder_path), device="cpu", backend="int8")
+    assert fast.info.fingerprint == plain.info.fingerprint  # an index built either way accepts both
+    a, b = plain.encode(texts), fast.encode(texts)
+    cosine = (a * b).sum(axis=1)
+    assert cosine.min() > 0.95 and not np.allclose(a, b)  # approximate, not identical
+    assert plain.encode(texts).tolist() == a.tolist()  # the cached float model was not quantised in place

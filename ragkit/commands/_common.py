@@ -66,3 +66,4 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable 
 RetrievalModeOpt = Annotated[str, typer.Option("--retrieval-mode", help="dense (embedder + Faiss), sparse (BM25 side of the index) or hybrid (both, fused).")]
 FusionOpt = Annotated[str, typer.Option("--fusion", help="Hybrid fusion: rrf (reciprocal rank, k=60) or score (min-max normalised scores).")]
 DenseWeightOpt = Annotated[float, typer.Option("--dense-weight", min=0.0, max=1.0, help="Hybrid: the dense side's share (0 = BM25 only, 1 = dense only).")]
+EncoderBackendOpt = Annotated[str, typer.Option("--backend", help="Encoder compute path: torch (float) or int8 (dynamic int8 Linear layers, faster on CPU, approximate vectors).")]

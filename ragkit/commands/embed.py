@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ragkit.commands._common import BatchOpt, DeviceOpt, ModelOpt, handle_errors
+from ragkit.commands._common import BatchOpt, DeviceOpt, EncoderBackendOpt, ModelOpt, handle_errors
 
 
 def embed(
@@ -21,6 +21,7 @@ def embed(
     batch_size: BatchOpt = 64,
     max_seq_length: Annotated[int, typer.Option("--max-seq-length", min=0, help="Truncate texts to this many tokens (0 = the model's own).")] = 0,
     device: DeviceOpt = "auto",
+    backend: EncoderBackendOpt = "torch",
 ) -> None:
     """Embed a corpus into .npy shards that `ragkit index build --embeddings` reads.
 
@@ -40,7 +41,8 @@ def embed(
 
         passages = read_passages(corpus)
         start, end = shard_bounds(len(passages), shard_id, num_shards)
-        encoder = Encoder(model, device=device, normalize=normalize, max_seq_length=max_seq_length or None)
+        encoder = Encoder(model, device=device, normalize=normalize, max_seq_length=max_seq_length or None,
+                          backend=backend)
         with progress() as bar:
             task = bar.add_task(f"embed shard {shard_id}/{num_shards}", total=end - start, rate="")
             result = embed_shard(

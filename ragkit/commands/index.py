@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ragkit.commands._common import DenseWeightOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, handle_errors
+from ragkit.commands._common import DenseWeightOpt, EncoderBackendOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, handle_errors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,6 +62,7 @@ def build(
     sparse: Annotated[bool, typer.Option("--sparse", help="Also build a BM25 side (bm25s) for --retrieval-mode sparse|hybrid, kept in step with add/remove.")] = False,
     bm25_k1: Annotated[float, typer.Option("--bm25-k1", min=0.0, help="BM25 k1 (with --sparse).")] = 1.5,
     bm25_b: Annotated[float, typer.Option("--bm25-b", min=0.0, max=1.0, help="BM25 b (with --sparse).")] = 0.75,
+    backend: EncoderBackendOpt = "torch",
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
@@ -100,7 +101,7 @@ def build(
         else:
             assert corpus is not None
             passages = read_passages(corpus)
-            encoder = Encoder(model, device=faiss_device, normalize=normalize)
+            encoder = Encoder(model, device=faiss_device, normalize=normalize, backend=backend)
             vectors = _encode_passages(encoder, passages, batch_size)
             encoder_info = encoder.info
         index = Index.build(
@@ -217,6 +218,7 @@ def search(
     mode: Annotated[str, typer.Option("--mode", help="dense (embedder + Faiss), sparse (BM25 side) or hybrid (both, fused).")] = "dense",
     fusion: FusionOpt = "rrf",
     dense_weight: DenseWeightOpt = 0.5,
+    backend: EncoderBackendOpt = "torch",
 ) -> None:
     """Search with queries from stdin or a file; one JSONL line of hits per query on stdout.
 
@@ -243,7 +245,7 @@ def search(
         index = Index.open(index_dir, device=torch_device, threads=threads or None)
         index.set_search_params(ef_search=ef_search or None, nprobe=nprobe or None)
         retriever = Retriever(index, model=model, device=torch_device, batch_size=batch_size,
-                              mode=RetrievalMode(mode, fusion, dense_weight))
+                              mode=RetrievalMode(mode, fusion, dense_weight), backend=backend)
 
         count = 0
         block: list[Any] = []
@@ -288,6 +290,7 @@ def _print_table(row: dict[str, Any]) -> None:
 def refresh(
     index_dir: IndexDir,
     model: Annotated[str, typer.Option("--model", "-m", help="The new embedder (e.g. a `ragkit train --arch embedder` checkpoint's embedder/ folder).")],
+    backend: EncoderBackendOpt = "torch",
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -306,7 +309,7 @@ def refresh(
         from ragkit.models.encoder import Encoder, Throughput, resolve_device
 
         index = Index.open(index_dir)
-        encoder = Encoder(model, device=resolve_device(device), normalize=index.encoder.normalize)
+        encoder = Encoder(model, device=resolve_device(device), normalize=index.encoder.normalize, backend=backend)
         meter = Throughput()
         with progress() as bar:
             task = bar.add_task("re-embed", total=len(index), rate="")

@@ -83,8 +83,15 @@ def _load_sentence_transformer(location: str, device: str, trust_remote_code: bo
     return SentenceTransformer(location, device=device, trust_remote_code=trust_remote_code)
 
 
+ENCODER_BACKENDS = ("torch", "int8")
+
+
 class Encoder:
-    """Embeds passages and queries with one sentence-transformers model."""
+    """Embeds passages and queries with one sentence-transformers model.
+
+    backend "int8": the Linear layers dynamically quantised to int8 (PyTorch's CPU kernels), a faster CPU
+    path whose vectors approximate the float model's; the fingerprint stays that of the float weights, so
+    an index built either way accepts queries embedded either way (docs/benchmarks.md measures the cost)."""
 
     def __init__(
         self,
@@ -94,7 +101,10 @@ class Encoder:
         normalize: bool = True,
         max_seq_length: int | None = None,
         trust_remote_code: bool = False,
+        backend: str = "torch",
     ) -> None:
+        if backend not in ENCODER_BACKENDS:
+            raise UsageError(f"--backend {backend}: expected one of {', '.join(ENCODER_BACKENDS)}")
         self.ref: ModelRef = resolve(name)
         self.device = resolve_device(device)
         try:
@@ -105,6 +115,12 @@ class Encoder:
             self.model.max_seq_length = max_seq_length
         self.normalize = normalize
         self.name = name
+        self.backend = backend
+        if backend == "int8":
+            from ragkit.models.quantize import quantize_int8_dynamic
+
+            _ = self.info  # fingerprint the float weights first
+            self.model = quantize_int8_dynamic(self.model, self.device)  # a copy: the cached float model stays
 
     @functools.cached_property
     def info(self) -> EncoderInfo:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ragkit.errors import ResourceError, UsageError
 from ragkit.models.encoder import resolve_device
+from ragkit.models.quantize import quantize_int8_dynamic
 from ragkit.models.registry import ModelRef, materialize, missing_model_error, quiet_transformers, resolve
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -142,21 +143,6 @@ class Generator:
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 outputs.append(Generated(cut_at_stop(text, config.stop).strip(), len(ids)))
         return outputs
-
-
-def quantize_int8_dynamic(model: Any, device: str) -> Any:
-    """int8 dynamic quantisation of every Linear layer (weights int8, activations quantised per batch).
-
-    CPU only: it is PyTorch's own x86/ARM kernel path; on a GPU use --quantize 8bit/4bit (bitsandbytes)."""
-    import warnings
-
-    import torch
-
-    if device != "cpu":
-        raise UsageError("--quantize int8 is the CPU path; on a GPU use --quantize 8bit or 4bit (bitsandbytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch marks its quantised tensor constructors deprecated (still supported)
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def _bitsandbytes_kwargs(quantize: str, device: str) -> dict[str, Any]:

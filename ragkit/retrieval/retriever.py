@@ -38,7 +38,8 @@ class Retriever:
     side, also BM25 or hybrid retrieval (the embedder is not loaded for sparse-only retrieval)."""
 
     def __init__(self, index: str | Path | Index, *, model: str | None = None, device: str | None = None,
-                 threads: int | None = None, batch_size: int = 64, mode: RetrievalMode = RetrievalMode()) -> None:
+                 threads: int | None = None, batch_size: int = 64, mode: RetrievalMode = RetrievalMode(),
+                 backend: str = "torch") -> None:
         mode.validate()
         self.index = index if isinstance(index, Index) else Index.open(index, threads=threads)
         self.mode = mode
@@ -49,7 +50,7 @@ class Retriever:
         if mode.mode != "sparse":
             built = self.index.encoder
             self.encoder = Encoder(model or built.name, device=device, normalize=built.normalize,
-                                   max_seq_length=built.max_seq_length)
+                                   max_seq_length=built.max_seq_length, backend=backend)
             self.index.check_encoder(self.encoder.info)
         self.batch_size = batch_size
 
