@@ -227,3 +227,30 @@ def test_unknown_tracker_is_a_usage_error(tiny_lm_path: Path, tmp_path: Path) ->
     result = CliRunner().invoke(app, ["train", "--arch", "selfrag", "--data", str(data), "-o", str(tmp_path / "r"),
                                       "--tracker", "wandb"])
     assert result.exit_code == 2 and "--tracker wandb" in result.stderr
+
+
+def test_distillation_loss_falls_on_a_tiny_teacher_student_pair(tiny_lm_path: Path, tiny_selfrag_path: Path,
+                                                               tmp_path: Path) -> None:
+    from ragkit.train.selfrag_arch import distillation_kl
+
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, 1], [-100, 2, 2, -100, -100]])
+    assert float(distillation_kl(logits, logits, labels, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_kl(logits, torch.randn(2, 5, 7), labels, 2.0)) > 0.0
+    # pure KL (alpha 0): the student (the same base, its own new rows) moves towards the teacher
+    run = _train(tmp_path, tiny_lm_path, "selfrag", GEN_ROWS, "--distill-from", str(tiny_selfrag_path),
+                 "--distill-alpha", "0", "--distill-temperature", "1")
+    losses = _losses(run)
+    assert losses[-1] < losses[0]
+    assert not (run / "final" / "model" / "teacher").exists()
+
+
+def test_distillation_refuses_a_teacher_with_another_vocabulary(tiny_lm_path: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", GEN_ROWS)
+    result = CliRunner().invoke(app, ["train", "--arch", "selfrag", "--data", str(data), "--generator", str(tiny_lm_path),
+                                      "-o", str(tmp_path / "r"), "--distill-from", str(tiny_lm_path), "--max-steps", "1",
+                                      "--device", "cpu"])
+    assert result.exit_code == 4 and "vocabulary differs" in result.stderr
+    rag = CliRunner().invoke(app, ["train", "--arch", "rag", "--data", str(data), "-o", str(tmp_path / "r2"),
+                                   "--distill-from", str(tiny_lm_path)])
+    assert rag.exit_code == 2 and "--distill-from works with" in rag.stderr

@@ -33,6 +33,9 @@ class TrainConfig:
     max_source_tokens: int = field(default=384, metadata={"help": "prompt tokens kept (passage + question)"})
     max_target_tokens: int = field(default=32, metadata={"help": "answer tokens kept"})
     max_passage_words: int = field(default=100, metadata={"help": "words of each passage in the prompt"})
+    distill_from: str | None = field(default=None, metadata={"help": "selfrag / selfrag-critic: a teacher model whose logits the student also learns (same vocabulary)"})
+    distill_alpha: float = field(default=0.5, metadata={"help": "with --distill-from: weight of the label cross-entropy (the rest: KL to the teacher)"})
+    distill_temperature: float = field(default=2.0, metadata={"help": "with --distill-from: softmax temperature of the KL term"})
     max_seq_length: int = field(default=1024, metadata={"help": "selfrag / selfrag-critic: tokens kept per example (prompt + output)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the data (ignored when max_steps > 0)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps (-1: from epochs)"})
@@ -71,6 +74,8 @@ class TrainConfig:
             raise UsageError(f"--tracker {self.report_to}: expected none, tensorboard or mlflow")
         if self.distributed_retriever not in ("none", "ray"):
             raise UsageError(f"--distributed-retriever {self.distributed_retriever}: expected none or ray")
+        if self.distill_from and self.arch not in ("selfrag", "selfrag-critic"):
+            raise UsageError(f"--distill-from works with --arch selfrag or selfrag-critic, not {self.arch}")
         if self.shard_index and self.distributed_retriever != "ray":
             raise UsageError("--shard-index needs --distributed-retriever ray")
 

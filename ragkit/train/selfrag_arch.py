@@ -26,16 +26,39 @@ DEFAULT_LORA_R = 8
 
 
 class CausalLMForTraining(torch.nn.Module):
-    """The trainer's interface over a causal LM: forward -> {"loss", "tokens"}."""
+    """The trainer's interface over a causal LM: forward -> {"loss", "tokens"}.
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    With a teacher (`--distill-from`), the loss is alpha * cross-entropy + (1 - alpha) * T^2 * KL(teacher_T ||
+    student_T) over the positions that carry labels (Hinton et al. 2015); the teacher never trains."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, teacher: Any = None, alpha: float = 0.5,
+                 temperature: float = 2.0) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.teacher = [teacher] if teacher is not None else []  # a list: not a submodule, never saved or trained
+        self.alpha, self.temperature = alpha, temperature
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        return {"loss": out.loss, "tokens": int(attention_mask.sum())}
+        loss = out.loss
+        if self.teacher:
+            with torch.no_grad():
+                teacher_logits = self.teacher[0](input_ids=input_ids, attention_mask=attention_mask).logits
+            loss = self.alpha * loss + (1 - self.alpha) * distillation_kl(out.logits, teacher_logits, labels,
+                                                                          self.temperature)
+        return {"loss": loss, "tokens": int(attention_mask.sum())}
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * mean over labelled positions of KL(softmax(teacher/T) || softmax(student/T)), next-token aligned."""
+    mask = labels[:, 1:] != -100  # logits at t predict token t+1, as the cross-entropy does
+    s = torch.log_softmax(student[:, :-1].float() / temperature, dim=-1)[mask]
+    t = torch.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)[mask]
+    if s.numel() == 0:
+        return student.sum() * 0.0
+    kl = torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+    return kl * temperature**2
 
 
 class SelfRagArch:
@@ -64,7 +87,9 @@ class SelfRagArch:
             ))
         self.tokenizer = tokenizer
         self.base = _portable_name(config.generator)
-        return CausalLMForTraining(model.to(device), tokenizer)
+        teacher = _load_teacher(config, tokenizer, device) if config.distill_from else None
+        return CausalLMForTraining(model.to(device), tokenizer, teacher=teacher, alpha=config.distill_alpha,
+                                   temperature=config.distill_temperature)
 
     def dataset(self, config: TrainConfig) -> ListDataset:
         if self.tokenizer is None:
@@ -101,6 +126,20 @@ class SelfRagArch:
             model.model.load_state_dict(load_file(target / "model.safetensors"), strict=False)
         else:
             raise ResourceError(f"{directory}: no model weights to resume from")
+
+
+def _load_teacher(config: TrainConfig, student_tokenizer: Any, device: str) -> Any:
+    """The teacher, frozen; it must share the student's vocabulary (reflection tokens included)."""
+    from ragkit.models.selfrag.loading import load_causal_lm
+
+    teacher, tokenizer = load_causal_lm(config.distill_from, device=device, dtype="float32", merge_lora=True)
+    if tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise ResourceError(f"--distill-from {config.distill_from}: its vocabulary differs from the student's",
+                            hint="Distil between models of one tokenizer family (with the same added tokens).")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def _portable_name(name: str) -> str:
