@@ -156,14 +156,14 @@ def answer(questions: Sequence[Question], generator: Any, gen_config: Generation
     return rows
 
 
-def answer_with_rag_checkpoint(questions: Sequence[Question], rag: Any, *, mode: str,
+def answer_with_rag_checkpoint(questions: Sequence[Question], rag: Any, *, decoding: Any,
                                max_new_tokens: int) -> list[dict[str, Any]]:
     """Answer with a trained RAG model (its own query encoder, index and marginal decoding)."""
     from ragkit.models.rag_decoding import decode
 
     began = time.perf_counter()
-    answers = decode(rag, [q.extra.get("retrieval_query") or q.text for q in questions], mode=mode,
-                     max_new_tokens=max_new_tokens)
+    answers = decode(rag, [q.extra.get("retrieval_query") or q.text for q in questions], mode=decoding.mode,
+                     max_new_tokens=max_new_tokens, num_beams=decoding.num_beams)
     per_q = (time.perf_counter() - began) / max(1, len(questions))
     rows = []
     for q, a in zip(questions, answers):

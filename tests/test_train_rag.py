@@ -169,7 +169,7 @@ def trained(setup: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
     return out / "checkpoint-4"
 
 
-@pytest.mark.parametrize("mode", ["token", "sequence-thorough", "sequence-fast"])
+@pytest.mark.parametrize("mode", ["token", "token-beam", "sequence-thorough", "sequence-fast"])
 def test_generate_loads_a_trained_checkpoint(trained: Path, mode: str) -> None:
     result = runner.invoke(app, ["generate", "--arch", "rag", "--model", str(trained), "--rag-decoding", mode,
                                  "--max-new-tokens", "4", "--device", "cpu"], input="river king 3\ncity music\n")
@@ -196,3 +196,10 @@ def test_decoding_modes_agree_with_their_definitions(trained: Path) -> None:
     plain = rag.generator.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=rag.tokenizer.pad_token_id)
     expected = rag.tokenizer.decode(plain[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert token.text == expected
+    # one step: the beam's best hypothesis is the mixture's argmax token, as greedy's
+    rag.config.n_docs = 3
+    one_greedy = decode(rag, ["river king 3"], mode="token", max_new_tokens=1)[0]
+    one_beam = decode(rag, ["river king 3"], mode="token-beam", max_new_tokens=1, num_beams=3)[0]
+    assert one_beam.text == one_greedy.text
+    wide = decode(rag, ["river king 3"], mode="token-beam", max_new_tokens=4, num_beams=4)[0]
+    assert wide.log_prob <= 0.0 and len(rag.tokenizer(wide.text, add_special_tokens=False)["input_ids"]) <= 4

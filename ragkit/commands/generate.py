@@ -65,7 +65,8 @@ def selfrag_config(*, mode: str, threshold: float, k: int, max_new_tokens: int, 
     return config
 
 
-RagDecodingOpt = Annotated[str | None, typer.Option("--rag-decoding", help="For a trained RAG checkpoint: token, sequence-thorough or sequence-fast (default: what it was trained with).")]
+RagDecodingOpt = Annotated[str | None, typer.Option("--rag-decoding", help="For a trained RAG checkpoint: token (greedy), token-beam (beam search, --num-beams), sequence-thorough or sequence-fast (default: what it was trained with).")]
+NumBeamsOpt = Annotated[int, typer.Option("--num-beams", min=1, help="Beams for --rag-decoding token-beam.")]
 
 
 def build_generation(
@@ -73,11 +74,12 @@ def build_generation(
     temperature: float, top_p: float, top_k: int, stop: list[str] | None, batch_size: int, device: str, dtype: str,
     backend: str, template: str | None, max_passage_words: int, seed: int, trust_remote_code: bool,
     rag_decoding: str | None = None, selfrag: Any = None, retrieval: Any = None, quantize: str = "none",
+    num_beams: int = 4,
 ) -> tuple[Any, Any, Any, Any]:
     """Load what a generation run needs (shared by `generate` and `eval`)."""
     from ragkit.errors import UsageError
     from ragkit.models.generator import GenerationConfig, load_generator
-    from ragkit.models.rag_decoding import is_rag_checkpoint, load_rag_checkpoint
+    from ragkit.models.rag_decoding import RagDecodingConfig, is_rag_checkpoint, load_rag_checkpoint
     from ragkit.reader import ARCHS, ReaderConfig
     from ragkit.retrieval.retriever import RetrievalMode, Retriever
 
@@ -88,7 +90,7 @@ def build_generation(
 
         rag = load_rag_checkpoint(model, device=resolve_device(device), index=str(index) if index else None)
         mode = rag_decoding or ("token" if rag.config.loss == "token" else "sequence-thorough")
-        return rag, GenerationConfig(max_new_tokens=max_new_tokens), mode, None
+        return rag, GenerationConfig(max_new_tokens=max_new_tokens), RagDecodingConfig(mode, num_beams), None
     if arch == "selfrag":
         from ragkit.models.selfrag.loading import load_selfrag_decoder
 
@@ -132,7 +134,7 @@ def run_blocks(questions: list[Any], generator: Any, gen_config: Any, reader: An
             if isinstance(generator, SelfRagDecoder):
                 rows = answer_with_selfrag(chunk, generator, reader, retriever)
             elif isinstance(generator, RagForTraining):
-                rows = answer_with_rag_checkpoint(chunk, generator, mode=reader, max_new_tokens=gen_config.max_new_tokens)
+                rows = answer_with_rag_checkpoint(chunk, generator, decoding=reader, max_new_tokens=gen_config.max_new_tokens)
             else:
                 rows = answer(chunk, generator, gen_config, reader, retriever)
             meter.add(len(rows))
@@ -167,6 +169,7 @@ def generate(
     limit: LimitOpt = 0,
     trust_remote_code: RemoteOpt = False,
     rag_decoding: RagDecodingOpt = None,
+    num_beams: NumBeamsOpt = 4,
     mode: ModeOpt = "adaptive_retrieval",
     threshold: ThresholdOpt = 0.2,
     w_rel: WRelOpt = 1.0,
@@ -211,7 +214,7 @@ def generate(
             model=model, arch=arch, index=index, k=k, passages=passages, max_new_tokens=max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, batch_size=batch_size,
             device=device, dtype=dtype, backend=backend, template=template, max_passage_words=max_passage_words,
-            seed=seed, trust_remote_code=trust_remote_code, rag_decoding=rag_decoding,
+            seed=seed, trust_remote_code=trust_remote_code, rag_decoding=rag_decoding, num_beams=num_beams,
             selfrag=selfrag_config(
                 mode=mode, threshold=threshold, k=k, max_new_tokens=max_new_tokens, batch_size=batch_size,
                 w_rel=w_rel, w_sup=w_sup, w_use=w_use, use_groundness=use_groundness, use_utility=use_utility,

@@ -2,6 +2,8 @@
 
 - token: at every step the next-token distribution is the mixture over the K passages weighted by
   p(z|x); greedy over that mixture, with one KV cache row per passage (causal generators).
+- token-beam: beam search over that same per-token mixture (`num_beams` hypotheses; finished ones ranked
+  by log-probability / length, as transformers' default length penalty 1.0).
 - sequence-thorough: each passage proposes an answer (greedy); every distinct candidate is re-scored
   under all K passages, log p(y|x) = logsumexp_k [log p(z_k|x) + log p(y|x, z_k)], and the best wins.
 - sequence-fast: candidates are scored only under the passages that proposed them (the others count as
@@ -21,7 +23,13 @@ from ragkit.errors import ResourceError, UsageError
 from ragkit.models.rag import RagForTraining, RagModelConfig
 from ragkit.models.rag_losses import rag_sequence_loss
 
-MODES = ("token", "sequence-thorough", "sequence-fast")
+MODES = ("token", "token-beam", "sequence-thorough", "sequence-fast")
+
+
+@dataclass(frozen=True)
+class RagDecodingConfig:
+    mode: str = "sequence-thorough"
+    num_beams: int = 4  # token-beam only
 
 
 @dataclass
@@ -86,7 +94,7 @@ class _Renderer:
 
 @torch.no_grad()
 def decode(rag: RagForTraining, questions: list[str], *, mode: str = "sequence-thorough",
-           max_new_tokens: int = 32) -> list[RagAnswer]:
+           max_new_tokens: int = 32, num_beams: int = 4) -> list[RagAnswer]:
     if mode not in MODES:
         raise UsageError(f"--rag-decoding {mode}: expected one of {', '.join(MODES)}")
     hits, doc_scores = rag.retrieve(questions)
@@ -96,6 +104,8 @@ def decode(rag: RagForTraining, questions: list[str], *, mode: str = "sequence-t
         prompts = rag._prompts([question], [hits[i]])
         if mode == "token":
             text, log_prob = _token_greedy(rag, prompts, prior[i], max_new_tokens)
+        elif mode == "token-beam":
+            text, log_prob = _token_beam(rag, prompts, prior[i], max_new_tokens, num_beams)
         else:
             text, log_prob = _sequence(rag, question, hits[i], doc_scores[i : i + 1], prompts, prior[i],
                                        max_new_tokens, thorough=mode == "sequence-thorough")
@@ -137,6 +147,60 @@ def _token_greedy(rag: RagForTraining, prompts: list[str], prior: torch.Tensor, 
         step_pos = step_pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
     return tok.decode(chosen, skip_special_tokens=True).strip(), total
+
+
+def _token_beam(rag: RagForTraining, prompts: list[str], prior: torch.Tensor, max_new: int,
+                num_beams: int) -> tuple[str, float]:
+    """Beam search over the RAG-Token mixture. Each step runs every (beam, passage) pair in one batch without
+    a cache: answers are short, and the batch is beams x passages rows."""
+    tok, model = rag.tokenizer, rag.generator
+    eos = tok.eos_token_id
+    device = next(model.parameters()).device
+    k = len(prompts)
+    prior = prior.to(device)
+    beams: list[tuple[list[int], float]] = [([], 0.0)]
+    finished: list[tuple[list[int], float]] = []
+    if rag.is_seq2seq:
+        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=rag.config.max_source_tokens)
+        enc = enc.to(device)
+        start = model.config.decoder_start_token_id
+    else:
+        input_ids, mask = rag.left_padded(prompts)
+    for _ in range(max_new):
+        if not beams:
+            break
+        n = len(beams)
+        if rag.is_seq2seq:
+            dec = torch.tensor([[start, *ys] for ys, _ in beams for _ in range(k)], device=device)
+            logits = model(input_ids=enc["input_ids"].repeat(n, 1), attention_mask=enc["attention_mask"].repeat(n, 1),
+                           decoder_input_ids=dec).logits[:, -1]
+        else:
+            grown = torch.tensor([ys for ys, _ in beams for _ in range(k)], dtype=torch.long, device=device)
+            ids = torch.cat([input_ids.repeat(n, 1), grown.reshape(n * k, -1)], dim=1)
+            att = torch.cat([mask.repeat(n, 1), torch.ones_like(grown.reshape(n * k, -1))], dim=1)
+            positions = (att.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=att, position_ids=positions).logits[:, -1]
+        lp = torch.log_softmax(logits.float(), dim=-1).reshape(n, k, -1)
+        marginal = (lp + prior[None, :, None]).logsumexp(1)  # n, V
+        scores = marginal + torch.tensor([score for _, score in beams], device=device)[:, None]
+        top = scores.reshape(-1).topk(min(2 * num_beams, scores.numel()))
+        vocab = scores.shape[1]
+        next_beams: list[tuple[list[int], float]] = []
+        for value, flat in zip(top.values.tolist(), top.indices.tolist()):
+            ys, token = beams[flat // vocab][0], flat % vocab
+            if token == eos:
+                finished.append((ys, value))
+            else:
+                next_beams.append((ys + [token], value))
+            if len(next_beams) == num_beams:
+                break
+        beams = next_beams
+        if len(finished) >= num_beams and beams and max(f[1] / max(len(f[0]), 1) for f in finished) >= max(
+                b[1] / len(b[0]) for b in beams):
+            break  # no open beam can still beat the best finished one at its current normalised score
+    finished += beams
+    best = max(finished, key=lambda f: f[1] / max(len(f[0]), 1))
+    return tok.decode(best[0], skip_special_tokens=True).strip(), best[1]
 
 
 def _mix(logits: torch.Tensor, prior: torch.Tensor) -> tuple[int, float]:
