@@ -203,3 +203,32 @@ def test_decoding_modes_agree_with_their_definitions(trained: Path) -> None:
     assert one_beam.text == one_greedy.text
     wide = decode(rag, ["river king 3"], mode="token-beam", max_new_tokens=4, num_beams=4)[0]
     assert wide.log_prob <= 0.0 and len(rag.tokenizer(wide.text, add_special_tokens=False)["input_ids"]) <= 4
+
+
+def test_end2end_trains_the_doc_encoder_and_refreshes_its_own_index(setup: dict[str, Path], tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from ragkit.index import Index
+    from ragkit.models.encoder import weights_fingerprint
+
+    original = Index.open(setup["index"]).info()
+    out = tmp_path / "e2e"
+    result = run(*base_args(setup, out, "--max-steps", 4, "--save-steps", 4, "--end2end", "--refresh-steps", 2,
+                            "--refresh-shards", 2))
+    assert result.exit_code == 0, result.stderr
+    assert Index.open(setup["index"]).info()["version"] == original["version"]  # the user's index is untouched
+    own = Index.open(out / "index")
+    assert own.info()["version"] == original["version"] + 2  # refreshed at steps 2 and 4, half the passages each
+    assert own.manifest["end2end"] == {"step": 4, "slice": "2/2"} and len(own) == original["passages"]
+    doc = SentenceTransformer(str(out / "checkpoint-4" / "doc_encoder"), device="cpu")
+    query = SentenceTransformer(str(out / "checkpoint-4" / "query_encoder"), device="cpu")
+    assert weights_fingerprint(doc) != original["fingerprint"]  # the document encoder trained
+    assert weights_fingerprint(doc) == own.encoder.fingerprint  # the last refresh used its final weights
+    assert weights_fingerprint(query) != weights_fingerprint(doc)
+    # resume continues on the run's own refreshed index
+    again = run(*base_args(setup, out, "--max-steps", 6, "--save-steps", 2, "--end2end", "--refresh-steps", 2,
+                           "--refresh-shards", 2), "--resume")
+    assert again.exit_code == 0, again.stderr
+    assert Index.open(out / "index").manifest["end2end"] == {"step": 6, "slice": "1/2"}
+    bad = run(*base_args(setup, tmp_path / "x", "--end2end", "--distributed-retriever", "ray"))
+    assert bad.exit_code == 2 and "--end2end" in bad.stderr

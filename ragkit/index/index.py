@@ -280,9 +280,19 @@ class Index:
         self.__dict__.update(reopened.__dict__)
         return report
 
-    def upsert(self, passages: Sequence[Passage], vectors: np.ndarray, encoder: EncoderInfo) -> ChangeReport:
-        """Add passages; a passage whose id exists replaces the old one (text and vector)."""
-        self.check_encoder(encoder)
+    def upsert(self, passages: Sequence[Passage], vectors: np.ndarray, encoder: EncoderInfo, *,
+               adopt_encoder: dict[str, Any] | None = None) -> ChangeReport:
+        """Add passages; a passage whose id exists replaces the old one (text and vector).
+
+        adopt_encoder: the vectors come from a new state of the embedder (end-to-end RAG training refreshes
+        the index while its document encoder trains): the manifest records that encoder, and this note
+        under `end2end`, instead of refusing it."""
+        if adopt_encoder is not None:
+            if encoder.dim != self.dim:
+                raise ResourceError(f"vectors have dimension {encoder.dim}, the index holds dimension {self.dim}")
+            self.manifest = {**self.manifest, "encoder": encoder.to_json(), "end2end": adopt_encoder}
+        else:
+            self.check_encoder(encoder)
         _check_unique(passages)
         _check_vectors(passages, vectors, self.dim)
         in_place = bool(self.manifest["removes_in_place"])

@@ -38,14 +38,24 @@ class RagModelConfig:
     max_target_tokens: int = 32
     max_passage_words: int = 100
     train_query_encoder: bool = True
+    end2end: bool = False  # also train a document encoder; doc scores use its embeddings of the hits
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _embed(encoder: Any, texts: list[str]) -> torch.Tensor:
+    """Sentence embeddings with gradient (SentenceTransformer.encode would run without it)."""
+    # sentence-transformers >= 6 renamed tokenize to preprocess
+    features = (getattr(encoder, "preprocess", None) or encoder.tokenize)(texts)
+    device = next(encoder.parameters()).device
+    features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in features.items()}
+    return encoder(features)["sentence_embedding"]
 
 
 class RagForTraining(nn.Module):
     """forward(questions, answers) -> {"loss", "nll", "doc_scores"}; the trainer only calls this."""
 
     def __init__(self, config: RagModelConfig, query_encoder: Any, generator: Any, tokenizer: Any, index: Index,
-                 *, render: Any, is_seq2seq: bool, searcher: Any = None) -> None:
+                 *, render: Any, is_seq2seq: bool, searcher: Any = None, doc_encoder: Any = None) -> None:
         super().__init__()
         if config.loss not in LOSSES:
             raise UsageError(f"--loss {config.loss}: expected one of {', '.join(LOSSES)}")
@@ -62,20 +72,26 @@ class RagForTraining(nn.Module):
         self.is_seq2seq = is_seq2seq
         for p in self.query_encoder.parameters():
             p.requires_grad_(config.train_query_encoder)
+        if config.end2end and doc_encoder is None:
+            raise UsageError("end-to-end training needs a document encoder")
+        self.doc_encoder = doc_encoder
 
     # -- retrieval ---------------------------------------------------------------------------------
     def embed_questions(self, questions: list[str]) -> torch.Tensor:
-        # sentence-transformers >= 6 renamed tokenize to preprocess
-        features = (getattr(self.query_encoder, "preprocess", None) or self.query_encoder.tokenize)(questions)
-        device = next(self.query_encoder.parameters()).device
-        features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in features.items()}
-        return self.query_encoder(features)["sentence_embedding"]
+        return _embed(self.query_encoder, questions)
 
     def retrieve(self, questions: list[str]) -> tuple[list[list[Any]], torch.Tensor]:
-        """Top-n_docs hits and their doc scores q·d, differentiable in the query encoder."""
+        """Top-n_docs hits and their doc scores q·d, differentiable in the query encoder (and, end to end,
+        in the document encoder, which re-embeds the hits instead of reading their stored vectors)."""
         q = self.embed_questions(questions)
         hits, doc_vectors = self.searcher.search_with_vectors(q.detach().float().cpu().numpy(), self.config.n_docs)
-        d = torch.from_numpy(np.array(doc_vectors, dtype=np.float32)).to(q.device, q.dtype)  # Ray arrays are read-only
+        if self.doc_encoder is not None:
+            texts = [f"{h.title} {h.text}" if h.title else h.text for row in hits for h in row]
+            d = _embed(self.doc_encoder, texts).reshape(len(hits), self.config.n_docs, -1).to(q.dtype)
+            if self.index.encoder.normalize:  # as the stored vectors were
+                d = torch.nn.functional.normalize(d, dim=-1)
+        else:
+            d = torch.from_numpy(np.array(doc_vectors, dtype=np.float32)).to(q.device, q.dtype)  # Ray arrays are read-only
         return hits, torch.einsum("bd,bkd->bk", q, d)
 
     # -- generator inputs --------------------------------------------------------------------------
@@ -166,8 +182,14 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: dict[str, An
         query_encoder = SentenceTransformer(ref.location, device=device)
     except (OSError, ValueError) as exc:
         raise missing_model_error(ref, exc) from exc
-    if config.query_encoder is None and weights_fingerprint(query_encoder) != index.encoder.fingerprint:
+    refreshed = index.manifest.get("end2end") is not None  # its vectors come from an end-to-end doc encoder
+    if config.query_encoder is None and not refreshed and weights_fingerprint(query_encoder) != index.encoder.fingerprint:
         raise UsageError(f"{config.index}: its embedder '{name}' no longer matches the index fingerprint")
+    doc_encoder = None
+    if config.end2end:
+        if searcher is not None:
+            raise UsageError("--end2end refreshes the index in this process; it does not work with --distributed-retriever ray")
+        doc_encoder = SentenceTransformer(ref.location, device=device)  # starts as the index's embedder
     generator = Generator(config.generator, device=device, dtype="float32")
     model = generator.model
     if lora:
@@ -177,4 +199,4 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: dict[str, An
                                                  target_modules=lora["targets"] or "all-linear",
                                                  task_type="SEQ_2_SEQ_LM" if generator.is_seq2seq else "CAUSAL_LM"))
     return RagForTraining(config, query_encoder, model, generator.tokenizer, index, render=generator.render,
-                          is_seq2seq=generator.is_seq2seq, searcher=searcher)
+                          is_seq2seq=generator.is_seq2seq, searcher=searcher, doc_encoder=doc_encoder)

@@ -29,6 +29,9 @@ class TrainConfig:
     n_docs: int = field(default=5, metadata={"help": "passages marginalised over"})
     loss: str = field(default="sequence", metadata={"help": "rag: sequence (RAG-Sequence) or token (RAG-Token); embedder: mnrl or cached-mnrl (default mnrl)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "epsilon of the smoothed loss"})
+    end2end: bool = field(default=False, metadata={"help": "rag: also train the document encoder; the run's own copy of the index (OUTPUT/index) is refreshed as it trains"})
+    refresh_steps: int = field(default=100, metadata={"help": "rag --end2end: refresh index vectors every N steps"})
+    refresh_shards: int = field(default=1, metadata={"help": "rag --end2end: each refresh re-embeds 1/N of the passages, in turn (1: all)"})
     freeze_query_encoder: bool = field(default=False, metadata={"help": "train only the generator"})
     max_source_tokens: int = field(default=384, metadata={"help": "prompt tokens kept (passage + question)"})
     max_target_tokens: int = field(default=32, metadata={"help": "answer tokens kept"})
@@ -76,6 +79,10 @@ class TrainConfig:
             raise UsageError(f"--distributed-retriever {self.distributed_retriever}: expected none or ray")
         if self.distill_from and self.arch not in ("selfrag", "selfrag-critic"):
             raise UsageError(f"--distill-from works with --arch selfrag or selfrag-critic, not {self.arch}")
+        if self.end2end and self.arch != "rag":
+            raise UsageError("--end2end is for --arch rag")
+        if self.end2end and self.distributed_retriever != "none":
+            raise UsageError("--end2end refreshes the index in the training process; use --distributed-retriever none")
         if self.shard_index and self.distributed_retriever != "ray":
             raise UsageError("--shard-index needs --distributed-retriever ray")
 

@@ -16,12 +16,15 @@ from ragkit.io.atomic import write_json
 from ragkit.models.rag import RagForTraining, RagModelConfig, build_rag
 from ragkit.train.config import TrainConfig
 from ragkit.train.data import Pair, read_pairs
+from transformers import TrainerCallback
+
 from ragkit.train.trainer import ListDataset
 
 
 def rag_model_config(config: TrainConfig) -> RagModelConfig:
     return RagModelConfig(
         generator=config.generator, query_encoder=config.query_encoder, index=config.index, n_docs=config.n_docs,
+        end2end=config.end2end,
         loss=config.loss, label_smoothing=config.label_smoothing, max_source_tokens=config.max_source_tokens,
         max_target_tokens=config.max_target_tokens, max_passage_words=config.max_passage_words,
         train_query_encoder=not config.freeze_query_encoder,
@@ -32,6 +35,9 @@ class RagArch:
     def build(self, config: TrainConfig, device: str) -> RagForTraining:
         if not config.index:
             raise ResourceError("--index is required for --arch rag")
+        if config.end2end:
+            config.index = str(_own_index_copy(config.index, Path(config.output)))
+        self.config = config
         lora = None
         if config.lora_r > 0:
             targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
@@ -52,10 +58,15 @@ class RagArch:
     def collate(self, rows: list[Pair]) -> dict[str, Any]:
         return {"questions": [r.question for r in rows], "answers": [r.answer for r in rows]}
 
+    def callbacks(self, config: TrainConfig) -> list[Any]:
+        return [IndexRefresh(config.refresh_steps, config.refresh_shards)] if config.end2end else []
+
     def save(self, model: RagForTraining, directory: Path) -> None:
         model.generator.save_pretrained(directory / "generator")
         model.tokenizer.save_pretrained(directory / "generator")
         model.query_encoder.save(str(directory / "query_encoder"))
+        if model.doc_encoder is not None:
+            model.doc_encoder.save(str(directory / "doc_encoder"))
         write_json(directory / "rag_config.json", dataclasses.asdict(model.config))
 
     def load(self, model: RagForTraining, directory: Path) -> None:
@@ -77,6 +88,70 @@ class RagArch:
         if not encoder_weights.exists():
             raise ResourceError(f"{directory}: no query encoder weights to resume from")
         model.query_encoder[0].auto_model.load_state_dict(load_file(encoder_weights))
+        if model.doc_encoder is not None:
+            doc_weights = directory / "doc_encoder" / "model.safetensors"
+            if not doc_weights.exists():
+                raise ResourceError(f"{directory}: no document encoder weights to resume from")
+            model.doc_encoder[0].auto_model.load_state_dict(load_file(doc_weights))
+
+
+def _own_index_copy(index: str, output: Path) -> Path:
+    """End-to-end training changes the index: it works on OUTPUT/index (made once, kept for --resume)."""
+    import shutil
+
+    from ragkit.index import Index
+
+    target = output / "index"
+    if not Index.exists(target):
+        source = Index.open(index)
+        staging = output / ".index-copy"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source.version_dir, staging / source.version_dir.name)
+        (staging / "current").symlink_to(source.version_dir.name)
+        staging.rename(target)
+    return target
+
+
+class IndexRefresh(TrainerCallback):
+    """Every `every` steps, re-embed a 1/`shards` slice of the passages with the training document encoder and
+    upsert the vectors into the run's index (a new atomic version), the next slice next time.
+
+    The HF rag-end2end project re-encodes and rebuilds the whole index in side processes; here each refresh
+    costs 1/shards of an encoding pass and reuses the index's own upsert."""
+
+    def __init__(self, every: int, shards: int) -> None:
+        self.every, self.shards = every, shards
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None or state.global_step % self.every != 0:
+            return
+        rag = getattr(model, "module", model)
+        part = (state.global_step // self.every - 1) % self.shards  # from the step: the same after --resume
+        refresh_slice(rag, part, self.shards, step=state.global_step)
+
+
+def refresh_slice(rag: RagForTraining, part: int, parts: int, *, step: int) -> int:
+    import numpy as np
+    import torch
+
+    from ragkit.models.encoder import EncoderInfo, weights_fingerprint
+
+    index = rag.index
+    passages = [p for i, (_, p) in enumerate(index.store.iter_passages()) if i % parts == part]
+    if not passages:
+        return 0
+    encoder = rag.doc_encoder
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        vectors = np.asarray(encoder.encode([p.embedding_text() for p in passages], batch_size=64,
+                                            convert_to_numpy=True, normalize_embeddings=index.encoder.normalize,
+                                            show_progress_bar=False), dtype=np.float32)
+    encoder.train(was_training)
+    built = index.encoder
+    info = EncoderInfo(built.name, built.dim, built.normalize, built.max_seq_length, weights_fingerprint(encoder))
+    index.upsert(passages, vectors, info, adopt_encoder={"step": step, "slice": f"{part + 1}/{parts}"})
+    return len(passages)
 
 
 def _selfrag(critic: bool) -> Any:

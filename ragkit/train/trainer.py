@@ -173,7 +173,8 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     trainer = RagkitTrainer(
         model=model, args=training_arguments(config, use_cpu=device == "cpu"), train_dataset=dataset,
         data_collator=arch.collate, arch=arch, train_config=config,
-        callbacks=[MetricsJsonl(output / "metrics.jsonl"), RichProgress()],
+        callbacks=[MetricsJsonl(output / "metrics.jsonl"), RichProgress(),
+                   *(arch.callbacks(config) if hasattr(arch, "callbacks") else [])],
     )
     trainer.remove_callback(PrinterCallback)  # it prints logs to stdout, which belongs to data
     if torch.cuda.is_available():
