@@ -56,6 +56,7 @@ def train(
     max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", min=0.0, help=_help("max_grad_norm"))] = None,
     precision: Annotated[str | None, typer.Option("--precision", help=_help("precision"))] = None,
     seed: Annotated[int | None, typer.Option("--seed", help=_help("seed"))] = None,
+    quantize: Annotated[str | None, typer.Option("--quantize", help=_help("quantize"))] = None,
     lora_r: Annotated[int | None, typer.Option("--lora-r", min=-1, help=_help("lora_r"))] = None,
     lora_alpha: Annotated[int | None, typer.Option("--lora-alpha", min=1, help=_help("lora_alpha"))] = None,
     lora_dropout: Annotated[float | None, typer.Option("--lora-dropout", min=0.0, max=1.0, help=_help("lora_dropout"))] = None,

@@ -190,10 +190,15 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: dict[str, An
         if searcher is not None:
             raise UsageError("--end2end refreshes the index in this process; it does not work with --distributed-retriever ray")
         doc_encoder = SentenceTransformer(ref.location, device=device)  # starts as the index's embedder
-    generator = Generator(config.generator, device=device, dtype="float32")
+    quantize = (lora or {}).get("quantize", "none")
+    generator = Generator(config.generator, device=device, dtype="float32" if quantize == "none" else "auto",
+                          quantize=quantize)
     model = generator.model
     if lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if quantize != "none":  # QLoRA: frozen quantised base, float adapters
+            model = prepare_model_for_kbit_training(model)
 
         model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                                  target_modules=lora["targets"] or "all-linear",

@@ -51,6 +51,7 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (fp16 needs a GPU)"})
     seed: int = field(default=42, metadata={"help": "random seed (data order, dropout, init)"})
+    quantize: str = field(default="none", metadata={"help": "none, or 4bit / 8bit base weights (bitsandbytes, GPU) under LoRA: QLoRA"})
     lora_r: int = field(default=-1, metadata={"help": "LoRA rank; 0: full fine-tuning; -1: the architecture's default (rag: full, selfrag and selfrag-critic: 8)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -77,6 +78,11 @@ class TrainConfig:
             raise UsageError(f"--tracker {self.report_to}: expected none, tensorboard or mlflow")
         if self.distributed_retriever not in ("none", "ray"):
             raise UsageError(f"--distributed-retriever {self.distributed_retriever}: expected none or ray")
+        if self.quantize not in ("none", "4bit", "8bit"):
+            raise UsageError(f"--quantize {self.quantize}: expected none, 4bit or 8bit")
+        if self.quantize != "none" and (self.lora_r == 0 or self.arch not in ("rag", "selfrag", "selfrag-critic")):
+            raise UsageError("--quantize trains LoRA adapters over quantised weights (QLoRA): use it with --lora-r > 0 "
+                             "and --arch rag, selfrag or selfrag-critic")
         if self.distill_from and self.arch not in ("selfrag", "selfrag-critic"):
             raise UsageError(f"--distill-from works with --arch selfrag or selfrag-critic, not {self.arch}")
         if self.end2end and self.arch != "rag":

@@ -41,7 +41,8 @@ class RagArch:
         lora = None
         if config.lora_r > 0:
             targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
-            lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout, "targets": targets}
+            lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout, "targets": targets,
+                    "quantize": config.quantize}
         searcher = None
         if config.distributed_retriever == "ray":
             from ragkit.retrieval.ray_retriever import RayIndexClient

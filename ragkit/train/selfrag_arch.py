@@ -70,7 +70,8 @@ class SelfRagArch:
         from ragkit.models.generator import Generator
         from ragkit.models.selfrag.tokens import add_reflection_tokens
 
-        generator = Generator(config.generator, device=device, dtype="float32")
+        generator = Generator(config.generator, device=device, dtype="float32" if config.quantize == "none" else "auto",
+                              quantize=config.quantize)
         if generator.is_seq2seq:
             raise ResourceError(f"{config.generator}: Self-RAG trains a causal (decoder-only) model")
         model, tokenizer = generator.model, generator.tokenizer
@@ -78,7 +79,10 @@ class SelfRagArch:
         new_ids = add_reflection_tokens(tokenizer, model)
         rank = DEFAULT_LORA_R if config.lora_r < 0 else config.lora_r
         if rank > 0:
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+            if config.quantize != "none":  # QLoRA: frozen quantised base, float adapters
+                model = prepare_model_for_kbit_training(model)
 
             targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()] or "all-linear"
             model = get_peft_model(model, LoraConfig(
