@@ -52,12 +52,12 @@ def critic_data(seed: int = 0) -> tuple[list[dict], list[dict]]:
     claims = [json.loads(line) for line in (SHARED_DATA / "scifact_claims" / "claims_train.jsonl").open()]
     rng.shuffle(claims)
     for c in claims[:160]:
-        for doc, annotations in list(c["evidence"].items())[:1]:
+        for doc, notes in list(c["evidence"].items())[:1]:
             if doc not in corpus:
                 continue
             ev = corpus[doc]
             examples.append(("relevance", critic_example("relevance", instruction=c["claim"], evidence=ev), "[Relevant]"))
-            label = {"SUPPORT": "[Fully supported]", "CONTRADICT": "[No support / Contradictory]"}[annotations[0]["label"]]
+            label = {"SUPPORT": "[Fully supported]", "CONTRADICT": "[No support / Contradictory]"}[notes[0]["label"]]
             examples.append(("groundness", critic_example("groundness", instruction="Is the following statement correct?",
                                                           output=c["claim"], evidence=ev), label))
         other = rng.choice(doc_ids)
@@ -106,18 +106,21 @@ def main() -> None:
     parser.add_argument("--critic-steps", type=int, default=100)
     parser.add_argument("--generator-steps", type=int, default=120)
     parser.add_argument("--ndocs", type=int, default=5)
+    parser.add_argument("--critic-lr", type=float, default=3e-4)
+    parser.add_argument("--work", type=Path, default=WORK, help="cache folder (a new one starts from scratch)")
     args = parser.parse_args()
-    WORK.mkdir(parents=True, exist_ok=True)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    base = ["--device", "cpu", "--max-seq-length", "448", "--batch-size", "4", "--lr", "3e-4", "--logging-steps", "10"]
+    base = ["--device", "cpu", "--max-seq-length", "448", "--batch-size", "4", "--logging-steps", "10"]
 
     train, held_out = critic_data()
-    (WORK / "critic_train.json").write_text(json.dumps(train))
-    critic_run = WORK / "critic"
+    (work / "critic_train.json").write_text(json.dumps(train))
+    critic_run = work / "critic"
     if not (critic_run / "final").exists():
-        timings["critic_train_s"] = run(["train", "--arch", "selfrag-critic", "--data", str(WORK / "critic_train.json"),
+        timings["critic_train_s"] = run(["train", "--arch", "selfrag-critic", "--data", str(work / "critic_train.json"),
                                          "-o", str(critic_run), "--max-steps", str(args.critic_steps),
-                                         "--save-steps", str(args.critic_steps), *base])
+                                         "--save-steps", str(args.critic_steps), "--lr", str(args.critic_lr), *base])
     critic_scores = critic_accuracy(critic_run / "final", held_out)
 
     idx = ROOT / ".work" / "wiki_idx"
@@ -129,31 +132,41 @@ def main() -> None:
     eval_ids = {r["id"] for r in first100}
     extra = [json.loads(line) for line in (SHARED_DATA / "popqa" / "popqa_longtail.jsonl").open()]
     extra = [r for r in extra if r["id"] not in eval_ids][:150]
-    plain = WORK / "generator_plain.jsonl"
+    plain = work / "generator_plain.jsonl"
     plain.write_text("".join(json.dumps({"id": r["id"], "instruction": r["question"], "output": r["answers"][0]}) + "\n"
                              for r in train_rows + extra))
-    labelled = WORK / "generator_train.jsonl"
+    labelled = work / "generator_train.jsonl"
     if not labelled.exists():
         timings["label_s"] = run(["selfrag", "label", str(plain), "--critic", str(critic_run / "final"), "--index",
                                   str(idx), "--ndocs", "3", "--device", "cpu"], stdout=labelled)
     labels = [json.loads(line)["critic"] for line in labelled.open()]
-    gen_run = WORK / "generator"
+    gen_run = work / "generator"
     if not (gen_run / "final").exists():
         timings["generator_train_s"] = run(["train", "--arch", "selfrag", "--data", str(labelled), "-o", str(gen_run),
                                             "--max-steps", str(args.generator_steps),
-                                            "--save-steps", str(args.generator_steps), *base])
-    eval_file = WORK / "popqa_eval50.jsonl"
+                                            "--save-steps", str(args.generator_steps), "--lr", "3e-4", *base])
+    eval_file = work / "popqa_eval50.jsonl"
     eval_file.write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
     modes = {}
     for mode in ("no_retrieval", "adaptive_retrieval", "always_retrieve"):
-        report = WORK / f"popqa50_{mode}.json"
+        report = work / f"popqa50_{mode}.json"
         seconds = run(["eval", "--task", "popqa", "--data", str(eval_file), "-m", str(gen_run / "final"),
                        "--arch", "selfrag", "--mode", mode, "--k", str(args.ndocs), "--max-new-tokens", "16",
                        "--device", "cpu", "-o", str(report)])
         metrics = json.loads(report.read_text())["metrics"]
         modes[mode] = {"match": metrics["match"], "retrieved": metrics.get("retrieved"), "seconds": seconds}
 
+    # the answer-prior baseline: the most common training answer of the question's PopQA relation
+    priors: dict[str, dict[str, int]] = {}
+    for r in train_rows + extra:
+        counts = priors.setdefault(r["prop"], {})
+        counts[r["answers"][0]] = counts.get(r["answers"][0], 0) + 1
+    prior_hits = sum(any(a in max(priors.get(r["prop"], {"": 0}).items(), key=lambda kv: kv[1])[0] for a in r["answers"])
+                     for r in eval_rows)
+    prior_match = prior_hits / len(eval_rows)
+
     hw = hardware()
+    print(f"relation-majority answer baseline (no model): match {prior_match:.3f}")
     print_table("critic (SmolLM2-135M + LoRA) on its held-out tenth", ["task", "n", "accuracy", "majority class"],
                 [[t, v["n"], v["accuracy"], v["majority_baseline"]] for t, v in critic_scores.items()])
     print_table(f"Self-RAG generator (SmolLM2-135M + LoRA), PopQA long-tail rows 51-100, released ctxs, "
@@ -165,8 +178,8 @@ def main() -> None:
                "generator_train_examples": len(labels),
                "label_counts": {k: sum(1 for lab in labels if lab.get("retrieval") == k) for k in ("[Retrieval]", "[No Retrieval]")},
                "relevant_labels": sum(1 for lab in labels if lab.get("relevance") == "[Relevant]"),
-               "critic_steps": args.critic_steps, "generator_steps": args.generator_steps, "ndocs": args.ndocs,
-               "modes": modes, "timings": timings}
+               "critic_steps": args.critic_steps, "critic_lr": args.critic_lr, "generator_steps": args.generator_steps, "ndocs": args.ndocs,
+               "modes": modes, "timings": timings, "relation_majority_baseline_match": prior_match}
     print(f"wrote {write_result('selfrag_small_run', payload)}")
 
 
