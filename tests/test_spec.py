@@ -102,3 +102,20 @@ def test_resolve_pins_ivf_parameters_and_checks_budget() -> None:
         resolve_spec(parse_spec("flat"), 1_000_000, 384, 2**20)
     with pytest.raises(UsageError, match="at least 256 vectors"):
         resolve_spec(parse_spec("ivf-pq"), 100, 64, None)
+
+
+def test_factory_strings_are_checked_for_syntax_then_for_the_dimension_at_build(tmp_path) -> None:
+    import numpy as np
+
+    from ragkit.errors import UsageError
+    from ragkit.index import Index
+    from ragkit.io.corpus import Passage
+    from ragkit.models.encoder import EncoderInfo
+
+    assert parse_spec("PQ48x8").factory_string == "PQ48x8"  # fits 384-d MiniLM vectors; 64 % 48 != 0 once refused it
+    with pytest.raises(UsageError, match="Faiss rejects"):
+        parse_spec("PQ48x8,Bogus")
+    vectors = np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32)
+    passages = [Passage(f"p{i}", "text") for i in range(300)]
+    with pytest.raises(UsageError, match="does not fit 32-dimensional"):
+        Index.build(tmp_path / "x", passages, vectors, EncoderInfo("m", 32, True, None, "f"), spec="PQ48x8")

@@ -122,11 +122,19 @@ def _check_factory(text: str) -> None:
 
     if text.startswith("IDMap"):
         raise UsageError(f"index spec '{text}': leave out IDMap, ragkit adds the id map itself")
-    try:
-        faiss.index_factory(64, text)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-        raise UsageError(f"index spec '{text}': Faiss rejects this factory string ({first})") from None
+    # the syntax is checked here; whether it fits the vectors' dimension (PQ48 needs d % 48 == 0) is only
+    # known at build time, so any common embedding dimension that accepts it will do
+    error = ""
+    for dim in PROBE_DIMS:
+        try:
+            faiss.index_factory(dim, text)
+            return
+        except RuntimeError as exc:
+            error = error or (str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+    raise UsageError(f"index spec '{text}': Faiss rejects this factory string ({error})") from None
+
+
+PROBE_DIMS = (64, 384, 768, 1024, 1536, 4096)
 
 
 def default_nlist(n: int) -> int:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from ragkit.errors import UsageError
+
 from ragkit.index.spec import IndexSpec
 
 METRICS = ("ip", "l2")
@@ -27,7 +29,11 @@ def new_index(spec: IndexSpec, dim: int, n: int, metric: str) -> Any:
     import faiss
 
     factory = spec.factory(dim, n)
-    inner = faiss.index_factory(dim, factory, faiss_metric(metric))
+    try:
+        inner = faiss.index_factory(dim, factory, faiss_metric(metric))
+    except RuntimeError as exc:
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise UsageError(f"index spec '{factory}' does not fit {dim}-dimensional vectors ({last})") from None
     if factory.startswith("IVF"):
         return inner
     if spec.kind == "hnsw" and "ef_construction" in spec.params:
