@@ -16,8 +16,10 @@ test: setup
 	$(VENV)/bin/python -m pytest -q
 
 bench: setup
-	$(VENV)/bin/python benchmarks/scifact_index_quality.py
-	$(VENV)/bin/python benchmarks/speed.py
+	cd benchmarks && for b in scifact_index_quality search_speed scifact_hybrid quantisation \
+	    scifact_embedder_finetune generate_speed selfrag_speed retrieval_latency qa_real_data \
+	    rag_finetune_popqa selfrag_small_run; do ../$(VENV)/bin/python $$b.py || exit 1; done
+	$(VENV)/bin/python benchmarks/render_results.py
 
 clean:
 	rm -rf $(VENV) .ragkit-demo
