@@ -1,0 +1,219 @@
+"""RETRO (Borgeaud et al., 2022): a decoder with chunked cross-attention to encoded retrieved neighbours.
+
+Written here because no maintained library ships RETRO as a transformers model; RETRO-pytorch is the
+reference for the layout. A `PretrainedConfig` / `PreTrainedModel` pair registered with the Auto classes,
+so checkpoints open with `AutoModel.from_pretrained` once ragkit is imported.
+
+Shapes: input_ids (B, N) with N a multiple of `chunk_size` m; retrieved (B, C, K, R): for each of the
+C = N / m chunks, K neighbours of R tokens (neighbour chunk + its continuation, R = 2m by default).
+
+Causality: the neighbours of chunk j were retrieved with chunk j's text, so only positions that have seen
+the whole chunk may attend to them. Position t attends to the neighbours of chunk floor((t + 1) / m) - 1
+(none for t < m - 1): the hidden states are shifted by m - 1 before being cut into chunks, as in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+
+class RetroConfig(PretrainedConfig):
+    model_type = "ragkit-retro"
+
+    def __init__(self, vocab_size: int = 49152, dim: int = 512, dec_depth: int = 6, enc_depth: int = 2,
+                 heads: int = 8, dim_head: int = 64, chunk_size: int = 64, num_neighbors: int = 2,
+                 neighbor_len: int | None = None, cross_attn_layers: list[int] | None = None, ff_mult: int = 4,
+                 attn_dropout: float = 0.0, ff_dropout: float = 0.0, deepnet: bool = False,
+                 pad_token_id: int = 0, **kwargs: Any) -> None:
+        self.vocab_size, self.dim, self.dec_depth, self.enc_depth = vocab_size, dim, dec_depth, enc_depth
+        self.heads, self.dim_head, self.chunk_size, self.num_neighbors = heads, dim_head, chunk_size, num_neighbors
+        self.neighbor_len = neighbor_len or 2 * chunk_size
+        # RETRO-pytorch's default: every third layer from the third on (layers are 1-indexed there)
+        self.cross_attn_layers = list(cross_attn_layers) if cross_attn_layers is not None else list(range(2, dec_depth, 3))
+        self.ff_mult, self.attn_dropout, self.ff_dropout, self.deepnet = ff_mult, attn_dropout, ff_dropout, deepnet
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding on (..., T, d) with integer positions (T,)."""
+    half = x.shape[-1] // 2
+    freqs = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    angles = positions.to(torch.float32)[:, None] * freqs[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over SDPA: self-attention (optionally causal) or cross-attention to a context."""
+
+    def __init__(self, config: RetroConfig, *, causal: bool = False) -> None:
+        super().__init__()
+        inner = config.heads * config.dim_head
+        self.heads, self.causal, self.dropout = config.heads, causal, config.attn_dropout
+        self.to_q = nn.Linear(config.dim, inner, bias=False)
+        self.to_kv = nn.Linear(config.dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *, rotate: bool = True,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        source = x if context is None else context
+        q = self.to_q(x).view(b, t, self.heads, -1).transpose(1, 2)
+        k, v = self.to_kv(source).view(b, source.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if rotate:
+            q = rotary(q, torch.arange(t, device=x.device))
+            k = rotary(k, torch.arange(source.shape[1], device=x.device))
+        mask = None
+        if context_mask is not None:
+            mask = context_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and context is None,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, config: RetroConfig) -> None:
+        super().__init__(nn.Linear(config.dim, config.dim * config.ff_mult), nn.GELU(), nn.Dropout(config.ff_dropout),
+                         nn.Linear(config.dim * config.ff_mult, config.dim))
+
+
+class Residual(nn.Module):
+    """Pre-norm residual; with DeepNet, x * alpha + f(norm(x)) (Wang et al., 2022)."""
+
+    def __init__(self, config: RetroConfig, fn: nn.Module, alpha: float) -> None:
+        super().__init__()
+        self.norm, self.fn, self.alpha = nn.RMSNorm(config.dim), fn, alpha
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return x * self.alpha + self.fn(self.norm(x), *args, **kwargs)
+
+
+class ChunkedCrossAttention(nn.Module):
+    def __init__(self, config: RetroConfig) -> None:
+        super().__init__()
+        self.chunk = config.chunk_size
+        self.attn = Attention(config)
+
+    def forward(self, x: torch.Tensor, neighbours: torch.Tensor, neighbour_mask: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D); neighbours (B, C, K*R, D) encoded; neighbour_mask (B, C, K*R)."""
+        b, n, d = x.shape
+        m, c = self.chunk, neighbours.shape[1]
+        shift = m - 1
+        shifted = F.pad(x[:, shift:], (0, 0, 0, shift))  # position t lands in group floor((t + 1) / m) - 1
+        groups = shifted.reshape(b * c, m, d)
+        out = self.attn(groups, neighbours.reshape(b * c, -1, d), rotate=False,
+                        context_mask=neighbour_mask.reshape(b * c, -1))
+        out = out.reshape(b, n, d)
+        return F.pad(out, (0, 0, shift, 0))[:, :n]  # positions t < m - 1 attend to nothing
+
+
+class RetroEncoder(nn.Module):
+    """Encodes each neighbour (self-attention), conditioned by cross-attention on the decoder's hidden states
+    of the chunk that retrieved it."""
+
+    def __init__(self, config: RetroConfig) -> None:
+        super().__init__()
+        alpha = (2 * config.enc_depth) ** 0.25 if config.deepnet else 1.0
+        self.layers = nn.ModuleList(nn.ModuleList([
+            Residual(config, Attention(config), alpha), Residual(config, Attention(config), alpha),
+            Residual(config, FeedForward(config), alpha)]) for _ in range(config.enc_depth))
+        self.norm = nn.RMSNorm(config.dim)
+
+    def forward(self, neighbours: torch.Tensor, chunk_states: torch.Tensor) -> torch.Tensor:
+        """neighbours (B*C*K, R, D); chunk_states (B*C*K, m, D)."""
+        x = neighbours
+        for self_attn, cross_attn, ff in self.layers:
+            x = self_attn(x)
+            x = cross_attn(x, chunk_states, rotate=False)
+            x = ff(x)
+        return self.norm(x)
+
+
+class RetroModel(PreTrainedModel):
+    config_class = RetroConfig
+    base_model_prefix = "retro"
+    supports_gradient_checkpointing = False
+
+    def __init__(self, config: RetroConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        alpha = (2 * config.dec_depth) ** 0.25 if config.deepnet else 1.0
+        self.layers = nn.ModuleList()
+        for i in range(config.dec_depth):
+            block = nn.ModuleDict({"self_attn": Residual(config, Attention(config, causal=True), alpha),
+                                   "ff": Residual(config, FeedForward(config), alpha)})
+            if i in config.cross_attn_layers:
+                block["cca"] = Residual(config, ChunkedCrossAttention(config), alpha)
+            self.layers.append(block)
+        self.encoder = RetroEncoder(config)
+        self.norm = nn.RMSNorm(config.dim)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            # DeepNet: residual branches start small (gain (8 N)^(-1/4)), so the alpha-scaled stack stays stable
+            gain = (8 * self.config.dec_depth) ** -0.25 if self.config.deepnet else 1.0
+            nn.init.xavier_normal_(module.weight, gain=gain)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor, retrieved: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
+        cfg = self.config
+        b, n = input_ids.shape
+        if n % cfg.chunk_size:
+            raise ValueError(f"sequence length {n} is not a multiple of chunk_size {cfg.chunk_size}")
+        x = self.embed(input_ids)
+        encoded = mask = None
+        for block in self.layers:
+            x = block["self_attn"](x)
+            if "cca" in block and retrieved is not None:
+                if encoded is None:  # neighbours encoded once, conditioned on the first CCA layer's input
+                    encoded, mask = self._encode(retrieved, x)
+                x = block["cca"](x, encoded, mask)
+            x = block["ff"](x)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def _encode(self, retrieved: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        b, n, d = x.shape
+        c = n // cfg.chunk_size
+        if retrieved.shape[:2] != (b, c):
+            raise ValueError(f"retrieved has shape {tuple(retrieved.shape)}; expected ({b}, {c}, K, R)")
+        k, r = retrieved.shape[2], retrieved.shape[3]
+        chunk_states = x.reshape(b, c, cfg.chunk_size, d).repeat_interleave(k, dim=1).reshape(b * c * k, cfg.chunk_size, d)
+        neighbours = self.encoder(self.embed(retrieved.reshape(b * c * k, r)), chunk_states)
+        mask = retrieved.ne(cfg.pad_token_id).reshape(b, c, k * r)
+        # a chunk with no neighbour at all would make softmax over an empty set: let it see one padded slot
+        mask[..., 0] |= ~mask.any(-1)
+        return neighbours.reshape(b, c, k * r, d), mask
+
+
+def register_auto() -> None:
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        AutoConfig.register(RetroConfig.model_type, RetroConfig)
+        AutoModel.register(RetroConfig, RetroModel)
+    except ValueError:  # already registered
+        pass
+
+
+register_auto()
+
+__all__ = ["RetroConfig", "RetroModel"]
