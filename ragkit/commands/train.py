@@ -75,11 +75,12 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output (model, optimizer, scheduler, RNG, data position).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the cost report as JSON on stdout.")] = False,
 ) -> None:
-    """Train on the one trainer: --arch rag, selfrag, selfrag-critic (retro and embedder to come).
+    """Train on the one trainer: --arch rag, selfrag, selfrag-critic, embedder (retro to come).
 
-    Writes OUTPUT/checkpoint-N/ and OUTPUT/final/ (rag: generator/ and query_encoder/; selfrag and
-    selfrag-critic: model/ with the reflection tokens; all open with plain transformers, peft and
-    sentence-transformers), OUTPUT/metrics.jsonl, OUTPUT/cost_report.json and the resolved config.
+    Writes OUTPUT/checkpoint-N/ and OUTPUT/final/ (rag: generator/ and query_encoder/, + doc_encoder/
+    with --end2end; selfrag and selfrag-critic: model/ with the reflection tokens; embedder: embedder/;
+    all open with plain transformers, peft and sentence-transformers), OUTPUT/metrics.jsonl,
+    OUTPUT/cost_report.json and the resolved config.
 
     Examples:
 
@@ -88,6 +89,8 @@ def train(
       ragkit train --arch rag --data hf_rag_dir/ --index idx/ -o runs/rag --loss token --n-docs 5
 
       ragkit train --arch selfrag-critic --data critic_train.json -o runs/critic --generator meta-llama/Llama-2-7b-hf
+
+      ragkit train --arch embedder --data beir_scifact/ --index idx/ --hard-negatives 1 -o runs/emb
 
       ragkit train --config run.toml --resume
     """
