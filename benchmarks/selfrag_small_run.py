@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--critic-steps", type=int, default=100)
     parser.add_argument("--generator-steps", type=int, default=120)
     parser.add_argument("--ndocs", type=int, default=5)
-    parser.add_argument("--critic-lr", type=float, default=3e-4)
+    parser.add_argument("--critic-lr", type=float, default=1e-3)
     parser.add_argument("--work", type=Path, default=WORK, help="cache folder (a new one starts from scratch)")
     args = parser.parse_args()
     work = args.work
