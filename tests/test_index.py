@@ -204,3 +204,14 @@ def test_small_pq_training_warns_once(tmp_path: Path, capfd: pytest.CaptureFixtu
     Index.build(tmp_path / "idx", passages(300), unit_vectors(300, DIM), ENC, spec="ivf-pq:nlist=4,m=8")
     assert "WARNING clustering" not in capfd.readouterr().err
     assert [r.getMessage() for r in caplog.records if "PQ trained on 300 vectors" in r.getMessage()]
+
+
+def test_a_refused_end2end_upsert_leaves_the_manifest_alone(tmp_path: Path) -> None:
+    index = Index.build(tmp_path / "idx", passages(6), unit_vectors(6, DIM), ENC)
+    trained = EncoderInfo(ENC.name, DIM, True, 64, "e" * 32)
+    duplicated = [Passage("p0", "x"), Passage("p0", "y")]
+    with pytest.raises(InputError, match="duplicate id"):
+        index.upsert(duplicated, unit_vectors(2, DIM), trained, adopt_encoder={"step": 1, "slice": "1/1"})
+    assert "end2end" not in index.manifest and index.encoder.fingerprint == ENC.fingerprint
+    index.upsert([Passage("p0", "x")], unit_vectors(1, DIM), trained, adopt_encoder={"step": 1, "slice": "1/1"})
+    assert Index.open(tmp_path / "idx").manifest["end2end"] == {"step": 1, "slice": "1/1"}

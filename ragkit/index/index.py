@@ -249,8 +249,11 @@ class Index:
         return layout.publish(root, staging, version)
 
     # -- changing --------------------------------------------------------------------------------
-    def _mutate(self, change: Any) -> ChangeReport:
-        """Apply `change(store, faiss_index, report)` to a staged copy and publish it as a new version."""
+    def _mutate(self, change: Any, *, manifest: dict[str, Any] | None = None) -> ChangeReport:
+        """Apply `change(store, faiss_index, report)` to a staged copy and publish it as a new version with
+        `manifest` (default: the current one). `change` may return a Faiss index that replaces the old one."""
+        manifest = self.manifest if manifest is None else manifest
+        sparse = SparseConfig.from_json(manifest["sparse"]) if manifest.get("sparse") else None
         with layout.writer_lock(self.root):
             if layout.current_version_dir(self.root) != self.version_dir:
                 raise ResourceError(f"{self.root}: changed by another writer since it was opened; open it again")
@@ -261,15 +264,17 @@ class Index:
             cpu_index = fv.to_cpu(self.faiss_index)
             report = ChangeReport()
             try:
-                change(store, cpu_index, report)
+                replacement = change(store, cpu_index, report)
+                if replacement is not None:
+                    cpu_index = replacement
                 if self._needs_compaction(store, cpu_index):
                     cpu_index = self._compact(store, cpu_index)
                     report.compacted = True
                 store.commit()
-                if self.sparse_config is not None:  # bm25s cannot update in place: rebuilt from the store
-                    _rebuild_sparse(staging, store, self.sparse_config)
+                if sparse is not None:  # bm25s cannot update in place: rebuilt from the store
+                    _rebuild_sparse(staging, store, sparse)
                 store.close()
-                self._write_version(self.root, staging, version, self.manifest, cpu_index)
+                self._write_version(self.root, staging, version, manifest, cpu_index)
             except BaseException:
                 store.close()
                 # The in-memory Faiss index may be half-changed: reload the last published version.
@@ -287,10 +292,11 @@ class Index:
         adopt_encoder: the vectors come from a new state of the embedder (end-to-end RAG training refreshes
         the index while its document encoder trains): the manifest records that encoder, and this note
         under `end2end`, instead of refusing it."""
+        manifest = None
         if adopt_encoder is not None:
             if encoder.dim != self.dim:
                 raise ResourceError(f"vectors have dimension {encoder.dim}, the index holds dimension {self.dim}")
-            self.manifest = {**self.manifest, "encoder": encoder.to_json(), "end2end": adopt_encoder}
+            manifest = {**self.manifest, "encoder": encoder.to_json(), "end2end": adopt_encoder}
         else:
             self.check_encoder(encoder)
         _check_unique(passages)
@@ -309,7 +315,7 @@ class Index:
             report.replaced = len(existing)
             report.added = len(passages) - len(existing)
 
-        return self._mutate(change)
+        return self._mutate(change, manifest=manifest)
 
     def remove(self, ids: Sequence[str]) -> ChangeReport:
         in_place = bool(self.manifest["removes_in_place"])
@@ -398,46 +404,37 @@ class Index:
 
         `encode(texts) -> np.ndarray` is called on blocks of passages in store order. Until the new version
         is published the old one serves searches; a process killed meanwhile leaves it untouched."""
-        with layout.writer_lock(self.root):
-            if layout.current_version_dir(self.root) != self.version_dir:
-                raise ResourceError(f"{self.root}: changed by another writer since it was opened; open it again")
-            version = layout.next_version(self.root)
-            staging = layout.new_staging_dir(self.root, version)
-            self.store.copy_to(staging / layout.PASSAGES)
-            store = PassageStore(staging / layout.PASSAGES)
+        n = max(1, len(self))
+        resolved, reason = resolve_spec(parse_spec(self.manifest["spec_requested"]), n, encoder.dim, None)
+        manifest = {**self.manifest, "encoder": encoder.to_json(), "spec": resolved.text, "auto_reason": reason,
+                    "factory": resolved.factory(encoder.dim, n), "removes_in_place": resolved.removes_in_place}
+
+        def change(store: PassageStore, faiss_index: Any, report: ChangeReport) -> Any:
             store.clear_tombstones()  # the new vectors hold live passages only
             vids: list[int] = []
             blocks: list[np.ndarray] = []
             pending: list[tuple[int, Passage]] = []
+
+            def flush() -> None:
+                vids.extend(v for v, _ in pending)
+                blocks.append(np.asarray(encode([p.embedding_text() for _, p in pending]), dtype=np.float32))
+                pending.clear()
+
             for item in store.iter_passages():
                 pending.append(item)
                 if len(pending) >= batch:
-                    vids += [v for v, _ in pending]
-                    blocks.append(np.asarray(encode([p.embedding_text() for _, p in pending]), dtype=np.float32))
-                    pending.clear()
+                    flush()
             if pending:
-                vids += [v for v, _ in pending]
-                blocks.append(np.asarray(encode([p.embedding_text() for _, p in pending]), dtype=np.float32))
-            vectors = np.concatenate(blocks) if blocks else np.zeros((0, encoder.dim), dtype=np.float32)
-            spec = parse_spec(self.manifest["spec_requested"])
-            resolved, reason = resolve_spec(spec, max(1, len(vids)), encoder.dim, None)
-            fresh = fv.new_index(resolved, encoder.dim, max(1, len(vids)), self.metric)
-            if len(vids):
+                flush()
+            fresh = fv.new_index(resolved, encoder.dim, n, self.metric)
+            if vids:
+                vectors = np.concatenate(blocks)
                 fv.train_if_needed(fresh, vectors)
                 fv.add(fresh, vectors, np.asarray(vids, dtype=np.int64))
-            manifest = {**self.manifest, "encoder": encoder.to_json(), "spec": resolved.text, "auto_reason": reason,
-                        "factory": resolved.factory(encoder.dim, max(1, len(vids))),
-                        "removes_in_place": resolved.removes_in_place}
-            store.commit()
-            store.close()
-            if (self.version_dir / "sparse").is_dir():  # same passages: the BM25 side carries over
-                import shutil
+            report.replaced = len(vids)
+            return fresh
 
-                shutil.copytree(self.version_dir / "sparse", staging / "sparse")
-            self._write_version(self.root, staging, version, manifest, fresh)
-        reopened = Index.open(self.root, device=self.device)
-        self.__dict__.update(reopened.__dict__)
-        return len(vids)
+        return self._mutate(change, manifest=manifest).replaced
 
     def search_sparse(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
         """Top-k BM25 hits per query text (fewer when fewer passages share a term with the query)."""
@@ -463,12 +460,8 @@ class Index:
 
     def add_sparse(self, config: SparseConfig) -> None:
         """Give an existing index a BM25 side (a new version; vectors and passages unchanged)."""
-        manifest = {**self.manifest, "sparse": {"library": "bm25s", **config.to_json()}}
-
-        def change(store: PassageStore, faiss_index: Any, report: ChangeReport) -> None:
-            self.manifest = manifest  # _mutate writes self.manifest and rebuilds the sparse side from it
-
-        self._mutate(change)  # on failure _mutate reloads the last published version (no sparse side)
+        self._mutate(lambda store, faiss_index, report: None,
+                     manifest={**self.manifest, "sparse": {"library": "bm25s", **config.to_json()}})
 
     def vectors_for_vids(self, vids: np.ndarray) -> np.ndarray:
         """The stored vectors of the given vids (exact for flat/HNSW; PQ/SQ codes give approximations)."""
