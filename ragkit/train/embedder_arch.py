@@ -140,7 +140,7 @@ class EmbedderArch:
 
         from ragkit.models.registry import materialize, missing_model_error, quiet_transformers, resolve
 
-        loss_name = "mnrl" if config.loss == "sequence" else config.loss  # "sequence" is the unset default
+        loss_name = config.loss or "mnrl"
         if loss_name not in LOSSES:
             raise UsageError(f"--loss {config.loss}: expected one of {', '.join(LOSSES)} for --arch embedder")
         name = config.embedder or _index_embedder(config.index) or "minilm"

@@ -25,7 +25,7 @@ def rag_model_config(config: TrainConfig) -> RagModelConfig:
     return RagModelConfig(
         generator=config.generator, query_encoder=config.query_encoder, index=config.index, n_docs=config.n_docs,
         end2end=config.end2end,
-        loss=config.loss, label_smoothing=config.label_smoothing, max_source_tokens=config.max_source_tokens,
+        loss=config.loss or "sequence", label_smoothing=config.label_smoothing, max_source_tokens=config.max_source_tokens,
         max_target_tokens=config.max_target_tokens, max_passage_words=config.max_passage_words,
         train_query_encoder=not config.freeze_query_encoder,
     )
