@@ -102,6 +102,14 @@ def user_message(question: str, passages: Sequence[dict[str, Any]], config: Read
     return RAG_PROMPT.format(question=question, passages=format_passages(passages, config.max_passage_words))
 
 
+def _use_index(config: ReaderConfig, retriever: Any) -> bool:
+    """Whether passages come from the index (else from the input's ctxs)."""
+    use_index = config.source == "index" or (config.source == "auto" and retriever is not None)
+    if use_index and retriever is None:
+        raise UsageError("--passages index needs --index DIR")
+    return use_index
+
+
 def answer(questions: Sequence[Question], generator: Any, gen_config: GenerationConfig, config: ReaderConfig,
            retriever: Any = None) -> list[dict[str, Any]]:
     """Answer a block of questions; returns one output row per question, in input order."""
@@ -114,10 +122,7 @@ def answer(questions: Sequence[Question], generator: Any, gen_config: Generation
     passages: list[list[dict[str, Any]]] = [[] for _ in questions]
     retrieve_s = 0.0
     if config.arch == "rag":
-        use_index = config.source == "index" or (config.source == "auto" and retriever is not None)
-        if use_index:
-            if retriever is None:
-                raise UsageError("--passages index needs --index DIR")
+        if _use_index(config, retriever):
             began = time.perf_counter()
             hits = retriever.retrieve([q.extra.get("retrieval_query") or q.text for q in questions], config.k)
             retrieve_s = time.perf_counter() - began
@@ -178,9 +183,7 @@ def answer_with_selfrag(questions: Sequence[Question], decoder: Any, config: Rea
     """Answer with Self-RAG; passages (the input's ctxs, or --index hits) are fetched only when it retrieves."""
     from ragkit.models.selfrag.decoding import SelfRagQuestion
 
-    use_index = config.source == "index" or (config.source == "auto" and retriever is not None)
-    if use_index and retriever is None:
-        raise UsageError("--passages index needs --index DIR")
+    use_index = _use_index(config, retriever)
 
     def fetch(q: Question) -> Any:
         if use_index:

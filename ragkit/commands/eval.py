@@ -99,6 +99,7 @@ def evaluate(
     """
     if ctx.invoked_subcommand is not None:
         return
+    options = dict(locals())
     with handle_errors():
         from ragkit.errors import UsageError
         from ragkit.eval import report as rep
@@ -137,12 +138,7 @@ def evaluate(
             if model is not None:
                 from ragkit.reader import questions_from_examples
 
-                selfrag = selfrag_config(
-                    mode=mode, threshold=threshold, k=k, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    w_rel=w_rel, w_sup=w_sup, w_use=w_use, use_groundness=use_groundness, use_utility=use_utility,
-                    use_seqscore=use_seqscore, compat_upstream=compat_upstream, long_form=long_form,
-                    beam_width=beam_width, max_depth=max_depth, ignore_cont=ignore_cont, task=task,
-                ) if arch == "selfrag" else None
+                selfrag = selfrag_config(options) if arch == "selfrag" else None
                 generator, gen_config, reader, retriever = build_generation(
                     model=model, arch=arch, index=index, k=k, passages=passages, max_new_tokens=max_new_tokens,
                     do_sample=False, temperature=1.0, top_p=1.0, top_k=0, stop=stop, batch_size=batch_size,

@@ -48,19 +48,27 @@ CLOSED_TASKS = ("arc_c", "pubhealth", "scifact")
 LONG_FORM_TASKS = ("asqa",)
 
 
-def selfrag_config(*, mode: str, threshold: float, k: int, max_new_tokens: int, batch_size: int, w_rel: float,
-                   w_sup: float, w_use: float, use_groundness: bool, use_utility: bool, use_seqscore: bool,
-                   compat_upstream: bool, long_form: bool | None, beam_width: int, max_depth: int,
-                   ignore_cont: bool, task: str | None) -> Any:
+SELFRAG_OPTIONS = ("mode", "threshold", "k", "max_new_tokens", "batch_size", "w_rel", "w_sup", "w_use",
+                   "use_groundness", "use_utility", "use_seqscore", "compat_upstream", "long_form", "beam_width",
+                   "max_depth", "ignore_cont", "task")
+
+
+def selfrag_config(options: dict[str, Any]) -> Any:
+    """The Self-RAG decoding config from a command's options (`generate` and `eval` pass their locals(), so
+    both forward the same flags)."""
     from ragkit.models.selfrag.decoding import SelfRagConfig
     from ragkit.models.selfrag.scoring import ScoringConfig
 
-    scoring = ScoringConfig(w_rel=w_rel, w_sup=w_sup, w_use=w_use, use_groundness=use_groundness,
-                            use_utility=use_utility, use_seqscore=use_seqscore, compat_upstream=compat_upstream)
-    config = SelfRagConfig(mode=mode, threshold=threshold if threshold >= 0 else None, ndocs=k,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, closed=task in CLOSED_TASKS,
-                           long_form=long_form if long_form is not None else task in LONG_FORM_TASKS,
-                           beam_width=beam_width, max_depth=max_depth, ignore_cont=ignore_cont, scoring=scoring)
+    o = {name: options[name] for name in SELFRAG_OPTIONS}
+    scoring = ScoringConfig(w_rel=o["w_rel"], w_sup=o["w_sup"], w_use=o["w_use"], use_groundness=o["use_groundness"],
+                            use_utility=o["use_utility"], use_seqscore=o["use_seqscore"],
+                            compat_upstream=o["compat_upstream"])
+    task = o["task"]
+    config = SelfRagConfig(mode=o["mode"], threshold=o["threshold"] if o["threshold"] >= 0 else None, ndocs=o["k"],
+                           max_new_tokens=o["max_new_tokens"], batch_size=o["batch_size"], closed=task in CLOSED_TASKS,
+                           long_form=o["long_form"] if o["long_form"] is not None else task in LONG_FORM_TASKS,
+                           beam_width=o["beam_width"], max_depth=o["max_depth"], ignore_cont=o["ignore_cont"],
+                           scoring=scoring)
     config.validate()
     return config
 
@@ -203,6 +211,7 @@ def generate(
 
       ragkit generate popqa_longtail_w_gs.jsonl -m selfrag/selfrag_llama2_7b --arch selfrag --mode adaptive_retrieval --k 10
     """
+    options = dict(locals())
     with handle_errors():
         from ragkit.models.registry import resolve
         from ragkit.reader import read_questions
@@ -215,12 +224,7 @@ def generate(
             do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, batch_size=batch_size,
             device=device, dtype=dtype, backend=backend, template=template, max_passage_words=max_passage_words,
             seed=seed, trust_remote_code=trust_remote_code, rag_decoding=rag_decoding, num_beams=num_beams,
-            selfrag=selfrag_config(
-                mode=mode, threshold=threshold, k=k, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                w_rel=w_rel, w_sup=w_sup, w_use=w_use, use_groundness=use_groundness, use_utility=use_utility,
-                use_seqscore=use_seqscore, compat_upstream=compat_upstream, long_form=long_form,
-                beam_width=beam_width, max_depth=max_depth, ignore_cont=ignore_cont, task=task,
-            ) if arch == "selfrag" else None,
+            selfrag=selfrag_config(options) if arch == "selfrag" else None,
             retrieval=RetrievalMode(retrieval_mode, fusion, dense_weight), quantize=quantize,
         )
         shown = []

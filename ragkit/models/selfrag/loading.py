@@ -64,7 +64,8 @@ def load_selfrag_decoder(name: str, config: Any, *, device: str | None = None, d
     if backend == "vllm":
         from ragkit.models.generator import VLLMGenerator
 
-        if checkpoint_model_dir(name) is not None and (checkpoint_model_dir(name) / "adapter_config.json").exists():
+        folder = checkpoint_model_dir(name)
+        if folder is not None and (folder / "adapter_config.json").exists():
             raise ResourceError(f"{name}: a LoRA checkpoint; vLLM needs a merged model",
                                 hint=f"ragkit export {name} -o MERGED, then --model MERGED.")
         return VLLMSelfRagDecoder(VLLMGenerator(name, dtype=dtype, trust_remote_code=trust_remote_code).llm, config,
