@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -42,8 +43,10 @@ def _print_metrics(title: str, report: dict[str, Any]) -> None:
 @app.callback(invoke_without_command=True)
 def evaluate(
     ctx: typer.Context,
-    task: Annotated[str | None, typer.Option("--task", help="popqa, triviaqa, nq, arc_c, pubhealth, scifact, asqa, qa (any JSONL with answers), beir.")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="The task's data file (a BEIR folder for --task beir).")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="popqa, triviaqa, nq, arc_c, pubhealth, scifact, asqa, qa (any JSONL with answers), beir, lm (held-out text for a RETRO model).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The task's data file (a BEIR folder for --task beir; a text folder or file for --task lm).")] = None,
+    glob: Annotated[str, typer.Option("--glob", help="--task lm: files of a --data folder to read (.jsonl: one document per line).")] = "**/*.txt",
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="--task lm: the RETRO work folder to retrieve from (default: the model's).")] = None,
     predictions: Annotated[str | None, typer.Option("--predictions", help="`ragkit generate` (or `ragkit index search` for beir) output; default stdin unless --model is given.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Run generation with this model instead of reading predictions.")] = None,
     arch: ArchOpt = "none",
@@ -95,6 +98,8 @@ def evaluate(
 
       ragkit index search idx/ -q scifact/queries.jsonl --k 100 | ragkit eval --task beir --data scifact/
 
+      ragkit eval --task lm --data heldout/ -m runs/retro/final -o lm.json
+
       ragkit eval compare closed.json rag.json --plot cmp.png
     """
     if ctx.invoked_subcommand is not None:
@@ -115,6 +120,9 @@ def evaluate(
             raise UsageError("--data is required")
         began = time.perf_counter()
         config: dict[str, Any] = {"task": task, "data": str(data), "label": label, "limit": limit}
+        if task == "lm":
+            _evaluate_lm(options, config, began)
+            return
         if task == "beir":
             queries, qrels = runner.load_beir(data, split)
             if index is not None:
@@ -174,6 +182,48 @@ def evaluate(
         _print_metrics(f"{task}: {data} ({len(rows)} examples)", report)
         if as_json:
             sys.stdout.write(json.dumps({k: v for k, v in report.items() if k != "rows"}, ensure_ascii=False) + "\n")
+
+
+def _evaluate_lm(o: dict[str, Any], config: dict[str, Any], began: float) -> None:
+    """Loss, perplexity and bits per byte of held-out text under a RETRO checkpoint, with and without
+    its neighbours; the report has one row per document and bootstrap 95% intervals over documents."""
+    from ragkit.errors import UsageError
+    from ragkit.eval import report as rep
+    from ragkit.retro.generate import load_retro
+    from ragkit.retro.lm_eval import evaluate
+
+    if o["model"] is None:
+        raise UsageError("--task lm needs --model (a `ragkit train --arch retro` checkpoint)")
+    loaded = load_retro(o["model"], workdir=o["workdir"], device=o["device"])
+    result = evaluate(loaded, str(o["data"]), o["glob"], batch_size=o["batch_size"],
+                      workdir=str(o["workdir"]) if o["workdir"] else None)
+    metrics: dict[str, Any] = {}
+    for name, scores in result["results"].items():
+        suffix = "" if name == "retrieval" or "retrieval" not in result["results"] else "_no_retrieval"
+        summary = scores.summary()
+        for metric in ("loss", "perplexity", "bits_per_byte", "bits_per_token"):
+            low, high = scores.interval(metric)
+            metrics[metric + suffix] = {"mean": summary[metric], "n": int(len(scores.nll)), "ci95": [low, high]}
+    documents = result["heldout"].documents()
+    rows = []
+    for i, doc in enumerate(documents):
+        row: dict[str, Any] = {"id": doc["source"], "tokens": doc["tokens"], "bytes": doc["bytes"], "metrics": {}}
+        for name, scores in result["results"].items():
+            suffix = "" if name == "retrieval" or "retrieval" not in result["results"] else "_no_retrieval"
+            if scores.tokens[i]:
+                row["metrics"]["loss" + suffix] = scores.nll[i] / scores.tokens[i]
+                row["metrics"]["bits_per_byte" + suffix] = scores.nll[i] / math.log(2) / max(doc["bytes"], 1)
+        rows.append(row)
+    config.update(model=o["model"], workdir=str(o["workdir"] or loaded.info["workdir"]), glob=o["glob"],
+                  seq_len=result["seq_len"], retrieval=list(result["results"]),
+                  predicted_tokens=int(next(iter(result["results"].values())).tokens.sum()))
+    report = rep.build_report("lm", "bits_per_byte", metrics, rows, config,
+                              {**result["timings"], "total_s": time.perf_counter() - began})
+    if o["output"] is not None:
+        rep.save_report(o["output"], report)
+    _print_metrics(f"lm: {o['data']} ({len(rows)} documents, {config['predicted_tokens']} tokens)", report)
+    if o["as_json"]:
+        sys.stdout.write(json.dumps({k: v for k, v in report.items() if k != "rows"}, ensure_ascii=False) + "\n")
 
 
 @app.command("compare")

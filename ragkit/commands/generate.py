@@ -12,7 +12,9 @@ import typer
 from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionOpt, RetrievalModeOpt, handle_errors
 
 ModelGen = Annotated[str, typer.Option("--model", "-m", help="Generator: hub id, local folder, .gguf file, alias (smollm2-135m = shipped SmolLM2-135M-Instruct), or a `ragkit train --arch rag` checkpoint.")]
-ArchOpt = Annotated[str, typer.Option("--arch", help="none (closed book), rag (retrieve with --index, or use the input's ctxs, then read) or selfrag (a model with Self-RAG reflection tokens; see the --mode options).")]
+ArchOpt = Annotated[str, typer.Option("--arch", help="none (closed book), rag (retrieve with --index, or use the input's ctxs, then read), selfrag (a model with Self-RAG reflection tokens; see the --mode options) or retro (a `ragkit train --arch retro` checkpoint continuing each prompt).")]
+WorkdirOpt = Annotated[Path | None, typer.Option("--workdir", help="RETRO: the work folder whose index and chunks the model retrieves from (default: the one it was trained with).")]
+NoRetrievalOpt = Annotated[bool, typer.Option("--no-retrieval", help="RETRO: run the decoder without neighbours.")]
 IndexOpt = Annotated[Path | None, typer.Option("--index", help="ragkit index to retrieve from (--arch rag).")]
 KOpt = Annotated[int, typer.Option("--k", "-k", min=1, help="Passages per question.")]
 PassagesOpt = Annotated[str, typer.Option("--passages", help="Where passages come from: auto (index if given, else ctxs), index, ctxs.")]
@@ -194,6 +196,10 @@ def generate(
     retrieval_mode: RetrievalModeOpt = "dense",
     fusion: FusionOpt = "rrf",
     dense_weight: DenseWeightOpt = 0.5,
+    workdir: WorkdirOpt = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="RETRO: continuations sampled per prompt.")] = 1,
+    unconditional: Annotated[bool, typer.Option("--unconditional", help="RETRO: sample from nothing (the start-of-document token) instead of reading prompts.")] = False,
+    no_retrieval: NoRetrievalOpt = False,
     table: Annotated[bool, typer.Option("--table", help="Also print question, top passage and answer as a table on stderr.")] = False,
 ) -> None:
     """Answer questions closed-book (--arch none), retrieve-then-read (--arch rag) or with Self-RAG; JSONL out.
@@ -210,8 +216,13 @@ def generate(
       ragkit generate popqa_longtail_w_gs.jsonl --arch rag --passages ctxs | ragkit eval --task popqa --data popqa_longtail_w_gs.jsonl
 
       ragkit generate popqa_longtail_w_gs.jsonl -m selfrag/selfrag_llama2_7b --arch selfrag --mode adaptive_retrieval --k 10
+
+      echo '{"prompt": "ROMEO:"}' | ragkit generate --arch retro -m runs/retro/final --do-sample --top-k 40 --max-new-tokens 128
     """
     options = dict(locals())
+    if arch == "retro":
+        _generate_retro(options)
+        return
     with handle_errors():
         from ragkit.models.registry import resolve
         from ragkit.reader import read_questions
@@ -236,6 +247,53 @@ def generate(
                 shown.append(row)
         if table:
             _print_answers(shown)
+
+
+def _generate_retro(o: dict[str, Any]) -> None:
+    """Continue each prompt (JSONL `prompt`/`text`/`question`, or plain lines) with a trained RETRO model,
+    retrieving at every chunk boundary."""
+    with handle_errors():
+        from ragkit.console import info
+        from ragkit.errors import InputError, Location
+        from ragkit.io.jsonl import display_name, iter_records
+        from ragkit.retro.generate import SamplingConfig, load_retro, prompt_ids, sample
+
+        loaded = load_retro(o["model"], workdir=o["workdir"], device=o["device"], retrieval=not o["no_retrieval"])
+        prompts: list[tuple[str, str]] = []
+        if o["unconditional"]:
+            prompts = [("0", "")]
+        else:
+            name = display_name(o["input_file"])
+            for lineno, record in iter_records(o["input_file"]):
+                if isinstance(record, dict):
+                    text = next((record[f] for f in ("prompt", "text", "question") if isinstance(record.get(f), str)), None)
+                    if text is None:
+                        raise InputError(Location(name, lineno, "prompt"), "missing: give prompt, text or question")
+                    prompts.append((str(record.get("id", lineno)), text))
+                else:
+                    prompts.append((str(lineno), record))
+                if o["limit"] and len(prompts) >= o["limit"]:
+                    break
+        config = SamplingConfig(max_new_tokens=o["max_new_tokens"], temperature=o["temperature"] if o["do_sample"] else 0.0,
+                                top_k=o["top_k"], top_p=o["top_p"], num_samples=o["num_samples"], seed=o["seed"])
+        tokenizer = loaded.tokenizer
+        total_tokens = total_seconds = 0.0
+        for pid, text in prompts:
+            result = sample(loaded.model, prompt_ids(tokenizer, text), config, loaded.retriever,
+                            eos_id=tokenizer.eos_token_id)
+            outputs = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+            new = sum(len(t) for t in result.tokens)
+            total_tokens, total_seconds = total_tokens + new, total_seconds + result.seconds
+            row = {"id": pid, "prompt": text, "output": outputs[0], "new_tokens": len(result.tokens[0]),
+                   "retrieved": result.retrieved,
+                   "timings": {"generate_s": round(result.seconds, 4), "retrieval_s": round(result.retrieval_seconds, 4),
+                               "tokens_per_s": round(new / result.seconds, 2) if result.seconds else None}}
+            if len(outputs) > 1:
+                row["samples"] = outputs
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+        if total_seconds:
+            info(f"retro: {int(total_tokens)} tokens in {total_seconds:.1f}s ({total_tokens / total_seconds:.1f} tokens/s)")
 
 
 def _print_answers(rows: list[dict[str, Any]]) -> None:

@@ -45,6 +45,24 @@ def train(
     distill_alpha: Annotated[float | None, typer.Option("--distill-alpha", min=0.0, max=1.0, help=_help("distill_alpha"))] = None,
     distill_temperature: Annotated[float | None, typer.Option("--distill-temperature", min=0.01, help=_help("distill_temperature"))] = None,
     max_seq_length: Annotated[int | None, typer.Option("--max-seq-length", min=8, help=_help("max_seq_length"))] = None,
+    workdir: Annotated[str | None, typer.Option("--workdir", help=_help("workdir"))] = None,
+    glob: Annotated[str | None, typer.Option("--glob", help=_help("glob"))] = None,
+    reprocess: Annotated[bool | None, typer.Option("--reprocess", help=_help("reprocess"), show_default=False)] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help=_help("tokenizer"))] = None,
+    index_spec: Annotated[str | None, typer.Option("--index-spec", help=_help("index_spec"))] = None,
+    chunk_size: Annotated[int | None, typer.Option("--chunk-size", min=1, help=_help("chunk_size"))] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", min=1, help=_help("seq_len"))] = None,
+    num_neighbors: Annotated[int | None, typer.Option("--num-neighbors", min=1, help=_help("num_neighbors"))] = None,
+    extra_neighbors: Annotated[int | None, typer.Option("--extra-neighbors", min=0, help=_help("extra_neighbors"))] = None,
+    retro_dim: Annotated[int | None, typer.Option("--retro-dim", min=8, help=_help("retro_dim"))] = None,
+    retro_dec_depth: Annotated[int | None, typer.Option("--retro-dec-depth", min=1, help=_help("retro_dec_depth"))] = None,
+    retro_enc_depth: Annotated[int | None, typer.Option("--retro-enc-depth", min=1, help=_help("retro_enc_depth"))] = None,
+    retro_heads: Annotated[int | None, typer.Option("--retro-heads", min=1, help=_help("retro_heads"))] = None,
+    retro_dim_head: Annotated[int | None, typer.Option("--retro-dim-head", min=2, help=_help("retro_dim_head"))] = None,
+    retro_cross_attn_layers: Annotated[str | None, typer.Option("--retro-cross-attn-layers", help=_help("retro_cross_attn_layers"))] = None,
+    retro_deepnet: Annotated[bool | None, typer.Option("--retro-deepnet", help=_help("retro_deepnet"), show_default=False)] = None,
+    attn_dropout: Annotated[float | None, typer.Option("--attn-dropout", min=0.0, max=1.0, help=_help("attn_dropout"))] = None,
+    ff_dropout: Annotated[float | None, typer.Option("--ff-dropout", min=0.0, max=1.0, help=_help("ff_dropout"))] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", min=0.0, help=_help("epochs"))] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help=_help("max_steps"))] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help=_help("batch_size"))] = None,
@@ -75,10 +93,11 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output (model, optimizer, scheduler, RNG, data position).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the cost report as JSON on stdout.")] = False,
 ) -> None:
-    """Train on the one trainer: --arch rag, selfrag, selfrag-critic, embedder (retro to come).
+    """Train on the one trainer: --arch rag, selfrag, selfrag-critic, embedder or retro.
 
     Writes OUTPUT/checkpoint-N/ and OUTPUT/final/ (rag: generator/ and query_encoder/, + doc_encoder/
     with --end2end; selfrag and selfrag-critic: model/ with the reflection tokens; embedder: embedder/;
+    retro: model/ and retro.json;
     all open with plain transformers, peft and sentence-transformers), OUTPUT/metrics.jsonl,
     OUTPUT/cost_report.json and the resolved config.
 
@@ -91,6 +110,8 @@ def train(
       ragkit train --arch selfrag-critic --data critic_train.json -o runs/critic --generator meta-llama/Llama-2-7b-hf
 
       ragkit train --arch embedder --data beir_scifact/ --index idx/ --hard-negatives 1 -o runs/emb
+
+      ragkit train --arch retro --data texts/ --glob '**/*.txt' --workdir work/ -o runs/retro --max-steps 1000
 
       ragkit train --config run.toml --resume
     """

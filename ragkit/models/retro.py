@@ -14,6 +14,7 @@ the whole chunk may attend to them. Position t attends to the neighbours of chun
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,20 +63,46 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(inner, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *, rotate: bool = True,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, cache: "KVCache | None" = None) -> torch.Tensor:
+        """With `cache` (causal self-attention only), x holds the tokens after the cached ones: their keys and
+        values are appended to the cache and they attend to everything up to themselves."""
         b, t, _ = x.shape
         source = x if context is None else context
         q = self.to_q(x).view(b, t, self.heads, -1).transpose(1, 2)
         k, v = self.to_kv(source).view(b, source.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        past = cache.length if cache is not None else 0
         if rotate:
-            q = rotary(q, torch.arange(t, device=x.device))
-            k = rotary(k, torch.arange(source.shape[1], device=x.device))
+            q = rotary(q, torch.arange(past, past + t, device=x.device))
+            k = rotary(k, torch.arange(past, past + source.shape[1], device=x.device))
+        if cache is not None:
+            k, v = cache.append(k, v)
         mask = None
         if context_mask is not None:
             mask = context_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and context is None,
+        causal = self.causal and context is None
+        if causal and past and t > 1:  # new block against cache + itself: query i sees keys <= past + i
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+            causal = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and t > 1,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class KVCache:
+    """Keys and values of one self-attention layer for the tokens decoded so far."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
+        return self.keys, self.values
 
 
 class FeedForward(nn.Sequential):
@@ -95,6 +122,21 @@ class Residual(nn.Module):
         return x * self.alpha + self.fn(self.norm(x), *args, **kwargs)
 
 
+@dataclass
+class DecodingState:
+    """What incremental decoding keeps between calls: per-layer key/value caches, the hidden states that
+    condition the neighbour encoder (input of the first CCA layer, every position so far), and each
+    completed chunk's encoded neighbours."""
+
+    caches: list[KVCache]
+    chunk_states: torch.Tensor | None = None  # (B, T, D)
+    encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # chunk -> (B, K*R, D), mask
+
+    @property
+    def length(self) -> int:
+        return self.caches[0].length
+
+
 class ChunkedCrossAttention(nn.Module):
     def __init__(self, config: RetroConfig) -> None:
         super().__init__()
@@ -112,6 +154,22 @@ class ChunkedCrossAttention(nn.Module):
                         context_mask=neighbour_mask.reshape(b * c, -1))
         out = out.reshape(b, n, d)
         return F.pad(out, (0, 0, shift, 0))[:, :n]  # positions t < m - 1 attend to nothing
+
+    def forward_span(self, x: torch.Tensor, start: int, encoded: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The same attention for positions start .. start + T - 1 only (incremental decoding): each position
+        attends to the encoded neighbours of chunk (t + 1) // m - 1, which must be in `encoded`."""
+        out = torch.zeros_like(x)
+        groups = [(t + 1) // self.chunk - 1 for t in range(start, start + x.shape[1])]
+        for g in sorted(set(groups)):
+            if g < 0:
+                continue
+            cols = [i for i, gi in enumerate(groups) if gi == g]
+            lo, hi = cols[0], cols[-1] + 1
+            if g not in encoded:
+                continue
+            neighbours, mask = encoded[g]
+            out[:, lo:hi] = self.attn(x[:, lo:hi], neighbours, rotate=False, context_mask=mask)
+        return out
 
 
 class RetroEncoder(nn.Module):
@@ -152,7 +210,7 @@ class RetroModel(PreTrainedModel):
             if i in config.cross_attn_layers:
                 block["cca"] = Residual(config, ChunkedCrossAttention(config), alpha)
             self.layers.append(block)
-        self.encoder = RetroEncoder(config)
+        self.encoder = RetroEncoder(config) if config.cross_attn_layers else None  # none: a decoder-only baseline
         self.norm = nn.RMSNorm(config.dim)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.post_init()
@@ -197,11 +255,52 @@ class RetroModel(PreTrainedModel):
             raise ValueError(f"retrieved has shape {tuple(retrieved.shape)}; expected ({b}, {c}, K, R)")
         k, r = retrieved.shape[2], retrieved.shape[3]
         chunk_states = x.reshape(b, c, cfg.chunk_size, d).repeat_interleave(k, dim=1).reshape(b * c * k, cfg.chunk_size, d)
-        neighbours = self.encoder(self.embed(retrieved.reshape(b * c * k, r)), chunk_states)
-        mask = retrieved.ne(cfg.pad_token_id).reshape(b, c, k * r)
+        neighbours = self.encoder(self.embed(retrieved.clamp(min=0).reshape(b * c * k, r)), chunk_states)
+        mask = neighbour_token_mask(retrieved, cfg.pad_token_id).reshape(b, c, k * r)
         # a chunk with no neighbour at all would make softmax over an empty set: let it see one padded slot
         mask[..., 0] |= ~mask.any(-1)
         return neighbours.reshape(b, c, k * r, d), mask
+
+
+    # -- incremental decoding ---------------------------------------------------------------------
+    def new_state(self) -> DecodingState:
+        return DecodingState(caches=[KVCache() for _ in self.layers])
+
+    @torch.no_grad()
+    def forward_cached(self, input_ids: torch.Tensor, state: DecodingState,
+                       retrieved: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for the T tokens that follow the `state.length` already decoded ones, reusing
+        their cached keys and values. `retrieved` maps each chunk completed by these tokens to its
+        neighbours (B, K, R); they are encoded once, at the first CCA layer, and kept in `state`. A
+        completed chunk without neighbours is read as nothing (as the whole model does with retrieved=None)."""
+        m = self.config.chunk_size
+        start = state.length
+        x = self.embed(input_ids)
+        encoded_now = False
+        for block, cache in zip(self.layers, state.caches):
+            x = block["self_attn"](x, cache=cache)
+            if "cca" in block:
+                if not encoded_now:  # the first CCA layer: remember its input, encode new chunks' neighbours
+                    state.chunk_states = x if state.chunk_states is None else torch.cat([state.chunk_states, x], 1)
+                    for c, tokens in sorted((retrieved or {}).items()):
+                        chunk = state.chunk_states[:, c * m:(c + 1) * m]
+                        if chunk.shape[1] < m:
+                            raise ValueError(f"neighbours given for chunk {c}, which is not complete yet")
+                        encoded, mask = self._encode(tokens[:, None], chunk.contiguous())
+                        state.encoded[c] = (encoded[:, 0], mask[:, 0])
+                    encoded_now = True
+                cca = block["cca"]
+                x = x * cca.alpha + cca.fn.forward_span(cca.norm(x), start, state.encoded)
+            x = block["ff"](x)
+        return self.lm_head(self.norm(x))
+
+
+def neighbour_token_mask(retrieved: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """True for real neighbour tokens: negative ids (the pipeline's padding) and `pad_token_id` are not."""
+    mask = retrieved.ge(0)
+    if pad_token_id is not None and pad_token_id >= 0:
+        mask &= retrieved.ne(pad_token_id)
+    return mask
 
 
 def register_auto() -> None:

@@ -40,11 +40,29 @@ class TrainConfig:
     distill_alpha: float = field(default=0.5, metadata={"help": "with --distill-from: weight of the label cross-entropy (the rest: KL to the teacher)"})
     distill_temperature: float = field(default=2.0, metadata={"help": "with --distill-from: softmax temperature of the KL term"})
     max_seq_length: int = field(default=1024, metadata={"help": "selfrag / selfrag-critic: tokens kept per example (prompt + output)"})
+    workdir: str = field(default="", metadata={"help": "retro: work folder for chunks, embeddings, index and neighbours (a manifest decides what is rebuilt)"})
+    glob: str = field(default="**/*.txt", metadata={"help": "retro: files of --data (a folder) to read; .jsonl files give one document per line (its text)"})
+    reprocess: bool = field(default=False, metadata={"help": "retro: rebuild every stage of --workdir"})
+    tokenizer: str = field(default="smollm2-135m", metadata={"help": "retro: tokenizer (hub id, folder, .gguf or alias)"})
+    index_spec: str = field(default="flat", metadata={"help": "retro: index spec of the chunk index (flat, hnsw32, ivf1024,pq48x8, auto, ...)"})
+    chunk_size: int = field(default=64, metadata={"help": "retro: tokens per chunk (m)"})
+    seq_len: int = field(default=512, metadata={"help": "retro: tokens per training sequence (a multiple of --chunk-size)"})
+    num_neighbors: int = field(default=2, metadata={"help": "retro: neighbours per chunk (K)"})
+    extra_neighbors: int = field(default=10, metadata={"help": "retro: extra hits fetched so that same-document neighbours can be dropped"})
+    retro_dim: int = field(default=512, metadata={"help": "retro: model width"})
+    retro_dec_depth: int = field(default=6, metadata={"help": "retro: decoder layers"})
+    retro_enc_depth: int = field(default=2, metadata={"help": "retro: neighbour-encoder layers"})
+    retro_heads: int = field(default=8, metadata={"help": "retro: attention heads"})
+    retro_dim_head: int = field(default=64, metadata={"help": "retro: width of each head"})
+    retro_cross_attn_layers: str = field(default="", metadata={"help": "retro: 0-indexed decoder layers with chunked cross-attention, comma-separated; 'none' for a decoder-only baseline (default: every third from the third)"})
+    retro_deepnet: bool = field(default=False, metadata={"help": "retro: DeepNet residual scaling and initialisation"})
+    attn_dropout: float = field(default=0.0, metadata={"help": "retro: attention dropout"})
+    ff_dropout: float = field(default=0.0, metadata={"help": "retro: feed-forward dropout"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the data (ignored when max_steps > 0)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps (-1: from epochs)"})
     batch_size: int = field(default=2, metadata={"help": "questions per device per step"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    lr: float = field(default=3e-5, metadata={"help": "peak learning rate"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: retro 3e-4, the others 3e-5)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     scheduler: str = field(default="linear", metadata={"help": "linear, cosine, polynomial or constant (after warmup)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
@@ -89,8 +107,16 @@ class TrainConfig:
             raise UsageError("--end2end is for --arch rag")
         if self.end2end and self.distributed_retriever != "none":
             raise UsageError("--end2end refreshes the index in the training process; use --distributed-retriever none")
+        if self.arch == "retro" and not self.workdir:
+            raise UsageError("--arch retro needs --workdir (the folder for its chunks, index and neighbours)")
         if self.shard_index and self.distributed_retriever != "ray":
             raise UsageError("--shard-index needs --distributed-retriever ray")
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 3e-4 if self.arch == "retro" else 3e-5  # retro trains from scratch; the others fine-tune
 
     def require_paths(self) -> None:
         for name in ("data", "output"):

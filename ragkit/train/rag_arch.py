@@ -167,8 +167,14 @@ def _embedder() -> Any:
     return EmbedderArch()
 
 
+def _retro() -> Any:
+    from ragkit.train.retro_arch import RetroArch
+
+    return RetroArch()
+
+
 ARCH_REGISTRY: dict[str, Any] = {"rag": RagArch, "selfrag": _selfrag(False), "selfrag-critic": _selfrag(True),
-                                 "embedder": _embedder}
+                                 "embedder": _embedder, "retro": _retro}
 
 
 def arch_for(name: str) -> Any:

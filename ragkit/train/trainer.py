@@ -118,7 +118,7 @@ def training_arguments(config: TrainConfig, use_cpu: bool) -> TrainingArguments:
         output_dir=config.output,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.lr,
+        learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
         lr_scheduler_type=scheduler[config.scheduler],
         warmup_steps=config.warmup_steps,
