@@ -141,3 +141,12 @@ def build_tiny_selfrag_lm(directory: Path, *, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_selfrag_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_selfrag_lm(tmp_path_factory.mktemp("tiny-selfrag"))
+
+
+def run_cli(*args: object, input_: str | None = None):
+    """Invoke the ragkit CLI in-process; stdout and stderr stay apart (result.stdout / result.stderr)."""
+    from typer.testing import CliRunner
+
+    from ragkit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], input=input_)

@@ -97,3 +97,37 @@ def test_save_and_load_with_auto_classes(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.allclose(loaded(ids, retrieved=retrieved).logits, model(ids, retrieved=retrieved).logits, atol=1e-6)
     assert loaded.config.cross_attn_layers == [1, 2] and loaded.config.chunk_size == M
+
+
+@pytest.mark.parametrize("split", [1, 5, M, 2 * M + 1])
+def test_cached_decoding_gives_the_full_forward_logits(split: int) -> None:
+    """Prefill `split` tokens, then one at a time; every completed chunk's neighbours handed over once."""
+    model = tiny()
+    ids, retrieved = batch()
+    with torch.no_grad():
+        full = model(ids, retrieved=retrieved).logits
+        plain = model(ids).logits
+    state = model.new_state()
+
+    def completed(lo: int, hi: int) -> dict[int, torch.Tensor]:  # chunks whose last position is in [lo, hi)
+        return {c: retrieved[:, c] for c in range(C) if lo <= (c + 1) * M - 1 < hi}
+
+    parts = [model.forward_cached(ids[:, :split], state, completed(0, split))]
+    for t in range(split, C * M):
+        parts.append(model.forward_cached(ids[:, t:t + 1], state, completed(t, t + 1)))
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    no_neighbours = model.new_state()
+    assert torch.allclose(model.forward_cached(ids, no_neighbours), plain, atol=1e-5)
+    with pytest.raises(ValueError, match="not complete"):
+        model.forward_cached(ids[:, :1], model.new_state(), {0: retrieved[:, 0]})
+
+
+def test_negative_ids_are_padding_in_neighbours() -> None:
+    model = tiny(pad_token_id=None)
+    ids, retrieved = batch()
+    padded = retrieved.clone()
+    padded[:, :, 1] = -1  # the second neighbour of every chunk missing
+    with torch.no_grad():
+        a = model(ids, retrieved=padded).logits
+        b = model(ids, retrieved=padded[:, :, :1]).logits  # the same as giving one neighbour
+    assert torch.allclose(a, b, atol=1e-5)

@@ -105,7 +105,7 @@ def sample(model: Any, prompt: list[int], config: SamplingConfig, retriever: Chu
         retrieved.update({c: v.expand(b, *v.shape[1:]) for c, v in neighbours_for(c, ids[:1]).items()})
     logits = model.forward_cached(ids.to(device), state, retrieved)[:, -1]
     finished = torch.zeros(b, dtype=torch.bool)
-    for _ in range(config.max_new_tokens):
+    for step in range(config.max_new_tokens):
         scores = warpers(ids, logits.float().cpu())
         if config.temperature == 0:
             token = scores.argmax(-1)
@@ -121,6 +121,8 @@ def sample(model: Any, prompt: list[int], config: SamplingConfig, retriever: Chu
             finished |= token.eq(eos_id)
             if finished.all():
                 break
+        if step == config.max_new_tokens - 1:
+            break  # the last token is never fed: no forward, no retrieval for the chunk it completes
         length = ids.shape[1]
         retrieved = neighbours_for(length // m - 1, ids) if length % m == 0 else {}
         logits = model.forward_cached(token[:, None].to(device), state, retrieved)[:, -1]

@@ -44,7 +44,7 @@ class TrainConfig:
     glob: str = field(default="**/*.txt", metadata={"help": "retro: files of --data (a folder) to read; .jsonl files give one document per line (its text)"})
     reprocess: bool = field(default=False, metadata={"help": "retro: rebuild every stage of --workdir"})
     tokenizer: str = field(default="smollm2-135m", metadata={"help": "retro: tokenizer (hub id, folder, .gguf or alias)"})
-    index_spec: str = field(default="flat", metadata={"help": "retro: index spec of the chunk index (flat, hnsw32, ivf1024,pq48x8, auto, ...)"})
+    index_spec: str = field(default="flat", metadata={"help": "retro: spec of the chunk index: flat, hnsw, ivf-pq, auto (with :key=value parameters) or a Faiss factory string"})
     chunk_size: int = field(default=64, metadata={"help": "retro: tokens per chunk (m)"})
     seq_len: int = field(default=512, metadata={"help": "retro: tokens per training sequence (a multiple of --chunk-size)"})
     num_neighbors: int = field(default=2, metadata={"help": "retro: neighbours per chunk (K)"})

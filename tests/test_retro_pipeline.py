@@ -1,0 +1,306 @@
+"""RETRO's pipeline, training, generation and LM evaluation on tiny models: memmap layouts, caching by the
+manifest, same-document exclusion, retrieval once per chunk boundary, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import WORDS
+from conftest import run_cli as _cli
+from ragkit.errors import InputError, ResourceError
+from ragkit.retro import pipeline as P
+from ragkit.retro.corpus import RetroCorpus, RetroSequences, prepare
+
+M = 4  # chunk size
+SEQ = 16
+
+
+def write_texts(folder: Path, n_docs: int = 6, words: int = 40, seed: int = 0) -> Path:
+    """Documents that each repeat their own small vocabulary: a chunk's nearest chunks are in its document."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        own = rng.sample(WORDS, 5)
+        (folder / f"doc{d}.txt").write_text(" ".join(rng.choice(own) for _ in range(words)), encoding="utf-8")
+    return folder
+
+
+def config(tmp: Path, data: Path, tokenizer: Path, encoder: Path, **kw) -> P.RetroDataConfig:
+    return P.RetroDataConfig(data=str(data), workdir=str(tmp / "work"), tokenizer=str(tokenizer), embedder=str(encoder),
+                             chunk_size=M, seq_len=SEQ, num_neighbors=2, extra_neighbors=40, device="cpu", **kw)
+
+
+@pytest.fixture
+def texts(tmp_path: Path) -> Path:
+    return write_texts(tmp_path / "texts")
+
+
+def test_chunk_layout(tmp_path: Path, texts: Path, tiny_lm_path: Path, tiny_encoder_path: Path) -> None:
+    prepared = prepare(config(tmp_path, texts, tiny_lm_path, tiny_encoder_path))
+    c, tok = prepared.corpus, prepared.tokenizer
+    assert c.chunks.dtype == np.int32 and c.chunks.shape[1] == M + 1
+    documents = c.documents()
+    assert len(documents) == 6 and sum(d["chunks"] for d in documents) == len(c)
+    for d in documents:
+        rows = c.chunks[d["first_chunk"]:d["first_chunk"] + d["chunks"]]
+        assert (c.doc_ids[d["first_chunk"]:d["first_chunk"] + d["chunks"]] == d["doc"]).all()
+        flat = rows[:, :M].reshape(-1)
+        assert flat[0] == tok.bos_token_id and flat[d["tokens"] - 1] == tok.eos_token_id
+        assert (flat[d["tokens"]:] == P.PAD).all()
+        assert (rows[:-1, M] == rows[1:, 0]).all()  # column m: the next chunk's first token
+        assert rows[-1, M] == P.PAD
+        text = Path(d["source"]).read_text()
+        assert tok.decode([t for t in flat if t >= 0], skip_special_tokens=True) == text
+    # sequences start every SEQ / M chunks within each document
+    starts = [d["first_chunk"] + s for d in documents for s in range(0, d["chunks"], SEQ // M)]
+    assert list(c.seq_starts) == starts
+
+
+def test_memmaps_are_reproducible(tmp_path: Path, texts: Path, tiny_lm_path: Path, tiny_encoder_path: Path) -> None:
+    a = prepare(config(tmp_path / "a", texts, tiny_lm_path, tiny_encoder_path)).corpus
+    b = prepare(config(tmp_path / "b", texts, tiny_lm_path, tiny_encoder_path)).corpus
+    for name in ("chunks.npy", "doc_ids.npy", "seq_starts.npy", "embeddings.npy", "neighbours.npy"):
+        assert (a.folder / name).read_bytes() == (b.folder / name).read_bytes(), name
+
+
+def test_no_neighbour_from_the_same_document(tmp_path: Path, texts: Path, tiny_lm_path: Path,
+                                             tiny_encoder_path: Path) -> None:
+    prepared = prepare(config(tmp_path, texts, tiny_lm_path, tiny_encoder_path))
+    c = prepared.corpus
+    assert c.neighbours is not None and c.neighbours.shape == (len(c), 2)
+    found = c.neighbours >= 0
+    assert found.mean() > 0.9
+    assert not (c.doc_ids[np.where(found, c.neighbours, 0)] == c.doc_ids[:, None])[found].any()
+    # without the filter, the top hits would be from the chunk's own document (the texts are built so)
+    from ragkit.index import Index
+
+    raw = P.search_chunk_ids(Index.open(prepared.index_dir), np.load(c.folder / "embeddings.npy")[:20], 4)
+    assert (c.doc_ids[raw[:, 1:]] == c.doc_ids[:20, None]).any(axis=1).mean() > 0.5
+
+
+def test_drop_same_document_keeps_rank_order_and_pads() -> None:
+    doc_ids = np.array([0, 0, 1, 1, 2, 2])
+    candidates = np.array([[0, 1, 2, 4, 3], [4, 5, 0, -1, -1]])
+    out = P.drop_same_document(candidates, np.array([0, 2]), doc_ids, 3)
+    assert out.tolist() == [[2, 4, 3], [0, -1, -1]]
+
+
+def test_neighbour_tokens_add_the_continuation_only_within_a_document(tmp_path: Path, texts: Path,
+                                                                      tiny_lm_path: Path, tiny_encoder_path: Path) -> None:
+    c = prepare(config(tmp_path, texts, tiny_lm_path, tiny_encoder_path)).corpus
+    last_of_doc0 = c.documents()[0]["chunks"] - 1
+    got = c.neighbour_tokens(np.array([[0, last_of_doc0, -1]]))
+    assert got.shape == (1, 3, 2 * M)
+    assert (got[0, 0, :M] == c.chunks[0, :M]).all() and (got[0, 0, M:] == c.chunks[1, :M]).all()
+    assert (got[0, 1, :M] == c.chunks[last_of_doc0, :M]).all() and (got[0, 1, M:] == P.PAD).all()
+    assert (got[0, 2] == P.PAD).all()
+
+
+def test_stages_are_skipped_or_rebuilt_by_the_manifest(tmp_path: Path, texts: Path, tiny_lm_path: Path,
+                                                       tiny_encoder_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    for name in ("chunk_documents", "embed_chunks", "index_chunks", "compute_neighbours"):
+        original = getattr(P, name)
+        monkeypatch.setattr(P, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    cfg = config(tmp_path, texts, tiny_lm_path, tiny_encoder_path)
+    prepare(cfg)
+    assert calls == ["chunk_documents", "embed_chunks", "index_chunks", "compute_neighbours"]
+    calls.clear()
+    prepare(cfg)
+    assert calls == []  # all current
+    (tmp_path / "work" / "neighbours.npy").unlink()  # a missing artifact is rebuilt, whatever the manifest says
+    prepare(cfg)
+    assert calls == ["compute_neighbours"]
+    calls.clear()
+    prepare(config(tmp_path, texts, tiny_lm_path, tiny_encoder_path, index_spec="hnsw:M=8"))
+    assert calls == ["index_chunks", "compute_neighbours"]
+    calls.clear()
+    (texts / "doc0.txt").write_text("the king of paris " * 9)  # new input: everything downstream
+    prepare(cfg)
+    assert calls == ["chunk_documents", "embed_chunks", "index_chunks", "compute_neighbours"]
+    calls.clear()
+    prepare(config(tmp_path, texts, tiny_lm_path, tiny_encoder_path, reprocess=True))
+    assert len(calls) == 4
+    assert not list((tmp_path / "work").glob(".*tmp*")), "no temporary file left behind"
+
+
+def test_bad_input_gives_clear_errors(tmp_path: Path, texts: Path, tiny_lm_path: Path, tiny_encoder_path: Path,
+                                      tiny_selfrag_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no file matches"):
+        prepare(config(tmp_path, tmp_path / "empty", tiny_lm_path, tiny_encoder_path))
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "a.txt").write_text("king")
+    with pytest.raises(InputError, match="shorter than a chunk"):
+        prepare(config(tmp_path, short, tiny_lm_path, tiny_encoder_path))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jsonl").write_text('{"text": "the king"}\n{"title": "no text"}\n')
+    with pytest.raises(InputError) as err:
+        prepare(config(tmp_path, bad, tiny_lm_path, tiny_encoder_path, glob="*.jsonl"))
+    assert "a.jsonl:2" in str(err.value) and "text" in str(err.value)
+    prepare(config(tmp_path, texts, tiny_lm_path, tiny_encoder_path))
+    with pytest.raises(ResourceError, match="tokenized with") as err:
+        prepare(config(tmp_path, texts, tiny_selfrag_path, tiny_encoder_path))
+    assert "--reprocess" in (err.value.hint or "")
+    prepare(config(tmp_path, texts, tiny_selfrag_path, tiny_encoder_path, reprocess=True))  # on purpose: rebuilt
+
+
+def test_jsonl_input_gives_one_document_per_line(tmp_path: Path, tiny_lm_path: Path, tiny_encoder_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"text": " ".join(random.Random(i).choices(WORDS, k=20))} for i in range(3)]
+    (data / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = prepare(config(tmp_path, data, tiny_lm_path, tiny_encoder_path, glob="*.jsonl")).corpus
+    assert [d["source"].rsplit(":", 1)[1] for d in c.documents()] == ["1", "2", "3"]
+
+
+def test_sequences_never_cross_a_document(tmp_path: Path, texts: Path, tiny_lm_path: Path, tiny_encoder_path: Path) -> None:
+    prepared = prepare(config(tmp_path, texts, tiny_lm_path, tiny_encoder_path))
+    c = prepared.corpus
+    ds = RetroSequences(c, c, seq_len=SEQ, pad_id=0)
+    for i in range(len(ds)):
+        item = ds[i]
+        tokens, rows = ds.rows(i)
+        assert item["input_ids"].shape == (SEQ,) and item["retrieved"].shape == (SEQ // M, 2, 2 * M)
+        used = rows[rows >= 0]
+        assert (c.doc_ids[used] == c.doc_ids[c.seq_starts[i]]).all()
+        assert (item["labels"][item["input_ids"] == 0] == -100).all() or (item["input_ids"] != 0).all()
+        assert (item["retrieved"][rows < 0] == P.PAD).all()
+
+
+# -- training, generation, evaluation through the CLI -------------------------------------------
+TINY_MODEL = ["--retro-dim", "32", "--retro-dec-depth", "2", "--retro-enc-depth", "1", "--retro-heads", "2",
+              "--retro-dim-head", "16", "--retro-cross-attn-layers", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_lm_path: Path, tiny_encoder_path: Path) -> Path:
+    root = tmp_path_factory.mktemp("retro-run")
+    data = write_texts(root / "texts", n_docs=8, words=60)
+    result = _cli("train", "--arch", "retro", "--data", data, "--workdir", root / "work", "-o", root / "run",
+                  "--tokenizer", tiny_lm_path, "--embedder", tiny_encoder_path, "--chunk-size", M, "--seq-len", SEQ,
+                  "--num-neighbors", 2, *TINY_MODEL, "--max-steps", 40, "--batch-size", 4, "--lr", "3e-3",
+                  "--logging-steps", 5, "--save-steps", 20, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    return root
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_model(trained: Path) -> None:
+    from transformers import AutoModel
+
+    losses = [json.loads(line)["loss"] for line in (trained / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses[-1] < losses[0] * 0.8
+    model = AutoModel.from_pretrained(trained / "run" / "final" / "model")
+    assert model.config.chunk_size == M and model.config.cross_attn_layers == [1]
+    meta = json.loads((trained / "run" / "final" / "retro.json").read_text())
+    assert Path(meta["workdir"]) == (trained / "work").resolve()
+
+
+def test_generate_from_a_prompt_and_from_nothing(trained: Path) -> None:
+    result = _cli("generate", "--arch", "retro", "-m", trained / "run" / "final", "--max-new-tokens", 10,
+                  "--do-sample", "--top-k", 5, "--num-samples", 2, "--device", "cpu",
+                  input_=json.dumps({"id": "p", "prompt": "the king of"}) + "\n")
+    assert result.exit_code == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert row["id"] == "p" and len(row["samples"]) == 2 and row["new_tokens"] >= 1
+    # prompt = BOS + 3 words: chunk 0 is complete after the 4th token, then one more every 4 tokens
+    assert [r["chunk"] for r in row["retrieved"]][:2] == [0, 1]
+    result = _cli("generate", "--arch", "retro", "-m", trained / "run" / "final", "--unconditional",
+                  "--max-new-tokens", 6, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr and json.loads(result.stdout)["prompt"] == ""
+
+
+def test_eval_lm_reports_both_with_and_without_retrieval(trained: Path, tmp_path: Path) -> None:
+    held = write_texts(tmp_path / "held", n_docs=2, words=30, seed=7)
+    result = _cli("eval", "--task", "lm", "--data", held, "-m", trained / "run" / "final", "--device", "cpu",
+                  "-o", tmp_path / "lm.json", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "lm.json").read_text())
+    m = report["metrics"]
+    assert report["primary_metric"] == "bits_per_byte" and len(report["rows"]) == 2
+    assert m["loss"]["mean"] != m["loss_no_retrieval"]["mean"]
+    assert m["perplexity"]["mean"] == pytest.approx(np.exp(m["loss"]["mean"]))
+    docs = [json.loads(line) for line in next((trained / "work" / "heldout").iterdir()).joinpath("documents.jsonl").read_text().splitlines()]
+    assert report["config"]["predicted_tokens"] == sum(d["tokens"] - 1 for d in docs)  # all but each start token
+    nats = m["loss"]["mean"] * report["config"]["predicted_tokens"]
+    assert m["bits_per_byte"]["mean"] == pytest.approx(nats / np.log(2) / sum(d["bytes"] for d in docs))
+
+
+def test_resume_refuses_a_work_folder_with_another_tokenizer(trained: Path, tiny_selfrag_path: Path,
+                                                             tiny_encoder_path: Path) -> None:
+    result = _cli("train", "--arch", "retro", "--data", trained / "texts", "--workdir", trained / "work2",
+                  "-o", trained / "run", "--tokenizer", tiny_selfrag_path, "--embedder", tiny_encoder_path,
+                  "--chunk-size", M, "--seq-len", SEQ, *TINY_MODEL, "--max-steps", 41, "--device", "cpu", "--resume")
+    assert result.exit_code == 4 and "another tokenizer" in result.stderr
+
+
+# -- generation: one retrieval per chunk boundary, and the cache changes nothing -------------------
+class RecordingRetriever:
+    def __init__(self, k: int, r: int, vocab: int) -> None:
+        self.k, self.r, self.vocab = k, r, vocab
+        self.seen: list[np.ndarray] = []
+        self.seconds = 0.0
+
+    def __call__(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.seen.append(chunks.copy())
+        g = np.random.default_rng(int(chunks.sum()))
+        return np.zeros((len(chunks), self.k), dtype=int), g.integers(1, self.vocab, (len(chunks), self.k, self.r))
+
+
+def tiny_retro():
+    from ragkit.models.retro import RetroConfig, RetroModel
+
+    torch.manual_seed(0)
+    return RetroModel(RetroConfig(vocab_size=40, dim=32, dec_depth=3, enc_depth=1, heads=2, dim_head=16, chunk_size=M,
+                                  num_neighbors=2, cross_attn_layers=[1, 2], pad_token_id=None)).eval()
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 8])
+def test_generation_retrieves_once_per_chunk_boundary(prompt_len: int) -> None:
+    from ragkit.retro.generate import SamplingConfig, sample
+
+    model = tiny_retro()
+    retriever = RecordingRetriever(2, 2 * M, 40)
+    prompt = list(range(3, 3 + prompt_len))
+    out = sample(model, prompt, SamplingConfig(max_new_tokens=11, temperature=0.0), retriever)
+    tokens = prompt + out.tokens[0]
+    # each call gets exactly one completed chunk, in order; the chunk that the last token completes is the last
+    boundaries = (len(tokens) - 1) // M  # the final token is sampled but never fed
+    assert [r["chunk"] for r in out.retrieved] == list(range(boundaries))
+    for c, seen in enumerate(retriever.seen):
+        assert seen.tolist() == [tokens[c * M:(c + 1) * M]]
+
+
+def test_cached_sampling_equals_rerunning_the_whole_model() -> None:
+    """The RETRO-pytorch way (full forward per token) and the cache give the same greedy tokens."""
+    from ragkit.retro.generate import SamplingConfig, sample
+
+    model = tiny_retro()
+    retriever = RecordingRetriever(2, 2 * M, 40)
+    prompt = [5, 6, 7]
+    cached = prompt + sample(model, prompt, SamplingConfig(max_new_tokens=13, temperature=0.0), retriever).tokens[0]
+    tokens = list(prompt)
+    neighbours: list[torch.Tensor] = []
+    with torch.no_grad():
+        while len(tokens) < len(cached):
+            n = -(-len(tokens) // M) * M  # pad to whole chunks; padding comes after every real position
+            ids = torch.tensor([tokens + [0] * (n - len(tokens))])
+            while len(neighbours) < len(tokens) // M:
+                c = len(neighbours)
+                neighbours.append(torch.as_tensor(retriever(np.array([tokens[c * M:(c + 1) * M]]))[1]))
+            chunks = n // M
+            retrieved = torch.full((1, chunks, 2, 2 * M), -1)
+            for c, v in enumerate(neighbours):
+                retrieved[:, c] = v
+            logits = model(ids, retrieved=retrieved).logits
+            tokens.append(int(logits[0, len(tokens) - 1].argmax()))
+    assert tokens == cached
