@@ -84,6 +84,8 @@ def test_generate_errors(tmp_path: Path, tiny_lm_path: Path) -> None:
     result = run("generate", "--model", tiny_lm_path, "--arch", "selfrag", input="q\n")
     assert result.exit_code == 4 and "no Self-RAG reflection tokens" in result.stderr
     result = run("generate", "--model", tiny_lm_path, "--arch", "retro", input="q\n")
+    assert result.exit_code == 4 and "not a RETRO checkpoint" in result.stderr
+    result = run("generate", "--model", tiny_lm_path, "--arch", "bogus", input="q\n")
     assert result.exit_code == 2
 
 

@@ -15,7 +15,7 @@ from conftest import WORDS
 from conftest import run_cli as _cli
 from ragkit.errors import InputError, ResourceError
 from ragkit.retro import pipeline as P
-from ragkit.retro.corpus import RetroCorpus, RetroSequences, prepare
+from ragkit.retro.corpus import RetroSequences, prepare
 
 M = 4  # chunk size
 SEQ = 16
@@ -60,6 +60,17 @@ def test_chunk_layout(tmp_path: Path, texts: Path, tiny_lm_path: Path, tiny_enco
     # sequences start every SEQ / M chunks within each document
     starts = [d["first_chunk"] + s for d in documents for s in range(0, d["chunks"], SEQ // M)]
     assert list(c.seq_starts) == starts
+
+
+def test_bert_style_tokenizers_mark_documents_with_cls_and_sep(tmp_path: Path, texts: Path,
+                                                               tiny_encoder_path: Path) -> None:
+    """No BOS/EOS (BERT, RETRO-pytorch's tokenizer): [CLS] starts and [SEP] ends each document."""
+    prepared = prepare(config(tmp_path, texts, tiny_encoder_path.parent / "bert", tiny_encoder_path))
+    tok, c = prepared.tokenizer, prepared.corpus
+    assert tok.eos_token_id is None and tok.bos_token_id is None
+    first = c.documents()[0]
+    flat = c.chunks[:first["chunks"], :M].reshape(-1)
+    assert flat[0] == tok.cls_token_id and flat[first["tokens"] - 1] == tok.sep_token_id
 
 
 def test_memmaps_are_reproducible(tmp_path: Path, texts: Path, tiny_lm_path: Path, tiny_encoder_path: Path) -> None:

@@ -257,6 +257,7 @@ def _generate_retro(o: dict[str, Any]) -> None:
         from ragkit.errors import InputError, Location
         from ragkit.io.jsonl import display_name, iter_records
         from ragkit.retro.generate import SamplingConfig, load_retro, prompt_ids, sample
+        from ragkit.retro.pipeline import end_of_document_id
 
         loaded = load_retro(o["model"], workdir=o["workdir"], device=o["device"], retrieval=not o["no_retrieval"])
         prompts: list[tuple[str, str]] = []
@@ -280,7 +281,7 @@ def _generate_retro(o: dict[str, Any]) -> None:
         total_tokens = total_seconds = 0.0
         for pid, text in prompts:
             result = sample(loaded.model, prompt_ids(tokenizer, text), config, loaded.retriever,
-                            eos_id=tokenizer.eos_token_id)
+                            eos_id=end_of_document_id(tokenizer))
             outputs = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
             new = sum(len(t) for t in result.tokens)
             total_tokens, total_seconds = total_tokens + new, total_seconds + result.seconds

@@ -83,7 +83,7 @@ def evaluate(loaded: LoadedRetro, data: str, glob: str, *, batch_size: int = 8, 
     with_retrieval = retriever is not None
     folder = workdir or loaded.info["workdir"]
     began = time.perf_counter()
-    from ragkit.retro.pipeline import tokenizer_fingerprint
+    from ragkit.retro.pipeline import end_of_document_id, tokenizer_fingerprint
 
     heldout = prepare_heldout(data, glob, folder, loaded.tokenizer, tokenizer_fingerprint(loaded.tokenizer),
                               retriever.encoder if retriever is not None else encoder, chunk_size=cfg.chunk_size,
@@ -94,7 +94,7 @@ def evaluate(loaded: LoadedRetro, data: str, glob: str, *, batch_size: int = 8, 
     for name, use in (("retrieval", True), ("no_retrieval", False)):
         if use and not with_retrieval:
             continue
-        sequences = RetroSequences(heldout, loaded.corpus, seq_len=seq_len, pad_id=loaded.tokenizer.eos_token_id,
+        sequences = RetroSequences(heldout, loaded.corpus, seq_len=seq_len, pad_id=end_of_document_id(loaded.tokenizer),
                                    with_neighbours=use)
         began = time.perf_counter()
         results[name] = score(loaded.model, sequences, heldout, batch_size=batch_size, retrieval=use)

@@ -132,14 +132,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def end_of_document_id(tokenizer: Any) -> int:
-    if tokenizer.eos_token_id is None:
-        raise ResourceError("the tokenizer has no end-of-sequence token, which RETRO puts after each document")
-    return int(tokenizer.eos_token_id)
+    """Each document ends with this token: EOS, else SEP (BERT-style tokenizers, as RETRO-pytorch uses)."""
+    for candidate in (tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    raise ResourceError("the tokenizer has neither an end-of-sequence nor a separator token, one of which RETRO "
+                        "puts after each document")
 
 
 def start_of_document_id(tokenizer: Any) -> int:
-    """Each document starts with this token (BOS, else EOS), so that a model can write one from nothing."""
-    return int(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else end_of_document_id(tokenizer))
+    """Each document starts with this token (BOS, else CLS, else the end token), so that a model can write
+    one from nothing."""
+    for candidate in (tokenizer.bos_token_id, getattr(tokenizer, "cls_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return end_of_document_id(tokenizer)
 
 
 # -- manifest ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ragkit.errors import ResourceError, UsageError
 from ragkit.io.atomic import write_json
 from ragkit.models.retro import RetroConfig, RetroModel
 from ragkit.retro import corpus as C
-from ragkit.retro.pipeline import RetroDataConfig
+from ragkit.retro.pipeline import RetroDataConfig, end_of_document_id
 from ragkit.train.config import TrainConfig
 
 RETRO_FILE = "retro.json"
@@ -85,7 +85,7 @@ class RetroArch:
     def dataset(self, config: TrainConfig) -> C.RetroSequences:
         assert self.prepared is not None
         corpus = self.prepared.corpus
-        return C.RetroSequences(corpus, corpus, seq_len=config.seq_len, pad_id=self.prepared.tokenizer.eos_token_id,
+        return C.RetroSequences(corpus, corpus, seq_len=config.seq_len, pad_id=end_of_document_id(self.prepared.tokenizer),
                                 with_neighbours=self.uses_retrieval)
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
