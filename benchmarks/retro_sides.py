@@ -124,7 +124,11 @@ def retro_pytorch_wrapper(a):
 
     tokenizer = AutoTokenizer.from_pretrained(a.bert)
     bert = AutoModel.from_pretrained(a.bert).eval()
-    R.get_tokenizer = lambda: tokenizer  # instead of torch.hub's bert-base-cased (no network here)
+    class Tokenizer:  # transformers 5 dropped batch_encode_plus, which retro-pytorch calls; same semantics
+        def batch_encode_plus(self, texts, **kwargs):
+            return tokenizer(texts, **kwargs)
+
+    R.get_tokenizer = Tokenizer  # instead of torch.hub's bert-base-cased (no network here)
     R.get_bert = lambda: bert
     R.chunks_to_index_and_embed.__kwdefaults__["embed_dim"] = bert.config.hidden_size  # 384, not BERT's 768
     torch.manual_seed(SEED)

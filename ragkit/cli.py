@@ -40,7 +40,7 @@ def root(
 ) -> None:
     """Data in and out as JSONL on stdin/stdout; progress and tables on stderr.
 
-    Exit codes: 0 ok, 1 internal error or not built yet, 2 usage, 3 invalid input data,
+    Exit codes: 0 ok, 1 internal error, 2 usage, 3 invalid input data,
     4 missing or incompatible resource, 130 interrupted.
     """
 

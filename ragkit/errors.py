@@ -11,7 +11,7 @@ from enum import IntEnum
 
 class ExitCode(IntEnum):
     OK = 0
-    INTERNAL = 1  # a bug, or a feature that is not built yet
+    INTERNAL = 1  # a bug
     USAGE = 2  # bad option or argument
     INVALID_INPUT = 3  # malformed data in a file or on stdin
     MISSING_RESOURCE = 4  # missing/incompatible model, index, dimension
@@ -37,10 +37,6 @@ class ResourceError(RagkitError):
     """A model, index or file that is missing, or does not fit what it is used with."""
 
     exit_code = ExitCode.MISSING_RESOURCE
-
-
-class NotBuiltError(RagkitError):
-    exit_code = ExitCode.INTERNAL
 
 
 @dataclass

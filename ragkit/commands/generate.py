@@ -109,7 +109,7 @@ def build_generation(
                                        backend=backend)
         return decoder, None, ReaderConfig(arch="rag", k=k, source=passages, max_passage_words=0), retriever
     if arch not in ARCHS:
-        raise UsageError(f"--arch {arch}: expected one of {', '.join(ARCHS)}, selfrag (retro comes later)")
+        raise UsageError(f"--arch {arch}: expected one of {', '.join(ARCHS)}, selfrag or retro")
     if index is not None and arch != "rag":
         raise UsageError("--index is only used with --arch rag")
     reader = ReaderConfig(arch=arch, k=k, source=passages, max_passage_words=max_passage_words, template=template)

@@ -178,11 +178,5 @@ ARCH_REGISTRY: dict[str, Any] = {"rag": RagArch, "selfrag": _selfrag(False), "se
 
 
 def arch_for(name: str) -> Any:
-    from ragkit.errors import NotBuiltError
-
-    if name not in ARCH_REGISTRY:
-        issue = {"selfrag-critic": "#6", "selfrag": "#6", "retro": "#5", "embedder": "#7"}.get(name, "#4")
-        raise NotBuiltError(f"`ragkit train --arch {name}` is not built yet (tracked in issue {issue}).")
+    """The architecture named by --arch (TrainConfig.validate has already checked the name)."""
     return ARCH_REGISTRY[name]()
-
-
