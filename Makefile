@@ -15,10 +15,17 @@ run: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
-bench: setup
+RETRO_PEER := benchmarks/.envs/retro-pytorch
+
+# retro-pytorch (the RETRO peer) in its own environment: it pins numpy < 2 through autofaiss
+$(RETRO_PEER)/bin/python:
+	python3 -m venv $(RETRO_PEER)
+	$(RETRO_PEER)/bin/pip install -q torch==2.13.0 retro-pytorch==0.3.9 transformers==5.23.0 "pyarrow<18"
+
+bench: setup $(RETRO_PEER)/bin/python
 	cd benchmarks && for b in scifact_index_quality search_speed scifact_hybrid quantisation \
 	    scifact_embedder_finetune generate_speed selfrag_speed retrieval_latency qa_real_data \
-	    rag_finetune_popqa selfrag_small_run; do ../$(VENV)/bin/python $$b.py || exit 1; done
+	    rag_finetune_popqa selfrag_small_run retro_vs_retro_pytorch retro_quality; do ../$(VENV)/bin/python $$b.py || exit 1; done
 	$(VENV)/bin/python benchmarks/render_results.py
 
 clean:

@@ -71,6 +71,7 @@ def test_bert_style_tokenizers_mark_documents_with_cls_and_sep(tmp_path: Path, t
     first = c.documents()[0]
     flat = c.chunks[:first["chunks"], :M].reshape(-1)
     assert flat[0] == tok.cls_token_id and flat[first["tokens"] - 1] == tok.sep_token_id
+    assert not P.keeps_newlines(tok)  # and prepare() said so on stderr
 
 
 def test_memmaps_are_reproducible(tmp_path: Path, texts: Path, tiny_lm_path: Path, tiny_encoder_path: Path) -> None:

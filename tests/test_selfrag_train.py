@@ -222,6 +222,21 @@ def test_tracker_writes_tensorboard_events_and_cost_report_prices_gpu_hours(tiny
     assert report["trainable_params"] < report["total_params"]
 
 
+def test_mlflow_tracker_logs_into_the_run_folder(tiny_lm_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = _train(tmp_path, tiny_lm_path, "selfrag-critic",
+                 [{"instruction": "rate", "input": "paris", "output": "[Relevant]"}] * 8, "--tracker", "mlflow")
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and "loss" in runs[0].data.metrics, "no loss logged"
+    assert (run / "mlflow.db").exists() or (run / "mlruns").is_dir()
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists(), "nothing in the working directory"
+
+
 def test_unknown_tracker_is_a_usage_error(tiny_lm_path: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", GEN_ROWS)
     result = CliRunner().invoke(app, ["train", "--arch", "selfrag", "--data", str(data), "-o", str(tmp_path / "r"),

@@ -85,6 +85,8 @@ def prepare(config: P.RetroDataConfig, *, need_encoder: bool = True) -> Prepared
                     "chunk_size": config.chunk_size, "seq_len": config.seq_len}
     chunk_key = P.stage_key(chunk_params)
     if force or not manifest.is_current("chunks", chunk_key):
+        if not P.keeps_newlines(tokenizer):
+            info(f"warning: the tokenizer '{config.tokenizer}' drops line breaks; the model will never write one")
         began = time.perf_counter()
         stats = P.chunk_documents(P.read_documents(files), tokenizer, workdir, chunk_size=config.chunk_size,
                                   seq_len=config.seq_len, where=str(config.data))

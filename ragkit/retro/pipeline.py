@@ -131,6 +131,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(f"{body}|{tokenizer.eos_token_id}".encode()).hexdigest()[:32]
 
 
+def keeps_newlines(tokenizer: Any) -> bool:
+    """Whether text survives the tokenizer with its line breaks (BERT's does not: RETRO-pytorch's models
+    could never write a new line, its users' complaint #23)."""
+    ids = tokenizer("one\ntwo", add_special_tokens=False)["input_ids"]
+    return "\n" in tokenizer.decode(ids)
+
+
 def end_of_document_id(tokenizer: Any) -> int:
     """Each document ends with this token: EOS, else SEP (BERT-style tokenizers, as RETRO-pytorch uses)."""
     for candidate in (tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None)):

@@ -77,7 +77,7 @@ class TrainConfig:
     save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
-    report_to: str = field(default="none", metadata={"help": "tracker: none, tensorboard or mlflow (logs under OUTPUT/runs or ./mlruns)"})
+    report_to: str = field(default="none", metadata={"help": "tracker: none, tensorboard or mlflow (logs under OUTPUT/runs, or OUTPUT/mlflow.db / OUTPUT/mlruns unless MLFLOW_TRACKING_URI is set)"})
     gpu_hour_price: float = field(default=0.0, metadata={"help": "price of one GPU-hour, for the cost report's estimate (0: not priced)"})
     distributed_retriever: str = field(default="none", metadata={"help": "none (in-process) or ray (actors serve the index)"})
     num_retrieval_workers: int = field(default=1, metadata={"help": "Ray actors holding a replica of the index"})

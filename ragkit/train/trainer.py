@@ -168,6 +168,7 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / CONFIG_FILE, config.to_json())
+    _tracker_location(config.report_to, output)
     model = arch.build(config, device)
     dataset = arch.dataset(config)
     trainer = RagkitTrainer(
@@ -201,6 +202,22 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     report.gpu_cost = report.gpu_hours * config.gpu_hour_price if config.gpu_hour_price > 0 else None
     write_json(output / "cost_report.json", report.to_json())
     return report
+
+
+def _tracker_location(tracker: str, output: Path) -> None:
+    """MLflow logs into the run folder unless MLFLOW_TRACKING_URI says otherwise, never into the working
+    directory (MLflow 3's default is ./mlflow.db): OUTPUT/mlflow.db when SQLAlchemy is there (full
+    `mlflow`), else the file store OUTPUT/mlruns (`mlflow-skinny`)."""
+    import importlib.util
+    import os
+
+    if tracker != "mlflow" or os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    if importlib.util.find_spec("sqlalchemy") is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(output / 'mlflow.db').resolve()}"
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = (output / "mlruns").resolve().as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
 def _check_tracker(tracker: str) -> None:
