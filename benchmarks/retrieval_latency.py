@@ -1,13 +1,14 @@
-"""Seconds per retrieval call seen by training worker 0 as the number of training workers grows (1, 2, 4;
-batch 8 queries each, all calling at once), for three ways of serving one index:
+"""Seconds per retrieval call seen by training worker 0 as the number of training workers grows (1, 2, 4
+worker processes, batch 8 queries each, all calling at once), for three ways of serving one index:
 
   * rank-0-serves-all: one server process answers every worker (the HF RAG `pytorch` retriever's design:
-    rank 0 holds the index and the others wait on it) — here one Ray actor;
+    rank 0 holds the index and the others wait on it) — here one Ray actor that every worker shares;
   * Ray actors: one replica per worker (`--distributed-retriever ray --num-retrieval-workers N`);
   * in-process: every worker holds its own copy (N times the memory).
 
-Workers are threads of this process (a Ray call and a Faiss search both release the GIL), so the numbers
-are the serving side's. Index: flat, 100k random unit vectors of dimension 384 (MiniLM's).
+Workers are separate processes (spawned, as torchrun ranks are) that connect to one local Ray and find
+the actors by name (`RayIndexClient(name=...)`, what `ragkit train` ranks do); a barrier starts their calls
+together. Index: flat, 100k random unit vectors of dimension 384 (MiniLM's).
 
     python benchmarks/retrieval_latency.py [--passages 100000] [--calls 30]
 """
@@ -15,8 +16,9 @@ are the serving side's. Index: flat, 100k random unit vectors of dimension 384 (
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -41,28 +43,49 @@ def build(n: int, dim: int) -> None:
     Index.build(WORK, passages, vectors, EncoderInfo("random", dim, True, None, "0" * 32), spec="flat")
 
 
-def measure(search_for_worker, workers: int, calls: int, dim: int) -> float:
-    """Median seconds per call of worker 0 while `workers` threads call concurrently."""
-    rng = np.random.default_rng(1)
-    queries = rng.standard_normal((calls, 8, dim)).astype(np.float32)
-    times: list[float] = []
-    barrier = threading.Barrier(workers)
+def worker(how: str, rank: int, workers: int, address: str, calls: int, dim: int, barrier, results) -> None:
+    """One training worker: connect, find its searcher, wait for the others, then time `calls` searches."""
+    os.environ["RAY_ADDRESS"] = address
+    if how == "in-process":
+        from ragkit.index import Index
 
-    def loop(w: int) -> None:
-        search = search_for_worker(w)
-        barrier.wait()
-        for c in range(calls):
-            began = time.perf_counter()
-            search(queries[c], 5)
-            if w == 0:
-                times.append(time.perf_counter() - began)
+        search = Index.open(WORK, threads=1).search
+    else:
+        from ragkit.retrieval.ray_retriever import RayIndexClient
 
-    threads = [threading.Thread(target=loop, args=(w,)) for w in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return statistics.median(times)
+        name = f"latency-shared-{workers}" if how == "rank0" else f"latency-replica-{workers}-{rank}"
+        client = RayIndexClient([WORK], num_workers=1, cpus_per_worker=0.01, threads=1, name=name)
+        search = client.search
+    queries = np.random.default_rng(1 + rank).standard_normal((calls, 8, dim)).astype(np.float32)
+    search(queries[0], 5)  # connections and first-call costs outside the timing
+    barrier.wait()
+    times = []
+    for c in range(calls):
+        began = time.perf_counter()
+        search(queries[c], 5)
+        times.append(time.perf_counter() - began)
+    if rank == 0:
+        results.put(statistics.median(times))
+
+
+def measure(how: str, workers: int, address: str, calls: int, dim: int) -> float:
+    shared = None
+    if how == "rank0":  # the parent owns the one server, so that it outlives any single worker
+        from ragkit.retrieval.ray_retriever import RayIndexClient
+
+        shared = RayIndexClient([WORK], num_workers=1, cpus_per_worker=0.01, threads=1, name=f"latency-shared-{workers}")
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(how, r, workers, address, calls, dim, barrier, results))
+             for r in range(workers)]
+    for p in procs:
+        p.start()
+    seconds = results.get(timeout=600)
+    for p in procs:
+        p.join()
+    if shared is not None:
+        shared.shutdown()
+    return seconds
 
 
 def main() -> None:
@@ -73,29 +96,27 @@ def main() -> None:
     args = parser.parse_args()
     build(args.passages, args.dim)
 
-    from ragkit.index import Index
-    from ragkit.retrieval.ray_retriever import RayIndexClient
+    import ray
 
+    from ragkit.retrieval.ray_retriever import start_ray
+
+    start_ray(num_cpus=8)  # logical CPUs for scheduling; the actors ask for 0.01 each
+    address = ray.get_runtime_context().gcs_address
     results: dict[str, dict[str, float]] = {}
     rows = []
     for n in (1, 2, 4):
-        one = RayIndexClient([WORK], num_workers=1, cpus_per_worker=0.01, threads=1)
-        served = measure(lambda w: (lambda q, k: one.search(q, k)), n, args.calls, args.dim)
-        one.shutdown()
-        replicas = [RayIndexClient([WORK], num_workers=1, cpus_per_worker=0.01, threads=1) for _ in range(n)]
-        ray_s = measure(lambda w: (lambda q, k: replicas[w].search(q, k)), n, args.calls, args.dim)
-        for r in replicas:
-            r.shutdown()
-        local = [Index.open(WORK, threads=1) for _ in range(n)]
-        local_s = measure(lambda w: (lambda q, k: local[w].search(q, k)), n, args.calls, args.dim)
+        served = measure("rank0", n, address, args.calls, args.dim)
+        ray_s = measure("replicas", n, address, args.calls, args.dim)
+        local_s = measure("in-process", n, address, args.calls, args.dim)
         results[str(n)] = {"rank0_serves_all_s": served, "ray_actors_s": ray_s, "in_process_s": local_s,
                            "ratio_rank0_over_ray": served / ray_s}
         rows.append([n, served, ray_s, served / ray_s, local_s])
+    ray.shutdown()
     hw = hardware()
-    print_table(f"seconds per retrieval call seen by worker 0 (batch 8, k 5, flat {args.passages:,} x {args.dim}) — "
-                f"{hw['cpu']}, {hw['cores']} cores",
+    print_table(f"seconds per retrieval call seen by worker 0 (worker processes, batch 8, k 5, flat "
+                f"{args.passages:,} x {args.dim}) — {hw['cpu']}, {hw['cores']} cores",
                 ["training workers", "rank-0 serves all", "Ray actors (1 per worker)", "ratio", "in-process copies"], rows)
-    print(f"wrote {write_result('retrieval_latency', {'hardware': hw, 'args': vars(args), 'results': results})}")
+    print(f"wrote {write_result('retrieval_latency', {'hardware': hw, 'args': vars(args), 'workers': 'processes', 'results': results})}")
 
 
 if __name__ == "__main__":

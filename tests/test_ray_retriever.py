@@ -59,6 +59,34 @@ def test_replicas_and_shards_match_in_process(indexes: dict[str, Path], local_ra
     shards.shutdown()
 
 
+def test_processes_of_one_job_share_named_actors(indexes: dict[str, Path], local_ray: None) -> None:
+    """Two clients (in this process, and in another one connected through RAY_ADDRESS) with the same job
+    name use the same actors, instead of starting one set each."""
+    import os
+    import subprocess
+    import sys
+
+    from ragkit.retrieval.ray_retriever import RayIndexClient
+
+    name = RayIndexClient.job_name([indexes["all"]], "replicas", 2)
+    first = RayIndexClient([indexes["all"]], num_workers=2, cpus_per_worker=0.1, name=name)
+    second = RayIndexClient([indexes["all"]], num_workers=2, cpus_per_worker=0.1, name=name)
+    ids = [w._actor_id.hex() for w in first.workers]
+    assert [w._actor_id.hex() for w in second.workers] == ids and len(set(ids)) == 2
+    other = RayIndexClient([indexes["all"]], num_workers=1, cpus_per_worker=0.1, name=name + "-other")
+    assert other.workers[0]._actor_id.hex() not in ids
+    code = ("import sys; from ragkit.retrieval.ray_retriever import RayIndexClient; "
+            f"c = RayIndexClient([sys.argv[1]], num_workers=2, cpus_per_worker=0.1, name={name!r}); "
+            "print(' '.join(w._actor_id.hex() for w in c.workers))")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run([sys.executable, "-c", code, str(indexes["all"])], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ids
+    for client in (first, other):
+        client.shutdown()
+
+
 def test_rag_training_through_ray_matches_in_process(tmp_path: Path, tiny_encoder_path: Path, tiny_lm_path: Path, local_ray: None) -> None:
     import json
 

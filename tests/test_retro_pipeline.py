@@ -316,3 +316,22 @@ def test_cached_sampling_equals_rerunning_the_whole_model() -> None:
             logits = model(ids, retrieved=retrieved).logits
             tokens.append(int(logits[0, len(tokens) - 1].argmax()))
     assert tokens == cached
+
+
+def test_sizes_come_from_flags_or_a_config_file(tmp_path: Path) -> None:
+    from ragkit.errors import UsageError
+    from ragkit.train.config import resolve_config
+    from ragkit.train.retro_arch import model_config, parse_cross_attn_layers
+
+    path = tmp_path / "retro.toml"
+    path.write_text('arch = "retro"\nworkdir = "w"\nretro-dim = 96\nretro-dec-depth = 5\n'
+                    'retro-cross-attn-layers = "1,4"\nchunk-size = 16\nnum-neighbors = 3\n')
+    config = resolve_config(path, {"retro_heads": 3})  # a flag on top of the file
+    built = model_config(config, vocab_size=100)
+    assert (built.dim, built.dec_depth, built.heads, built.chunk_size, built.num_neighbors) == (96, 5, 3, 16, 3)
+    assert built.cross_attn_layers == [1, 4] and built.neighbor_len == 32
+    assert config.learning_rate == 3e-4  # retro's default, trained from scratch
+    assert parse_cross_attn_layers("none", 4) == [] and parse_cross_attn_layers("", 6) is None
+    for bad in ("x", "9"):
+        with pytest.raises(UsageError):
+            parse_cross_attn_layers(bad, 4)

@@ -37,10 +37,14 @@ class _Worker:
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
+    """Connect to `address` (or $RAY_ADDRESS), else start a private local Ray bound to 127.0.0.1."""
+    import os
+
     try:
         import ray
     except ImportError:
         raise ResourceError("--distributed-retriever ray needs Ray", hint="pip install 'ragkit[ray]'") from None
+    address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         if address:
             ray.init(address=address, namespace="ragkit", ignore_reinit_error=True)
@@ -51,10 +55,15 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
 
 
 class RayIndexClient:
-    """Search vectors through Ray actors; same results as `Index.search` on the same data."""
+    """Search vectors through Ray actors; same results as `Index.search` on the same data.
+
+    With `name`, the actors are named `NAME-0`, `NAME-1`, ... in the "ragkit" namespace and reused when they
+    exist, so that the processes of one job (torchrun / accelerate ranks connected to one cluster) share them
+    instead of each starting its own."""
 
     def __init__(self, index_dirs: Sequence[str | Path], *, mode: str = "replicas", num_workers: int = 1,
-                 address: str | None = None, threads: int | None = None, cpus_per_worker: float = 1.0) -> None:
+                 address: str | None = None, threads: int | None = None, cpus_per_worker: float = 1.0,
+                 name: str | None = None) -> None:
         if mode not in ("replicas", "shards"):
             raise UsageError(f"ray retriever mode {mode}: expected replicas or shards")
         ray = start_ray(address)
@@ -63,9 +72,13 @@ class RayIndexClient:
         if mode == "replicas":
             if len(dirs) != 1:
                 raise UsageError("replicas serve one index; give shards=... for several")
-            self.workers = [actor.remote(dirs[0], threads) for _ in range(max(1, num_workers))]
-        else:
-            self.workers = [actor.remote(d, threads) for d in dirs]
+            dirs = dirs * max(1, num_workers)
+
+        def start(i: int, directory: str) -> Any:
+            options = {} if name is None else {"name": f"{name}-{i}", "get_if_exists": True}
+            return actor.options(**options).remote(directory, threads)
+
+        self.workers = [start(i, d) for i, d in enumerate(dirs)]
         infos = ray.get([w.info.remote() for w in self.workers])
         dims = {i["dim"] for i in infos}
         fingerprints = {i["encoder"]["fingerprint"] for i in infos}
@@ -91,6 +104,14 @@ class RayIndexClient:
         if any(len(row) < k for row in hits):
             raise ResourceError(f"the index holds fewer than the {k} passages needed per query")
         return hits, vecs
+
+    @staticmethod
+    def job_name(index_dirs: Sequence[str | Path], mode: str, num_workers: int) -> str:
+        """One name per (index, layout): the ranks of a training job compute the same one."""
+        import hashlib
+
+        key = "|".join([*(str(Path(d).resolve()) for d in index_dirs), mode, str(num_workers)])
+        return "ragkit-index-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
     def shutdown(self) -> None:
         for w in self.workers:

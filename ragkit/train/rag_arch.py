@@ -48,9 +48,10 @@ class RagArch:
             from ragkit.retrieval.ray_retriever import RayIndexClient
 
             dirs = config.index.split(",") if config.shard_index else [config.index]
-            searcher = RayIndexClient(dirs, mode="shards" if config.shard_index else "replicas",
-                                      num_workers=config.num_retrieval_workers, address=config.ray_address,
-                                      cpus_per_worker=0.5)
+            mode = "shards" if config.shard_index else "replicas"
+            searcher = RayIndexClient(dirs, mode=mode, num_workers=config.num_retrieval_workers,
+                                      address=config.ray_address, cpus_per_worker=0.5,
+                                      name=RayIndexClient.job_name(dirs, mode, config.num_retrieval_workers))
         return build_rag(rag_model_config(config), device=device, lora=lora, searcher=searcher)
 
     def dataset(self, config: TrainConfig) -> ListDataset:
