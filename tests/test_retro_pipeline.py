@@ -247,6 +247,22 @@ def test_eval_lm_reports_both_with_and_without_retrieval(trained: Path, tmp_path
     assert m["bits_per_byte"]["mean"] == pytest.approx(nats / np.log(2) / sum(d["bytes"] for d in docs))
 
 
+def test_resume_continues_from_the_last_checkpoint(trained: Path, tmp_path: Path, tiny_lm_path: Path,
+                                                   tiny_encoder_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    result = _cli("train", "--arch", "retro", "--data", trained / "texts", "--workdir", trained / "work", "-o", run,
+                  "--tokenizer", tiny_lm_path, "--embedder", tiny_encoder_path, "--chunk-size", M, "--seq-len", SEQ,
+                  "--num-neighbors", 2, *TINY_MODEL, "--max-steps", 45, "--batch-size", 4, "--lr", "3e-3",
+                  "--logging-steps", 5, "--save-steps", 20, "--device", "cpu", "--resume", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 45
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert 45 in steps and steps.count(5) == 1  # continued after step 40: steps 5..40 were not run again
+
+
 def test_resume_refuses_a_work_folder_with_another_tokenizer(trained: Path, tiny_selfrag_path: Path,
                                                              tiny_encoder_path: Path) -> None:
     result = _cli("train", "--arch", "retro", "--data", trained / "texts", "--workdir", trained / "work2",

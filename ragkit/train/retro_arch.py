@@ -109,7 +109,7 @@ class RetroArch:
             raise ResourceError(f"{directory}: no RETRO weights to resume from")
         if self.prepared is not None:
             check_checkpoint_tokenizer(directory, self.prepared.tokenizer_fingerprint, recurse=False)
-        model.model.load_state_dict(load_file(weights), strict=False)
+        model.model.load_state_dict(load_file(weights))  # strict: a checkpoint of another size fails loudly
 
 
 def check_checkpoint_tokenizer(directory: Path, fingerprint: str, *, recurse: bool = True) -> None:
