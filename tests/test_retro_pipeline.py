@@ -351,3 +351,13 @@ def test_sizes_come_from_flags_or_a_config_file(tmp_path: Path) -> None:
     for bad in ("x", "9"):
         with pytest.raises(UsageError):
             parse_cross_attn_layers(bad, 4)
+
+
+def test_eval_lm_bad_invocations(trained: Path, tmp_path: Path) -> None:
+    result = _cli("eval", "--task", "lm", "--data", tmp_path)
+    assert result.exit_code == 2 and "--model" in result.stderr
+    result = _cli("eval", "--task", "lm", "--data", tmp_path / "missing", "-m", trained / "run" / "final", "--device", "cpu")
+    assert result.exit_code == 4 and "missing" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = _cli("eval", "--task", "lm", "--data", tmp_path / "empty", "-m", trained / "run" / "final", "--device", "cpu")
+    assert result.exit_code == 3 and "no file matches" in result.stderr
