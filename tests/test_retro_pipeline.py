@@ -361,3 +361,19 @@ def test_eval_lm_bad_invocations(trained: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     result = _cli("eval", "--task", "lm", "--data", tmp_path / "empty", "-m", trained / "run" / "final", "--device", "cpu")
     assert result.exit_code == 3 and "no file matches" in result.stderr
+
+
+def test_each_sample_reports_only_its_own_retrieval_time() -> None:
+    """The retriever lives across prompts (`generate --arch retro` reads many): its clock is cumulative."""
+    from ragkit.retro.generate import SamplingConfig, sample
+
+    class Clocked(RecordingRetriever):
+        def __call__(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            self.seconds += 1.0  # one "second" per call
+            return super().__call__(chunks)
+
+    model, retriever = tiny_retro(), Clocked(2, 2 * M, 40)
+    first = sample(model, [5, 6, 7], SamplingConfig(max_new_tokens=9, temperature=0.0), retriever)
+    second = sample(model, [5, 6, 7], SamplingConfig(max_new_tokens=5, temperature=0.0), retriever)
+    assert first.retrieval_seconds == len(first.retrieved) == 2
+    assert second.retrieval_seconds == len(second.retrieved) == 1

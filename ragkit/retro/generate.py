@@ -90,6 +90,7 @@ def sample(model: Any, prompt: list[int], config: SamplingConfig, retriever: Chu
     ids = torch.tensor([prompt] * b, dtype=torch.long)
     out = Sample(tokens=[[] for _ in range(b)])
     began = time.perf_counter()
+    retrieval_before = retriever.seconds if retriever is not None else 0.0  # its clock runs across prompts
     state = model.new_state()
 
     def neighbours_for(chunk_index: int, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -127,7 +128,7 @@ def sample(model: Any, prompt: list[int], config: SamplingConfig, retriever: Chu
         retrieved = neighbours_for(length // m - 1, ids) if length % m == 0 else {}
         logits = model.forward_cached(token[:, None].to(device), state, retrieved)[:, -1]
     out.seconds = time.perf_counter() - began
-    out.retrieval_seconds = retriever.seconds if retriever is not None else 0.0
+    out.retrieval_seconds = retriever.seconds - retrieval_before if retriever is not None else 0.0
     return out
 
 
