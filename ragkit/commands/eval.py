@@ -197,9 +197,12 @@ def _evaluate_lm(o: dict[str, Any], config: dict[str, Any], began: float) -> Non
     loaded = load_retro(o["model"], workdir=o["workdir"], device=o["device"])
     result = evaluate(loaded, str(o["data"]), o["glob"], batch_size=o["batch_size"],
                       workdir=str(o["workdir"]) if o["workdir"] else None)
+    # the model's own setting is unsuffixed: with neighbours when it has them, else without
+    suffixes = {name: "_no_retrieval" if name == "no_retrieval" and "retrieval" in result["results"] else ""
+                for name in result["results"]}
     metrics: dict[str, Any] = {}
     for name, scores in result["results"].items():
-        suffix = "" if name == "retrieval" or "retrieval" not in result["results"] else "_no_retrieval"
+        suffix = suffixes[name]
         summary = scores.summary()
         for metric in ("loss", "perplexity", "bits_per_byte", "bits_per_token"):
             low, high = scores.interval(metric)
@@ -209,7 +212,7 @@ def _evaluate_lm(o: dict[str, Any], config: dict[str, Any], began: float) -> Non
     for i, doc in enumerate(documents):
         row: dict[str, Any] = {"id": doc["source"], "tokens": doc["tokens"], "bytes": doc["bytes"], "metrics": {}}
         for name, scores in result["results"].items():
-            suffix = "" if name == "retrieval" or "retrieval" not in result["results"] else "_no_retrieval"
+            suffix = suffixes[name]
             if scores.tokens[i]:
                 row["metrics"]["loss" + suffix] = scores.nll[i] / scores.tokens[i]
                 row["metrics"]["bits_per_byte" + suffix] = scores.nll[i] / math.log(2) / max(doc["bytes"], 1)

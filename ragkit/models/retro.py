@@ -157,16 +157,15 @@ class ChunkedCrossAttention(nn.Module):
 
     def forward_span(self, x: torch.Tensor, start: int, encoded: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The same attention for positions start .. start + T - 1 only (incremental decoding): each position
-        attends to the encoded neighbours of chunk (t + 1) // m - 1, which must be in `encoded`."""
+        attends to the encoded neighbours of chunk (t + 1) // m - 1; positions whose chunk has none in
+        `encoded` (or t < m - 1) read nothing, as in `forward`."""
         out = torch.zeros_like(x)
         groups = [(t + 1) // self.chunk - 1 for t in range(start, start + x.shape[1])]
         for g in sorted(set(groups)):
-            if g < 0:
+            if g not in encoded:  # also every g < 0
                 continue
             cols = [i for i, gi in enumerate(groups) if gi == g]
             lo, hi = cols[0], cols[-1] + 1
-            if g not in encoded:
-                continue
             neighbours, mask = encoded[g]
             out[:, lo:hi] = self.attn(x[:, lo:hi], neighbours, rotate=False, context_mask=mask)
         return out
@@ -260,7 +259,6 @@ class RetroModel(PreTrainedModel):
         # a chunk with no neighbour at all would make softmax over an empty set: let it see one padded slot
         mask[..., 0] |= ~mask.any(-1)
         return neighbours.reshape(b, c, k * r, d), mask
-
 
     # -- incremental decoding ---------------------------------------------------------------------
     def new_state(self) -> DecodingState:

@@ -62,12 +62,14 @@ class Prepared:
     corpus: RetroCorpus
     tokenizer: Any
     tokenizer_fingerprint: str
-    encoder: Any  # ragkit Encoder (loaded lazily by the stages that need it)
+    encoder: Any  # the ragkit Encoder that embedded the chunks (and embeds new ones at generation)
     index_dir: Path
-    stats: dict[str, Any]
 
 
-def prepare(config: P.RetroDataConfig, *, need_encoder: bool = True) -> Prepared:
+CHUNK_FILES = ["chunks.npy", "doc_ids.npy", "seq_starts.npy", "documents.jsonl"]
+
+
+def prepare(config: P.RetroDataConfig) -> Prepared:
     """Build (or reuse) every stage under config.workdir; returns the training corpus."""
     config.validate()
     workdir = Path(config.workdir)
@@ -77,24 +79,13 @@ def prepare(config: P.RetroDataConfig, *, need_encoder: bool = True) -> Prepared
     tokenizer = P.load_tokenizer(config.tokenizer)
     fingerprint = P.tokenizer_fingerprint(tokenizer)
     check_tokenizer(manifest, fingerprint, config.tokenizer, reprocess=config.reprocess)
-    force = config.reprocess
 
     chunk_params = {"format_version": P.FORMAT_VERSION, "input": P.files_digest(files),
                     "files": [str(f.resolve()) for f in files],
                     "tokenizer": config.tokenizer, "tokenizer_fingerprint": fingerprint,
                     "chunk_size": config.chunk_size, "seq_len": config.seq_len}
-    chunk_key = P.stage_key(chunk_params)
-    if force or not manifest.is_current("chunks", chunk_key):
-        if not P.keeps_newlines(tokenizer):
-            info(f"warning: the tokenizer '{config.tokenizer}' drops line breaks; the model will never write one")
-        began = time.perf_counter()
-        stats = P.chunk_documents(P.read_documents(files), tokenizer, workdir, chunk_size=config.chunk_size,
-                                  seq_len=config.seq_len, where=str(config.data))
-        manifest.record("chunks", chunk_key, chunk_params, CHUNK_FILES, stats=stats.__dict__,
-                        seconds=time.perf_counter() - began)
-        info(f"retro: {stats.documents} documents -> {stats.chunks} chunks of {config.chunk_size} tokens, "
-             f"{stats.sequences} sequences")
-        force = True  # everything downstream is stale
+    chunk_key, force = chunk_stage(manifest, chunk_params, files, tokenizer, where=str(config.data),
+                                   force=config.reprocess)
 
     from ragkit.models.encoder import Encoder
 
@@ -106,7 +97,7 @@ def prepare(config: P.RetroDataConfig, *, need_encoder: bool = True) -> Prepared
         began = time.perf_counter()
         P.embed_chunks(workdir, tokenizer, encoder, chunk_size=config.chunk_size, batch_size=config.embed_batch_size)
         manifest.record("embeddings", embed_key, embed_params, ["embeddings.npy"], seconds=time.perf_counter() - began)
-        force = True
+        force = True  # everything downstream is stale
 
     index_params = {"embeddings": embed_key, "spec": config.index_spec}
     index_key = P.stage_key(index_params)
@@ -130,10 +121,25 @@ def prepare(config: P.RetroDataConfig, *, need_encoder: bool = True) -> Prepared
         manifest.record("neighbours", neighbour_key, neighbour_params, ["neighbours.npy"],
                         seconds=time.perf_counter() - began)
     corpus = RetroCorpus(workdir, chunk_size=config.chunk_size)
-    return Prepared(corpus, tokenizer, fingerprint, encoder, workdir / "index", manifest.data["stages"])
+    return Prepared(corpus, tokenizer, fingerprint, encoder, workdir / "index")
 
 
-CHUNK_FILES = ["chunks.npy", "doc_ids.npy", "seq_starts.npy", "documents.jsonl"]
+def chunk_stage(manifest: P.Manifest, params: dict[str, Any], files: list[Path], tokenizer: Any, *, where: str,
+                force: bool) -> tuple[str, bool]:
+    """The chunks stage of a work folder (or of held-out text): (its key, whether it was rebuilt)."""
+    key = P.stage_key(params)
+    if not force and manifest.is_current("chunks", key):
+        return key, False
+    if not P.keeps_newlines(tokenizer):
+        who = f"'{params['tokenizer']}'" if "tokenizer" in params else "in use"
+        info(f"warning: the tokenizer {who} drops line breaks; the model will never write one")
+    began = time.perf_counter()
+    stats = P.chunk_documents(P.read_documents(files), tokenizer, manifest.workdir, chunk_size=params["chunk_size"],
+                              seq_len=params["seq_len"], where=where)
+    manifest.record("chunks", key, params, CHUNK_FILES, stats=stats.__dict__, seconds=time.perf_counter() - began)
+    info(f"retro: {stats.documents} documents -> {stats.chunks} chunks of {params['chunk_size']} tokens, "
+         f"{stats.sequences} sequences")
+    return key, True
 
 
 def check_tokenizer(manifest: P.Manifest, fingerprint: str, name: str, *, reprocess: bool) -> None:
@@ -150,35 +156,26 @@ def check_tokenizer(manifest: P.Manifest, fingerprint: str, name: str, *, reproc
             hint="Use the same --tokenizer, pass --reprocess to rebuild the work folder, or use another --workdir.")
 
 
-def prepare_heldout(data: str, glob: str, workdir: str | Path, tokenizer: Any, fingerprint: str, encoder: Any,
-                    *, chunk_size: int, seq_len: int, num_neighbors: int, retrieve: bool = True) -> RetroCorpus:
-    """Chunk held-out text with the work folder's tokenizer and find each chunk's neighbours in the work
-    folder's index (no same-document filter: held-out documents are not in it). Cached under
-    WORKDIR/heldout/<key>/ with the same manifest rules."""
+def prepare_heldout(data: str, glob: str, workdir: str | Path, tokenizer: Any, fingerprint: str, *, chunk_size: int,
+                    seq_len: int, retriever: Any = None) -> RetroCorpus:
+    """Chunk held-out text with the work folder's tokenizer and, with a `ChunkRetriever` over the work
+    folder, find each chunk's neighbours in its index (no same-document filter: held-out documents are not
+    in it). Cached under WORKDIR/heldout/<key>/ with the same manifest rules."""
     files = P.input_files(data, glob)
     params = {"format_version": P.FORMAT_VERSION, "input": P.files_digest(files), "tokenizer_fingerprint": fingerprint,
-              "chunk_size": chunk_size,
-              "seq_len": seq_len}
-    key = P.stage_key(params)
-    folder = Path(workdir) / "heldout" / key[:16]
+              "chunk_size": chunk_size, "seq_len": seq_len}
+    folder = Path(workdir) / "heldout" / P.stage_key(params)[:16]
     folder.mkdir(parents=True, exist_ok=True)
     manifest = P.Manifest(folder)
-    if not manifest.is_current("chunks", key):
-        stats = P.chunk_documents(P.read_documents(files), tokenizer, folder, chunk_size=chunk_size, seq_len=seq_len,
-                                  where=data)
-        manifest.record("chunks", key, params, CHUNK_FILES, stats=stats.__dict__)
-    if retrieve:
-        from ragkit.index import Index
-
-        index = Index.open(Path(workdir) / "index")
-        index.check_encoder(encoder.info)
+    key, _ = chunk_stage(manifest, params, files, tokenizer, where=data, force=False)
+    if retriever is not None:
         built = P.Manifest(Path(workdir)).stage("index")
-        nkey = P.stage_key({"chunks": key, "index": built["key"] if built else None, "k": num_neighbors})
+        nkey = P.stage_key({"chunks": key, "index": built["key"] if built else None, "k": retriever.k})
         if not manifest.is_current("neighbours", nkey):
-            P.embed_chunks(folder, tokenizer, encoder, chunk_size=chunk_size)
-            P.compute_neighbours(folder, index, np.empty(0, dtype=np.int32), k=num_neighbors, extra=0,
+            P.embed_chunks(folder, tokenizer, retriever.encoder, chunk_size=chunk_size)
+            P.compute_neighbours(folder, retriever.index, np.empty(0, dtype=np.int32), k=retriever.k, extra=0,
                                  exclude_same_document=False)
-            manifest.record("neighbours", nkey, {"k": num_neighbors}, ["embeddings.npy", "neighbours.npy"])
+            manifest.record("neighbours", nkey, {"k": retriever.k}, ["embeddings.npy", "neighbours.npy"])
     return RetroCorpus(folder, chunk_size=chunk_size)
 
 

@@ -74,8 +74,8 @@ def score(model: Any, sequences: RetroSequences, corpus: RetroCorpus, *, batch_s
     return LmScores(nll, tokens, sizes)
 
 
-def evaluate(loaded: LoadedRetro, data: str, glob: str, *, batch_size: int = 8, workdir: str | None = None,
-             encoder: Any = None) -> dict[str, Any]:
+def evaluate(loaded: LoadedRetro, data: str, glob: str, *, batch_size: int = 8,
+             workdir: str | None = None) -> dict[str, Any]:
     """Scores with the neighbours (when the model has CCA layers and a work folder) and without them."""
     cfg = loaded.model.config
     seq_len = int(loaded.info.get("seq_len", 8 * cfg.chunk_size))
@@ -86,8 +86,7 @@ def evaluate(loaded: LoadedRetro, data: str, glob: str, *, batch_size: int = 8, 
     from ragkit.retro.pipeline import end_of_document_id, tokenizer_fingerprint
 
     heldout = prepare_heldout(data, glob, folder, loaded.tokenizer, tokenizer_fingerprint(loaded.tokenizer),
-                              retriever.encoder if retriever is not None else encoder, chunk_size=cfg.chunk_size,
-                              seq_len=seq_len, num_neighbors=cfg.num_neighbors, retrieve=with_retrieval)
+                              chunk_size=cfg.chunk_size, seq_len=seq_len, retriever=retriever)
     prepared_s = time.perf_counter() - began
     results: dict[str, LmScores] = {}
     timings = {"prepare_s": prepared_s}

@@ -18,14 +18,15 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
+from ragkit.console import progress
 from ragkit.errors import InputError, Location, ResourceError, UsageError
-from ragkit.io.atomic import write_json
+from ragkit.io.atomic import atomic_open, write_json
 
 FORMAT = "ragkit-retro-workdir"
 FORMAT_VERSION = 1
@@ -267,8 +268,6 @@ def chunk_documents(documents: Iterator[Document], tokenizer: Any, out: Path, *,
     _write_npy(out / "chunks.npy", np.concatenate(chunk_rows))
     _write_npy(out / "doc_ids.npy", np.concatenate(doc_rows))
     _write_npy(out / "seq_starts.npy", np.concatenate(seq_rows))
-    from ragkit.io.atomic import atomic_open
-
     with atomic_open(out / "documents.jsonl") as handle:
         handle.write("\n".join(described) + "\n")
     return ChunkStats(doc_id, n_tokens, n_chunks, sum(len(s) for s in seq_rows), n_bytes)
@@ -286,11 +285,12 @@ def embed_chunks(folder: Path, tokenizer: Any, encoder: Any, *, chunk_size: int,
     chunks = np.load(folder / "chunks.npy", mmap_mode="r")
     tmp = folder / ".embeddings.npy.tmp"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(chunks), encoder.info.dim))
-    with _progress("embed chunks", len(chunks)) as advance:
+    with progress(transient=True) as bar:
+        task = bar.add_task("embed chunks", total=len(chunks), rate="")
         for start in range(0, len(chunks), block):
             texts = chunk_texts(chunks[start:start + block], tokenizer, chunk_size)
             out[start:start + len(texts)] = encoder.encode(texts, batch_size=batch_size)
-            advance(len(texts))
+            bar.advance(task, len(texts))
     out.flush()
     del out
     os.replace(tmp, folder / "embeddings.npy")
@@ -352,7 +352,8 @@ def compute_neighbours(queries_folder: Path, index: Any, corpus_doc_ids: np.ndar
     query_docs = np.load(queries_folder / "doc_ids.npy", mmap_mode="r")
     fetch = k + extra + 1 if exclude_same_document else k
     out = np.full((len(vectors), k), PAD, dtype=np.int32)
-    with _progress("neighbours", len(vectors)) as advance:
+    with progress(transient=True) as bar:
+        task = bar.add_task("neighbours", total=len(vectors), rate="")
         for start in range(0, len(vectors), block):
             q = np.ascontiguousarray(vectors[start:start + block])
             found = search_chunk_ids(index, q, fetch)
@@ -361,25 +362,6 @@ def compute_neighbours(queries_folder: Path, index: Any, corpus_doc_ids: np.ndar
                                                                corpus_doc_ids, k)
             else:
                 out[start:start + len(q)] = found[:, :k]
-            advance(len(q))
+            bar.advance(task, len(q))
     _write_npy(queries_folder / "neighbours.npy", out)
     return len(out)
-
-
-class _progress:
-    def __init__(self, label: str, total: int) -> None:
-        from ragkit.console import progress
-
-        self.bar = progress(transient=True)
-        self.task = self.bar.add_task(label, total=total, rate="")
-
-    def __enter__(self) -> Callable[[int], None]:
-        self.bar.start()
-        return lambda n: self.bar.advance(self.task, n)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.stop()
-
-
-def stage_params(config: RetroDataConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(config).items() if k not in ("reprocess", "device", "embed_batch_size", "workdir")}
