@@ -215,3 +215,28 @@ def test_a_refused_end2end_upsert_leaves_the_manifest_alone(tmp_path: Path) -> N
     assert "end2end" not in index.manifest and index.encoder.fingerprint == ENC.fingerprint
     index.upsert([Passage("p0", "x")], unit_vectors(1, DIM), trained, adopt_encoder={"step": 1, "slice": "1/1"})
     assert Index.open(tmp_path / "idx").manifest["end2end"] == {"step": 1, "slice": "1/1"}
+
+
+@pytest.mark.parametrize("spec,metric", [("hnsw:M=8", "ip"), ("flat", "l2")])
+def test_search_ids_agrees_with_search_and_skips_tombstones(tmp_path: Path, spec: str, metric: str) -> None:
+    x = unit_vectors(60, DIM)
+    index = Index.build(tmp_path / "idx", passages(60), x, ENC, spec=spec, metric=metric)
+    index.remove(["p1", "p4"])  # HNSW keeps their vectors as tombstones: both paths must skip them
+    queries = x[:6]
+    full = [[(h.id, h.score) for h in row] for row in index.search(queries, k=7)]
+    ids_only = index.search_ids(queries, k=7)
+    assert ids_only == full
+    assert all(len(row) == 7 and not {"p1", "p4"} & {pid for pid, _ in row} for row in ids_only)
+
+
+def test_search_with_vectors_returns_each_hits_stored_vector(tmp_path: Path) -> None:
+    x = unit_vectors(30, DIM)
+    index = Index.build(tmp_path / "idx", passages(30), x, ENC, spec="flat")
+    index.remove(["p2"])
+    hits, vectors = index.search_with_vectors(x[:3], 4)
+    assert vectors.shape == (3, 4, DIM)
+    for query, row, row_vectors in zip(x[:3], hits, vectors):
+        assert "p2" not in [h.id for h in row]
+        for hit, vector in zip(row, row_vectors):
+            np.testing.assert_allclose(vector, x[int(hit.id[1:])], atol=1e-6)
+            assert hit.score == pytest.approx(float(query @ vector), abs=1e-5)

@@ -372,32 +372,49 @@ class Index:
             params["nprobe"] = nprobe
         fv.set_search_params(self.faiss_index, params)
 
-    def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """Top-k hits per query vector; scores are inner products, or negative L2 distances."""
+    def _search_vids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Faiss scores and vids, with room for tombstoned hits (callers drop them and keep k)."""
         if k <= 0:
             raise UsageError("--k must be positive")
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ResourceError(f"query vectors have dimension {queries.shape[1]}, the index holds {self.dim}")
         if self.faiss_index.ntotal == 0:
-            return [[] for _ in range(len(queries))]
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         fetch = min(self.faiss_index.ntotal, k + len(self.tombstones))
         scores, vids = fv.search(self.faiss_index, queries, fetch)
-        wanted = {int(v) for row in vids for v in row if v >= 0 and int(v) not in self.tombstones}
-        passages = self.store.fetch(wanted)
-        sign = -1.0 if self.metric == "l2" else 1.0
-        results = []
-        for row_scores, row_vids in zip(scores, vids):
-            hits: list[Hit] = []
-            for score, vid in zip(row_scores, row_vids):
-                p = passages.get(int(vid))
-                if vid < 0 or p is None:
-                    continue
-                hits.append(Hit(p["id"], sign * float(score), len(hits) + 1, p["title"], p["text"], p["metadata"]))
-                if len(hits) == k:
+        if self.metric == "l2":
+            scores = -scores
+        return scores, vids
+
+    def _live(self, row_scores: np.ndarray, row_vids: np.ndarray, found: dict[int, Any], k: int) -> list[tuple[float, int, Any]]:
+        """The first k hits of one row whose passage is still live: (score, vid, what `found` holds for it)."""
+        out: list[tuple[float, int, Any]] = []
+        for score, vid in zip(row_scores, row_vids):
+            item = found.get(int(vid)) if vid >= 0 else None
+            if item is not None:
+                out.append((float(score), int(vid), item))
+                if len(out) == k:
                     break
-            results.append(hits)
-        return results
+        return out
+
+    def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """Top-k hits per query vector; scores are inner products, or negative L2 distances."""
+        return [[hit for hit, _ in row] for row in self._search_hits(queries, k)]
+
+    def _search_hits(self, queries: np.ndarray, k: int) -> list[list[tuple[Hit, int]]]:
+        scores, vids = self._search_vids(queries, k)
+        passages = self.store.fetch({int(v) for v in vids.ravel() if v >= 0 and int(v) not in self.tombstones})
+        return [[(Hit(p["id"], score, rank, p["title"], p["text"], p["metadata"]), vid)
+                 for rank, (score, vid, p) in enumerate(self._live(s, v, passages, k), start=1)]
+                for s, v in zip(scores, vids)]
+
+    def search_ids(self, queries: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
+        """Top-k (passage id, score) per query: `search` without reading titles, texts and metadata, for
+        callers that only need ids (RETRO's neighbour precompute over millions of chunks)."""
+        scores, vids = self._search_vids(queries, k)
+        ids = self.store.fetch_ids({int(v) for v in vids.ravel() if v >= 0 and int(v) not in self.tombstones})
+        return [[(pid, score) for score, _, pid in self._live(s, v, ids, k)] for s, v in zip(scores, vids)]
 
     def refresh(self, encode: Any, encoder: EncoderInfo, *, batch: int = 4096) -> int:
         """Re-embed every passage with a new model and swap the vectors in as a new version.
@@ -477,12 +494,12 @@ class Index:
 
     def search_with_vectors(self, queries: np.ndarray, k: int) -> tuple[list[list[Hit]], np.ndarray]:
         """Hits plus each hit's stored vector, shape (len(queries), k, dim); every query must get k hits."""
-        hits = self.search(queries, k)
-        if any(len(row) < k for row in hits):
+        found = self._search_hits(queries, k)
+        if any(len(row) < k for row in found):
             raise ResourceError(f"{self.root} holds {len(self)} passages, fewer than the {k} needed per query",
                                 hint="Lower --n-docs, or add passages to the index.")
-        vids = self.store.vids_for([h.id for row in hits for h in row])
-        flat = np.asarray([vids[h.id] for row in hits for h in row], dtype=np.int64)
+        flat = np.asarray([vid for row in found for _, vid in row], dtype=np.int64)
+        hits = [[hit for hit, _ in row] for row in found]
         return hits, self.vectors_for_vids(flat).reshape(len(hits), k, self.dim)
 
     def get(self, ids: Sequence[str]) -> dict[str, Passage]:

@@ -99,6 +99,17 @@ class PassageStore:
                 out[int(vid)] = {"id": pid, "title": title, "text": text, "metadata": json.loads(meta)}
         return out
 
+    def fetch_ids(self, vids: Iterable[int]) -> dict[int, str]:
+        """vid -> passage id for the vids that are live (the primary-key lookup alone, no text)."""
+        wanted = list({int(v) for v in vids})
+        out: dict[int, str] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for vid, pid in self.conn.execute(f"SELECT vid, id FROM passages WHERE vid IN ({marks})", chunk):
+                out[int(vid)] = pid
+        return out
+
     def iter_passages(self, batch: int = 10_000) -> Iterable[tuple[int, Passage]]:
         last = -1
         while True:

@@ -327,9 +327,9 @@ def index_chunks(folder: Path, tokenizer: Any, encoder_info: Any, *, chunk_size:
 def search_chunk_ids(index: Any, queries: np.ndarray, k: int) -> np.ndarray:
     """(Q, k) chunk rows of the top-k hits, -1 where there are fewer."""
     out = np.full((len(queries), k), PAD, dtype=np.int64)
-    for row, hits in enumerate(index.search(queries, k)):
-        for col, hit in enumerate(hits):
-            out[row, col] = int(hit.id)
+    for row, hits in enumerate(index.search_ids(queries, k)):
+        for col, (chunk_id, _) in enumerate(hits):
+            out[row, col] = int(chunk_id)
     return out
 
 
