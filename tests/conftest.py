@@ -94,8 +94,9 @@ def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def build_tiny_causal_lm(directory: Path, *, seed: int = 0) -> Path:
-    """A 2-layer Llama over a word-level vocabulary, with pad/eos tokens and no chat template."""
+def build_tiny_causal_lm(directory: Path, *, seed: int = 0, hidden: int = 32) -> Path:
+    """A 2-layer Llama over a word-level vocabulary, with pad/eos tokens and no chat template.
+    (bitsandbytes' CPU kernels need layers at least 64 wide: hidden=64.)"""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -106,7 +107,7 @@ def build_tiny_causal_lm(directory: Path, *, seed: int = 0) -> Path:
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
                                         bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
                          pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
     out = directory / "tiny-llama"
@@ -118,6 +119,12 @@ def build_tiny_causal_lm(directory: Path, *, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm64_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama 64 wide, as bitsandbytes' 4-/8-bit CPU kernels need."""
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm-64"), hidden=64)
 
 
 def build_tiny_selfrag_lm(directory: Path, *, seed: int = 0) -> Path:

@@ -271,11 +271,9 @@ def test_distillation_refuses_a_teacher_with_another_vocabulary(tiny_lm_path: Pa
     assert rag.exit_code == 2 and "--distill-from works with" in rag.stderr
 
 
-def test_qlora_needs_lora_and_a_gpu(tiny_lm_path: Path, tmp_path: Path) -> None:
+def test_qlora_needs_lora(tiny_lm_path: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", GEN_ROWS)
     base = ["train", "--arch", "selfrag", "--data", str(data), "--generator", str(tiny_lm_path), "-o", str(tmp_path / "r"),
             "--max-steps", "1", "--device", "cpu", "--quantize", "4bit"]
-    result = CliRunner().invoke(app, base)
-    assert result.exit_code == 2 and "needs a CUDA GPU" in result.stderr
     full = CliRunner().invoke(app, [*base, "--lora-r", "0"])
     assert full.exit_code == 2 and "QLoRA" in full.stderr

@@ -99,6 +99,30 @@ def test_lora_trains_an_adapter_peft_can_load(setup: dict[str, Path], tmp_path: 
     assert any("lora" in name for name, _ in peft_model.named_parameters())
 
 
+def test_qlora_trains_adapters_over_a_4bit_generator(setup: dict[str, Path], tmp_path: Path, tiny_lm64_path: Path) -> None:
+    """QLoRA through the one trainer, on bitsandbytes' CPU backend (the same code path as on a GPU)."""
+    pytest.importorskip("bitsandbytes")
+    runs = {}
+    for name, extra in {"lora": [], "qlora": ["--quantize", "4bit"]}.items():
+        out = tmp_path / name
+        args = ["train", "--arch", "rag", "--data", setup["data"], "--index", setup["index"], "--generator", tiny_lm64_path,
+                "-o", out, "--n-docs", 2, "--batch-size", 2, "--lr", "1e-2", "--logging-steps", 1, "--device", "cpu",
+                "--json", "--max-steps", 4, "--save-steps", 4, "--lora-r", 4, "--freeze-query-encoder", *extra]
+        result = run(*args)
+        assert result.exit_code == 0, result.stderr
+        runs[name] = (json.loads(result.stdout), losses(out), out)
+    (lora, _, _), (qlora, seen, out) = runs["lora"], runs["qlora"]
+    assert seen[4] < seen[1], seen
+    # same model, same adapters: packed 4-bit weights still count as the parameters they hold
+    assert (qlora["trainable_params"], qlora["total_params"]) == (lora["trainable_params"], lora["total_params"])
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = out / "checkpoint-4" / "generator"
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm64_path), adapter).merge_and_unload()
+    assert merged.config.hidden_size == 64
+
+
 def test_seq2seq_generator_trains(setup: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
 

@@ -86,6 +86,8 @@ class Generator:
         except (OSError, ValueError) as exc:
             raise missing_model_error(self.ref, exc) from exc
         self.model.eval()
+        if quantize == "4bit" and self.device == "cpu":
+            _check_cpu_4bit_widths(self.model, name)
         if quantize == "int8":
             self.model = quantize_int8_dynamic(self.model, self.device)
         if self.tokenizer.pad_token is None:
@@ -145,22 +147,51 @@ class Generator:
         return outputs
 
 
+BNB_CPU_SINCE = (0, 46)  # bitsandbytes' CPU backend (4-bit NF4 and LLM.int8 through PyTorch ops)
+
+
 def _bitsandbytes_kwargs(quantize: str, device: str) -> dict[str, Any]:
-    """from_pretrained arguments for 4-/8-bit loading with bitsandbytes (GPU)."""
+    """from_pretrained arguments for 4-/8-bit loading with bitsandbytes: CUDA, or the CPU backend of
+    bitsandbytes >= 0.46 (the same weights and code path, so QLoRA can be tried before a GPU is rented)."""
     if quantize not in ("8bit", "4bit"):
         return {}
+    import importlib.metadata
     import importlib.util
 
-    if not device.startswith("cuda"):
-        raise UsageError(f"--quantize {quantize} (bitsandbytes) needs a CUDA GPU; on the CPU use --quantize int8")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ResourceError(f"--quantize {quantize}: bitsandbytes is not installed", hint="pip install bitsandbytes")
     import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ResourceError(f"--quantize {quantize}: bitsandbytes is not installed",
+                            hint="pip install 'bitsandbytes>=0.46', or use --quantize int8 on the CPU")
+    on_gpu = device.startswith("cuda")
+    if not on_gpu:
+        version = importlib.metadata.version("bitsandbytes")
+        if device != "cpu" or _version_tuple(version) < BNB_CPU_SINCE:
+            raise UsageError(f"--quantize {quantize} (bitsandbytes {version}) runs on a CUDA GPU or, from bitsandbytes "
+                             f"0.46, on the CPU; not on {device}", hint="pip install -U bitsandbytes, or --quantize int8")
     from transformers import BitsAndBytesConfig
 
+    # CPUs without bf16 units run float32 fastest; GPUs compute in bf16 where they have it
+    compute = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_gpu else torch.float32
     config = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "8bit" else
-              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute))
     return {"quantization_config": config, "device_map": {"": device}}
+
+
+def _check_cpu_4bit_widths(model: Any, name: str) -> None:
+    """bitsandbytes' CPU 4-bit kernels pack weights in blocks of 64 input features and fail mid-forward with
+    a reshape error otherwise; say so at load time (real models' widths are multiples of 64)."""
+    for layer_name, module in model.named_modules():
+        width = getattr(module, "in_features", None)
+        if type(module).__name__ == "Linear4bit" and width is not None and width % 64:
+            raise UsageError(f"--quantize 4bit on the CPU: {name} layer {layer_name} is {width} wide; bitsandbytes' CPU "
+                             "kernels need multiples of 64", hint="use --quantize 8bit or int8, or a CUDA GPU")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:2])
 
 
 def _stop_criteria(tokenizer: Any, stop: Sequence[str], prompt_len: int) -> Any:

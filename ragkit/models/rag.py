@@ -198,7 +198,7 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: dict[str, An
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if quantize != "none":  # QLoRA: frozen quantised base, float adapters
-            model = prepare_model_for_kbit_training(model)
+            model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
 
         model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                                  target_modules=lora["targets"] or "all-linear",

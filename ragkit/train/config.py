@@ -69,7 +69,7 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (fp16 needs a GPU)"})
     seed: int = field(default=42, metadata={"help": "random seed (data order, dropout, init)"})
-    quantize: str = field(default="none", metadata={"help": "none, or 4bit / 8bit base weights (bitsandbytes, GPU) under LoRA: QLoRA"})
+    quantize: str = field(default="none", metadata={"help": "none, or 4bit / 8bit base weights (bitsandbytes: GPU, or CPU from 0.46) under LoRA: QLoRA"})
     lora_r: int = field(default=-1, metadata={"help": "LoRA rank; 0: full fine-tuning; -1: the architecture's default (rag: full, selfrag and selfrag-critic: 8)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})

@@ -82,7 +82,7 @@ class SelfRagArch:
             from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
             if config.quantize != "none":  # QLoRA: frozen quantised base, float adapters
-                model = prepare_model_for_kbit_training(model)
+                model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
 
             targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()] or "all-linear"
             model = get_peft_model(model, LoraConfig(

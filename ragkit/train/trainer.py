@@ -193,8 +193,8 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
         tokens_per_s=trainer.tokens / wall if wall else 0.0,
         peak_cpu_memory_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         peak_gpu_memory_mib=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        total_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(parameter_count(p) for p in model.parameters() if p.requires_grad),
+        total_params=sum(parameter_count(p) for p in model.parameters()),
         final_loss=result.training_loss,
     )
     gpus = trainer.args.world_size if device.startswith("cuda") else 0
@@ -202,6 +202,15 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     report.gpu_cost = report.gpu_hours * config.gpu_hour_price if config.gpu_hour_price > 0 else None
     write_json(output / "cost_report.json", report.to_json())
     return report
+
+
+def parameter_count(parameter: Any) -> int:
+    """Model parameters a tensor holds: bitsandbytes packs 4-bit weights two (or more) to a storage
+    element, so numel() would halve a QLoRA model's size in the cost report."""
+    if type(parameter).__name__ == "Params4bit":
+        storage = getattr(parameter, "quant_storage", None)
+        return parameter.numel() * 2 * (storage.itemsize if storage is not None else 1)
+    return parameter.numel()
 
 
 def _tracker_location(tracker: str, output: Path) -> None:
