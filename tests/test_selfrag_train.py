@@ -271,6 +271,20 @@ def test_distillation_refuses_a_teacher_with_another_vocabulary(tiny_lm_path: Pa
     assert rag.exit_code == 2 and "--distill-from works with" in rag.stderr
 
 
+def test_generator_qlora_trains_over_a_4bit_base(tiny_lm64_path: Path, tmp_path: Path) -> None:
+    """Reflection tokens added, base loaded in 4 bits (bitsandbytes' CPU backend), LoRA over it."""
+    pytest.importorskip("bitsandbytes")
+    run = _train(tmp_path, tiny_lm64_path, "selfrag", GEN_ROWS, "--quantize", "4bit")
+    losses = _losses(run)
+    assert losses[-1] < losses[0], losses
+    assert (run / "final" / "model" / "adapter_model.safetensors").exists()
+    from ragkit.models.selfrag.loading import load_causal_lm
+    from ragkit.models.selfrag.tokens import reflection_ids
+
+    model, tok = load_causal_lm(str(run / "final"), device="cpu")
+    assert len(reflection_ids(tok).ids) > 0 and model.get_input_embeddings().weight.shape[0] == len(tok)
+
+
 def test_qlora_needs_lora(tiny_lm_path: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", GEN_ROWS)
     base = ["train", "--arch", "selfrag", "--data", str(data), "--generator", str(tiny_lm_path), "-o", str(tmp_path / "r"),
