@@ -123,6 +123,39 @@ def test_qlora_trains_adapters_over_a_4bit_generator(setup: dict[str, Path], tmp
     assert merged.config.hidden_size == 64
 
 
+def test_two_torchrun_processes_on_cpu_share_the_data_and_report_once(setup: dict[str, Path], tmp_path: Path) -> None:
+    """The multi-process path (torchrun ranks, DDP over gloo) the same code takes on many GPUs."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp"
+    ragkit = Path(sys.executable).parent / "ragkit"
+    args = [str(a) for a in base_args(setup, out, "--max-steps", 4, "--save-steps", 4)]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), str(ragkit), *args[:]],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert len(reports) == 1, done.stdout  # rank 0 alone prints
+    report = reports[0]
+    assert report["processes"] == 2
+    assert report["examples_per_s"] * report["wall_s"] == pytest.approx(4 * 2 * 2)  # steps x batch x ranks
+    assert json.loads((out / "cost_report.json").read_text())["processes"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]  # one log line per step, not one per rank
+    assert logged[-1]["epoch"] == pytest.approx(2.0)  # 8 questions, 2 per rank per step: the ranks split them
+    assert logged[-1]["loss"] < logged[0]["loss"]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "final" / "generator").config.num_hidden_layers == 2
+
+
 def test_seq2seq_generator_trains(setup: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
 
@@ -176,6 +209,12 @@ def test_bad_training_input(setup: dict[str, Path], tmp_path: Path, other_tiny_e
     assert result.exit_code == 4 and "dimension" in result.stderr
     result = run(*args, "--n-docs", 99)
     assert result.exit_code == 4 and "fewer than the 99" in result.stderr
+
+
+def test_end2end_refuses_several_processes(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: every rank would rewrite the same index
+    result = run(*base_args(setup, tmp_path / "e2e", "--max-steps", 1, "--end2end"))
+    assert result.exit_code == 2 and "one process" in result.stderr
 
 
 def test_unknown_arch_is_a_usage_error() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -132,6 +133,8 @@ def _run(flags: dict[str, Any], config: Path | None, resume: bool, as_json: bool
         arch = arch_for(resolved.arch)
         resolved.require_paths()
         report = run_training(resolved, arch, resume=resume)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # under torchrun / accelerate, rank 0 alone reports (its report covers every rank)
         table = Table(title=f"cost report: {resolved.output}", show_header=False, title_justify="left")
         for key, value in report.to_json().items():
             table.add_row(key, f"{value:,.2f}" if isinstance(value, float) else str(value))

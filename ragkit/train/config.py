@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,9 @@ class TrainConfig:
             raise UsageError(f"--distill-from works with --arch selfrag or selfrag-critic, not {self.arch}")
         if self.end2end and self.arch != "rag":
             raise UsageError("--end2end is for --arch rag")
+        if self.end2end and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--end2end refreshes the index inside the training process; run it as one process, "
+                             "not under torchrun / accelerate with several")
         if self.end2end and self.distributed_retriever != "none":
             raise UsageError("--end2end refreshes the index in the training process; use --distributed-retriever none")
         if self.arch == "retro" and not self.workdir:

@@ -152,6 +152,7 @@ class CostReport:
     trainable_params: int
     total_params: int
     final_loss: float | None
+    processes: int = 1  # training processes (torchrun / accelerate ranks); examples and tokens are summed over them
     gpu_hours: float = 0.0  # wall time x GPUs used
     gpu_cost: float | None = None  # gpu_hours x --gpu-hour-price, when a price is given
 
@@ -185,23 +186,46 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     wall = time.perf_counter() - began
     trainer.save_model(str(output / "final"))
     steps = result.global_step
-    examples = steps * config.batch_size * config.grad_accum
+    world = trainer.args.world_size  # torchrun / accelerate processes, each with its own batch
+    examples = steps * config.batch_size * config.grad_accum * world
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    tokens, peak_cpu, peak_gpu = _across_processes(trainer, float(trainer.tokens),
+                                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_gpu)
     report = CostReport(
         wall_s=wall,
         steps=steps,
         examples_per_s=examples / wall if wall else 0.0,
-        tokens_per_s=trainer.tokens / wall if wall else 0.0,
-        peak_cpu_memory_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        peak_gpu_memory_mib=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        tokens_per_s=tokens / wall if wall else 0.0,
+        peak_cpu_memory_mib=peak_cpu,
+        peak_gpu_memory_mib=peak_gpu,
         trainable_params=sum(parameter_count(p) for p in model.parameters() if p.requires_grad),
         total_params=sum(parameter_count(p) for p in model.parameters()),
         final_loss=result.training_loss,
+        processes=world,
     )
-    gpus = trainer.args.world_size if device.startswith("cuda") else 0
+    gpus = world if device.startswith("cuda") else 0
     report.gpu_hours = wall * gpus / 3600
     report.gpu_cost = report.gpu_hours * config.gpu_hour_price if config.gpu_hour_price > 0 else None
+    if not trainer.is_world_process_zero():
+        return report
     write_json(output / "cost_report.json", report.to_json())
     return report
+
+
+def _across_processes(trainer: Any, tokens: float, peak_cpu_mib: float,
+                      peak_gpu_mib: float | None) -> tuple[float, float, float | None]:
+    """Tokens summed, peak memories maxed over the ranks of a multi-process run (one process: as given)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tokens, peak_cpu_mib, peak_gpu_mib
+    device = trainer.args.device  # gloo reduces CPU tensors, NCCL CUDA ones
+    summed = torch.tensor([tokens], dtype=torch.float64, device=device)
+    peaks = torch.tensor([peak_cpu_mib, -1.0 if peak_gpu_mib is None else peak_gpu_mib], dtype=torch.float64, device=device)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    gpu = float(peaks[1].item())
+    return float(summed.item()), float(peaks[0].item()), None if gpu < 0 else gpu
 
 
 def parameter_count(parameter: Any) -> int:
