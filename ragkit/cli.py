@@ -56,6 +56,11 @@ app.command("env")(env_cmd.env)
 
 
 def main() -> None:
+    import logging
+
+    # bitsandbytes' CPU backend tries an optional kernel download (the `kernels` package) at import and
+    # warns on every command when it is absent; its own fallback kernels are what ragkit uses
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     app()
 
 

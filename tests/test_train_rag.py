@@ -211,6 +211,38 @@ def test_bad_training_input(setup: dict[str, Path], tmp_path: Path, other_tiny_e
     assert result.exit_code == 4 and "fewer than the 99" in result.stderr
 
 
+def test_sharded_training_options_pass_through_or_fail_clearly(setup: dict[str, Path], tmp_path: Path) -> None:
+    import importlib.util
+
+    from ragkit.train.config import TrainConfig
+    from ragkit.train.trainer import training_arguments
+
+    fsdp_file = tmp_path / "fsdp.json"
+    fsdp_file.write_text(json.dumps({"version": 2, "cpu_offload": True}))
+    args = training_arguments(TrainConfig(output=str(tmp_path / "o"), fsdp=True, fsdp_config=str(fsdp_file)), use_cpu=True)
+    assert args.fsdp and args.fsdp_config["cpu_offload"] is True  # reaches transformers.Trainer as given
+    base = base_args(setup, tmp_path / "r", "--max-steps", 1)
+    result = run(*base, "--fsdp-config", fsdp_file)
+    assert result.exit_code == 2 and "--fsdp-config needs --fsdp" in result.stderr
+    result = run(*base, "--fsdp", "--deepspeed", fsdp_file)
+    assert result.exit_code == 2 and "pick one" in result.stderr
+    result = run(*base, "--deepspeed", tmp_path / "missing.json")
+    assert result.exit_code == 4 and "missing.json" in result.stderr
+    if importlib.util.find_spec("deepspeed") is None:
+        result = run(*base, "--deepspeed", fsdp_file)
+        assert result.exit_code == 4 and "pip install deepspeed" in result.stderr
+    result = run(*base, "--fsdp")  # transformers raises a bare ValueError in one process
+    assert result.exit_code == 2 and "launch with torchrun" in result.stderr
+
+
+def test_fsdp_wraps_the_generator_and_encoder_layers(setup: dict[str, Path]) -> None:
+    from ragkit.models.rag import RagModelConfig, build_rag
+
+    model = build_rag(RagModelConfig(generator=str(setup["lm"]), index=str(setup["index"]), n_docs=2),
+                      lora={"r": 4, "alpha": 8, "dropout": 0.0, "targets": [], "quantize": "none"})
+    assert {"LlamaDecoderLayer", "BertLayer"} <= set(model._no_split_modules)
+
+
 def test_end2end_refuses_several_processes(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: every rank would rewrite the same index
     result = run(*base_args(setup, tmp_path / "e2e", "--max-steps", 1, "--end2end"))

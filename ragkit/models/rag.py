@@ -76,6 +76,19 @@ class RagForTraining(nn.Module):
             raise UsageError("end-to-end training needs a document encoder")
         self.doc_encoder = doc_encoder
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Layer classes FSDP wraps one by one (its transformer wrap policy reads this attribute): the
+        generator's decoder/encoder layers and the encoders' transformer layers."""
+        names: list[str] = []
+        parts = [self.generator, self.query_encoder, self.doc_encoder]
+        for part in parts:
+            for module in part.modules() if part is not None else ():
+                for name in getattr(module, "_no_split_modules", None) or ():
+                    if name not in names:
+                        names.append(name)
+        return names
+
     # -- retrieval ---------------------------------------------------------------------------------
     def embed_questions(self, questions: list[str]) -> torch.Tensor:
         return _embed(self.query_encoder, questions)

@@ -85,6 +85,9 @@ class TrainConfig:
     shard_index: bool = field(default=False, metadata={"help": "--index is a comma-separated list of shards, one Ray actor each"})
     ray_address: str | None = field(default=None, metadata={"help": "an existing Ray cluster (default: a private local Ray)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    deepspeed: str = field(default="", metadata={"help": "DeepSpeed JSON config (e.g. ZeRO-2/3), passed to transformers.Trainer; needs the deepspeed package"})
+    fsdp: bool = field(default=False, metadata={"help": "shard parameters, gradients and optimizer state with PyTorch FSDP (transformers.Trainer's; launch with torchrun / accelerate)"})
+    fsdp_config: str = field(default="", metadata={"help": "FSDP JSON config file for transformers.Trainer (version, reshard_after_forward, cpu_offload, ...)"})
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -113,6 +116,13 @@ class TrainConfig:
             raise UsageError("--end2end refreshes the index in the training process; use --distributed-retriever none")
         if self.arch == "retro" and not self.workdir:
             raise UsageError("--arch retro needs --workdir (the folder for its chunks, index and neighbours)")
+        if self.deepspeed and self.fsdp:
+            raise UsageError("--deepspeed and --fsdp are two ways to shard training; pick one")
+        if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise UsageError("--fsdp shards over several processes: launch with torchrun --nproc_per_node N or "
+                             "accelerate launch")
+        if self.fsdp_config and not self.fsdp:
+            raise UsageError("--fsdp-config needs --fsdp")
         if self.shard_index and self.distributed_retriever != "ray":
             raise UsageError("--shard-index needs --distributed-retriever ray")
 
@@ -126,6 +136,15 @@ class TrainConfig:
         for name in ("data", "output"):
             if not getattr(self, name):
                 raise UsageError(f"--{name} is required")
+        for name in ("deepspeed", "fsdp_config"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise ResourceError(f"{value}: no such {name.replace('_', ' ')} file (--{name.replace('_', '-')})")
+        if self.deepspeed:
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ResourceError("--deepspeed: the deepspeed package is not installed", hint="pip install deepspeed")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -138,6 +138,9 @@ def training_arguments(config: TrainConfig, use_cpu: bool) -> TrainingArguments:
         disable_tqdm=True,
         use_cpu=use_cpu,
         dataloader_num_workers=0,
+        deepspeed=config.deepspeed or None,
+        fsdp=config.fsdp or None,  # FSDP's options live in fsdp_config (transformers deprecates option strings)
+        fsdp_config=config.fsdp_config or None,
     )
 
 
@@ -165,6 +168,11 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     from ragkit.models.encoder import resolve_device
 
     device = resolve_device(config.device)
+    if config.fsdp and not device.startswith("cuda"):
+        from ragkit.console import info
+
+        # seen with transformers 5.24: on the CPU, Trainer quietly trains with DDP instead
+        info("warning: --fsdp shards over CUDA GPUs; on the CPU the ranks train with DDP (full copies)")
     _check_tracker(config.report_to)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
