@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from typing import Annotated
 
 import typer
 
 from ragkit import __version__
+
+# bitsandbytes' CPU backend tries an optional kernel download (the `kernels` package) when it is imported
+# and warns on every command without it; its built-in CPU kernels, which ragkit uses, still work
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from ragkit.commands import embed as embed_cmd
 from ragkit.commands import env as env_cmd
 from ragkit.commands import eval as eval_cmd
@@ -56,11 +62,6 @@ app.command("env")(env_cmd.env)
 
 
 def main() -> None:
-    import logging
-
-    # bitsandbytes' CPU backend tries an optional kernel download (the `kernels` package) at import and
-    # warns on every command when it is absent; its own fallback kernels are what ragkit uses
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     app()
 
 

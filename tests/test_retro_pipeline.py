@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +262,33 @@ def test_resume_continues_from_the_last_checkpoint(trained: Path, tmp_path: Path
     assert json.loads(result.stdout)["steps"] == 45
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert 45 in steps and steps.count(5) == 1  # continued after step 40: steps 5..40 were not run again
+
+
+def test_torchrun_ranks_build_the_work_folder_once(trained: Path, tmp_path: Path, tiny_lm_path: Path,
+                                                   tiny_encoder_path: Path) -> None:
+    """Two ranks, --reprocess: rank 0 rebuilds while rank 1 waits, then rank 1 reads what rank 0 built
+    (before, both rebuilt the same files at once)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    shutil.copytree(trained / "work", work)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["train", "--arch", "retro", "--data", trained / "texts", "--workdir", work, "-o", tmp_path / "run",
+            "--tokenizer", tiny_lm_path, "--embedder", tiny_encoder_path, "--chunk-size", M, "--seq-len", SEQ,
+            "--num-neighbors", 2, *TINY_MODEL, "--max-steps", 2, "--batch-size", 2, "--device", "cpu", "--reprocess",
+            "--json"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), str(Path(sys.executable).parent / "ragkit"),
+                           *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("retro: 8 documents ->") == 1, done.stderr[-3000:]
+    assert json.loads(done.stdout)["processes"] == 2
 
 
 def test_resume_refuses_a_work_folder_with_another_tokenizer(trained: Path, tiny_selfrag_path: Path,

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,11 @@ class RetroArch:
 
     def build(self, config: TrainConfig, device: str) -> RetroForTraining:
         self.config = config
-        self.prepared = C.prepare(data_config(config))
+        data = data_config(config)
+        # --reprocess rebuilds once: the other ranks of a torchrun job build after rank 0 (the trainer
+        # runs it first) and must then read its work folder, not rebuild it under its feet
+        data.reprocess = data.reprocess and int(os.environ.get("RANK", "0")) == 0
+        self.prepared = C.prepare(data)
         check_checkpoint_tokenizer(Path(config.output), self.prepared.tokenizer_fingerprint)
         model = RetroModel(model_config(config, len(self.prepared.tokenizer)))
         self.uses_retrieval = bool(model.config.cross_attn_layers)

@@ -178,10 +178,14 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / CONFIG_FILE, config.to_json())
     _tracker_location(config.report_to, output)
-    model = arch.build(config, device)
-    dataset = arch.dataset(config)
+    args = training_arguments(config, use_cpu=device == "cpu")
+    # Under torchrun / accelerate, rank 0 builds first (GGUF conversion, RETRO's work folder, index copies)
+    # while the other ranks wait, then finds its caches current; the filesystem is assumed shared.
+    with args.main_process_first(local=False, desc="building the model and its data"):
+        model = arch.build(config, device)
+        dataset = arch.dataset(config)
     trainer = RagkitTrainer(
-        model=model, args=training_arguments(config, use_cpu=device == "cpu"), train_dataset=dataset,
+        model=model, args=args, train_dataset=dataset,
         data_collator=arch.collate, arch=arch, train_config=config,
         callbacks=[MetricsJsonl(output / "metrics.jsonl"), RichProgress(),
                    *(arch.callbacks(config) if hasattr(arch, "callbacks") else [])],
