@@ -160,6 +160,11 @@ def test_eval_beir_from_search_output(tmp_path: Path, tiny_encoder_path: Path) -
     assert metrics["ndcg@10"]["mean"] == pytest.approx(1.0) and metrics["mrr@10"]["mean"] == pytest.approx(1.0)
 
 
+def test_vllm_backend_refuses_quantize_instead_of_ignoring_it(tiny_lm_path: Path) -> None:
+    result = run("generate", "--model", tiny_lm_path, "--backend", "vllm", "--quantize", "int8", input="q\n")
+    assert result.exit_code == 2 and "--quantize int8 is for --backend transformers" in result.stderr
+
+
 def test_int8_quantised_generator_still_generates(tiny_lm_path: Path) -> None:
     import torch
 

@@ -230,6 +230,9 @@ def test_generate_from_a_prompt_and_from_nothing(trained: Path) -> None:
     result = _cli("generate", "--arch", "retro", "-m", trained / "run" / "final", "--unconditional",
                   "--max-new-tokens", 6, "--device", "cpu")
     assert result.exit_code == 0, result.stderr and json.loads(result.stdout)["prompt"] == ""
+    # options RETRO does not honour are refused, not ignored
+    result = _cli("generate", "--arch", "retro", "-m", trained / "run" / "final", "--quantize", "int8", input_="x\n")
+    assert result.exit_code == 2 and "not available for --arch retro" in result.stderr
 
 
 def test_eval_lm_reports_both_with_and_without_retrieval(trained: Path, tmp_path: Path) -> None:
@@ -240,6 +243,8 @@ def test_eval_lm_reports_both_with_and_without_retrieval(trained: Path, tmp_path
     report = json.loads((tmp_path / "lm.json").read_text())
     m = report["metrics"]
     assert report["primary_metric"] == "bits_per_byte" and len(report["rows"]) == 2
+    refused = _cli("eval", "--task", "lm", "--data", held, "-m", trained / "run" / "final", "--quantize", "int8")
+    assert refused.exit_code == 2 and "not available for --task lm" in refused.stderr
     assert m["loss"]["mean"] != m["loss_no_retrieval"]["mean"]
     assert m["perplexity"]["mean"] == pytest.approx(np.exp(m["loss"]["mean"]))
     docs = [json.loads(line) for line in next((trained / "work" / "heldout").iterdir()).joinpath("documents.jsonl").read_text().splitlines()]

@@ -283,6 +283,15 @@ def test_generator_qlora_trains_over_a_4bit_base(tiny_lm64_path: Path, tmp_path:
 
     model, tok = load_causal_lm(str(run / "final"), device="cpu")
     assert len(reflection_ids(tok).ids) > 0 and model.get_input_embeddings().weight.shape[0] == len(tok)
+    # Self-RAG decoding over the 4-bit base with the adapter on top (not merged into rounded weights)
+    quantised, _ = load_causal_lm(str(run / "final"), device="cpu", merge_lora=True, quantize="4bit")
+    assert "Linear4bit" in {type(m).__name__ for m in quantised.modules()}
+    assert any("lora" in name for name, _ in quantised.named_parameters())
+    result = CliRunner().invoke(app, ["generate", "--arch", "selfrag", "--model", str(run / "final"), "--quantize", "4bit",
+                                      "--mode", "no_retrieval", "--max-new-tokens", "4", "--device", "cpu"],
+                                input="who was the king of france\n")
+    assert result.exit_code == 0, result.stderr
+    assert "output" in json.loads(result.stdout.splitlines()[0])
 
 
 def test_qlora_needs_lora(tiny_lm_path: Path, tmp_path: Path) -> None:

@@ -121,6 +121,13 @@ def test_qlora_trains_adapters_over_a_4bit_generator(setup: dict[str, Path], tmp
     adapter = out / "checkpoint-4" / "generator"
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm64_path), adapter).merge_and_unload()
     assert merged.config.hidden_size == 64
+    # the checkpoint answers with its adapter over 4-bit weights, or merged and then int8-quantised
+    for bits in ("4bit", "int8"):
+        result = runner.invoke(app, ["generate", "--arch", "rag", "--model", str(out / "checkpoint-4"), "--quantize", bits,
+                                     "--max-new-tokens", "3", "--device", "cpu"], input="river king 3\n")
+        assert result.exit_code == 0, result.stderr
+        row = json.loads(result.stdout)
+        assert len(row["passages"]) == 2 and row["log_prob"] <= 0.0
 
 
 def test_two_torchrun_processes_on_cpu_share_the_data_and_report_once(setup: dict[str, Path], tmp_path: Path) -> None:

@@ -194,6 +194,8 @@ def _evaluate_lm(o: dict[str, Any], config: dict[str, Any], began: float) -> Non
 
     if o["model"] is None:
         raise UsageError("--task lm needs --model (a `ragkit train --arch retro` checkpoint)")
+    if o.get("quantize", "none") != "none":
+        raise UsageError(f"--quantize {o['quantize']} is not available for --task lm (RETRO checkpoints)")
     loaded = load_retro(o["model"], workdir=o["workdir"], device=o["device"])
     result = evaluate(loaded, str(o["data"]), o["glob"], batch_size=o["batch_size"],
                       workdir=str(o["workdir"]) if o["workdir"] else None)

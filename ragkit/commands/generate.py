@@ -98,7 +98,8 @@ def build_generation(
             raise UsageError(f"{model} is a trained RAG checkpoint: use --arch rag")
         from ragkit.models.encoder import resolve_device
 
-        rag = load_rag_checkpoint(model, device=resolve_device(device), index=str(index) if index else None)
+        rag = load_rag_checkpoint(model, device=resolve_device(device), index=str(index) if index else None,
+                                  quantize=quantize)
         mode = rag_decoding or ("token" if rag.config.loss == "token" else "sequence-thorough")
         return rag, GenerationConfig(max_new_tokens=max_new_tokens), RagDecodingConfig(mode, num_beams), None
     if arch == "selfrag":
@@ -106,7 +107,7 @@ def build_generation(
 
         retriever = Retriever(index, device=device, mode=retrieval or RetrievalMode()) if index is not None else None
         decoder = load_selfrag_decoder(model, selfrag, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                       backend=backend)
+                                       backend=backend, quantize=quantize)
         return decoder, None, ReaderConfig(arch="rag", k=k, source=passages, max_passage_words=0), retriever
     if arch not in ARCHS:
         raise UsageError(f"--arch {arch}: expected one of {', '.join(ARCHS)}, selfrag or retro")
@@ -221,6 +222,11 @@ def generate(
     """
     options = dict(locals())
     if arch == "retro":
+        if quantize != "none":
+            with handle_errors():
+                from ragkit.errors import UsageError
+
+                raise UsageError(f"--quantize {quantize} is not available for --arch retro")
         _generate_retro(options)
         return
     with handle_errors():

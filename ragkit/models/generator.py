@@ -260,10 +260,17 @@ class VLLMGenerator:
         return [Generated(r.outputs[0].text.strip(), len(r.outputs[0].token_ids)) for r in results]
 
 
+def refuse_quantize_with_vllm(quantize: str) -> None:
+    if quantize != "none":
+        raise UsageError(f"--quantize {quantize} is for --backend transformers; vLLM serves checkpoints quantised "
+                         "ahead (AWQ, GPTQ, FP8) as they are")
+
+
 def load_generator(name: str, *, backend: str = "transformers", device: str | None = None, dtype: str = "auto",
                    trust_remote_code: bool = False, quantize: str = "none") -> Generator | VLLMGenerator:
     if backend == "transformers":
         return Generator(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
     if backend == "vllm":
+        refuse_quantize_with_vllm(quantize)
         return VLLMGenerator(name, dtype=dtype, trust_remote_code=trust_remote_code)
     raise UsageError(f"--backend {backend}: expected transformers or vllm")

@@ -44,14 +44,20 @@ def is_rag_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "rag_config.json").exists()
 
 
-def load_rag_checkpoint(path: str | Path, *, device: str = "cpu", index: str | None = None) -> RagForTraining:
-    """A trained checkpoint for inference (a LoRA adapter is merged into its base generator)."""
+def load_rag_checkpoint(path: str | Path, *, device: str = "cpu", index: str | None = None,
+                        quantize: str = "none") -> RagForTraining:
+    """A trained checkpoint for inference. A LoRA adapter is merged into its base generator, except over
+    4-/8-bit bitsandbytes weights, where it stays on top (merging would round it away); int8 quantises
+    after the merge."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from ragkit.index import Index
-    from ragkit.models.generator import Generator
+    from ragkit.models.generator import QUANTIZE, Generator, _bitsandbytes_kwargs
+    from ragkit.models.quantize import quantize_int8_dynamic
 
+    if quantize not in QUANTIZE:
+        raise UsageError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
     root = Path(path)
     if not is_rag_checkpoint(root):
         raise ResourceError(f"{root}: not a ragkit RAG checkpoint (no rag_config.json)")
@@ -61,16 +67,25 @@ def load_rag_checkpoint(path: str | Path, *, device: str = "cpu", index: str | N
         config.index = index
     query_encoder = SentenceTransformer(str(root / "query_encoder"), device=device)
     tokenizer = AutoTokenizer.from_pretrained(root / "generator")
+    bitsandbytes = quantize in ("4bit", "8bit")
     if (root / "generator" / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base = Generator(config.generator, device=device, dtype="float32")
-        model = PeftModel.from_pretrained(base.model, root / "generator").merge_and_unload()
+        base = Generator(config.generator, device=device, dtype="auto" if bitsandbytes else "float32",
+                         quantize=quantize if bitsandbytes else "none")
+        model = PeftModel.from_pretrained(base.model, root / "generator")
+        if not bitsandbytes:
+            model = model.merge_and_unload()
         is_seq2seq = base.is_seq2seq
     else:
         is_seq2seq = bool(getattr(AutoConfig.from_pretrained(root / "generator"), "is_encoder_decoder", False))
         cls = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
-        model = cls.from_pretrained(root / "generator").to(device)
+        extra = _bitsandbytes_kwargs(quantize, device)
+        model = cls.from_pretrained(root / "generator", **extra)
+        if not extra:
+            model = model.to(device)
+    if quantize == "int8":
+        model = quantize_int8_dynamic(model, device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     renderer = _Renderer(tokenizer)

@@ -20,15 +20,20 @@ def checkpoint_model_dir(path: str | Path) -> Path | None:
 
 
 def load_causal_lm(name: str, *, device: str | None = None, dtype: str = "auto",
-                   trust_remote_code: bool = False, merge_lora: bool = False) -> tuple[Any, Any]:
+                   trust_remote_code: bool = False, merge_lora: bool = False, quantize: str = "none") -> tuple[Any, Any]:
     """(model, tokenizer) from a hub id, folder, GGUF or alias, or from a LoRA adapter folder whose
-    tokenizer has grown (the base is resized to it before the adapter loads)."""
+    tokenizer has grown (the base is resized to it before the adapter loads).
+
+    `quantize`: int8 quantises after any merge; 4bit/8bit load the base through bitsandbytes and keep a
+    LoRA adapter unmerged on top (merging into 4-bit weights would round the adapter away)."""
     from ragkit.models.encoder import resolve_device
-    from ragkit.models.generator import Generator, _torch_dtype
+    from ragkit.models.generator import Generator, _bitsandbytes_kwargs, _torch_dtype
+    from ragkit.models.quantize import quantize_int8_dynamic
 
     folder = checkpoint_model_dir(name) if Path(name).exists() else None
     if folder is None or not (folder / "adapter_config.json").exists():
-        generator = Generator(str(folder or name), device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        generator = Generator(str(folder or name), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                              quantize=quantize)
         return generator.model, generator.tokenizer
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,30 +43,38 @@ def load_causal_lm(name: str, *, device: str | None = None, dtype: str = "auto",
     base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
     ref = resolve(base_name)
     device = resolve_device(device)
+    bitsandbytes = _bitsandbytes_kwargs(quantize, device)
     try:
         base = AutoModelForCausalLM.from_pretrained(materialize(ref), dtype=_torch_dtype(dtype, device),
-                                                    trust_remote_code=trust_remote_code)
+                                                    trust_remote_code=trust_remote_code, **bitsandbytes)
     except (OSError, ValueError) as exc:
         raise missing_model_error(ref, exc) from exc
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model = PeftModel.from_pretrained(base, folder)
-    if merge_lora:
+    if merge_lora and not bitsandbytes:
         model = model.merge_and_unload()
-    model.to(device).eval()
+    if not bitsandbytes:  # bitsandbytes placed the weights already (and refuses .to)
+        model.to(device)
+    model.eval()
+    if quantize == "int8":
+        model = quantize_int8_dynamic(model, device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
 def load_selfrag_decoder(name: str, config: Any, *, device: str | None = None, dtype: str = "auto",
-                         trust_remote_code: bool = False, backend: str = "transformers") -> Any:
+                         trust_remote_code: bool = False, backend: str = "transformers", quantize: str = "none") -> Any:
     from ragkit.models.selfrag.decoding import SelfRagDecoder, VLLMSelfRagDecoder
 
     if config is None:
         raise ResourceError("--arch selfrag needs its decoding options")
     if backend == "vllm":
+        from ragkit.models.generator import refuse_quantize_with_vllm
+
+        refuse_quantize_with_vllm(quantize)
         from ragkit.models.generator import VLLMGenerator
 
         folder = checkpoint_model_dir(name)
@@ -71,5 +84,5 @@ def load_selfrag_decoder(name: str, config: Any, *, device: str | None = None, d
         return VLLMSelfRagDecoder(VLLMGenerator(name, dtype=dtype, trust_remote_code=trust_remote_code).llm, config,
                                   name=name)
     model, tokenizer = load_causal_lm(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                      merge_lora=True)
+                                      merge_lora=True, quantize=quantize)
     return SelfRagDecoder(model, tokenizer, config, name=name)
