@@ -208,7 +208,10 @@ class RetroSequences(Dataset):
         return tokens, rows
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        tokens, rows = self.rows(i)
+        return self.item(*self.rows(i))
+
+    def item(self, tokens: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The training item of a sequence from its `rows(i)` (callers that also need the rows read them once)."""
         m = self.corpus.chunk_size
         ids = tokens[:, :m].reshape(-1)
         item = {"input_ids": np.where(ids >= 0, ids, self.pad_id), "labels": np.where(ids >= 0, ids, -100)}

@@ -59,9 +59,10 @@ def score(model: Any, sequences: RetroSequences, corpus: RetroCorpus, *, batch_s
     sizes = np.asarray([d["bytes"] for d in documents], dtype=np.float64)
     for start in range(0, len(sequences), batch_size):
         picked = range(start, min(start + batch_size, len(sequences)))
-        items = [sequences[i] for i in picked]
-        batch = collate(items)
-        targets = torch.as_tensor(np.stack([sequences.rows(i)[0][:, 1:].reshape(-1) for i in picked]))
+        fetched = [sequences.rows(i) for i in picked]
+        batch = collate([sequences.item(tokens, rows) for tokens, rows in fetched])
+        # each position's next token, the last one from the chunk's stored continuation (m + 1 tokens)
+        targets = torch.as_tensor(np.stack([tokens[:, 1:].reshape(-1) for tokens, _ in fetched]))
         logits = model(batch["input_ids"].to(device),
                        retrieved=batch["retrieved"].to(device) if retrieval and "retrieved" in batch else None).logits
         losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.clamp(min=0).reshape(-1).to(device),
