@@ -157,3 +157,19 @@ def run_cli(*args: object, input_: str | None = None):
     from ragkit.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args], input=input_)
+
+
+def run_torchrun(args: list[object], *, processes: int = 2, timeout: int = 300):
+    """`ragkit ARGS` as `processes` torchrun ranks on the CPU (gloo), on a free local port."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ragkit = Path(sys.executable).parent / "ragkit"
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(ragkit), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -14,6 +14,7 @@ import torch
 
 from conftest import WORDS
 from conftest import run_cli as _cli
+from conftest import run_torchrun
 from ragkit.errors import InputError, ResourceError
 from ragkit.retro import pipeline as P
 from ragkit.retro.corpus import RetroSequences, prepare
@@ -273,24 +274,12 @@ def test_torchrun_ranks_build_the_work_folder_once(trained: Path, tmp_path: Path
                                                    tiny_encoder_path: Path) -> None:
     """Two ranks, --reprocess: rank 0 rebuilds while rank 1 waits, then rank 1 reads what rank 0 built
     (before, both rebuilt the same files at once)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     work = tmp_path / "work"
     shutil.copytree(trained / "work", work)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    args = ["train", "--arch", "retro", "--data", trained / "texts", "--workdir", work, "-o", tmp_path / "run",
-            "--tokenizer", tiny_lm_path, "--embedder", tiny_encoder_path, "--chunk-size", M, "--seq-len", SEQ,
-            "--num-neighbors", 2, *TINY_MODEL, "--max-steps", 2, "--batch-size", 2, "--device", "cpu", "--reprocess",
-            "--json"]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(Path(sys.executable).parent / "ragkit"),
-                           *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = run_torchrun(["train", "--arch", "retro", "--data", trained / "texts", "--workdir", work, "-o", tmp_path / "run",
+                         "--tokenizer", tiny_lm_path, "--embedder", tiny_encoder_path, "--chunk-size", M, "--seq-len", SEQ,
+                         "--num-neighbors", 2, *TINY_MODEL, "--max-steps", 2, "--batch-size", 2, "--device", "cpu",
+                         "--reprocess", "--json"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("retro: 8 documents ->") == 1, done.stderr[-3000:]
     assert json.loads(done.stdout)["processes"] == 2

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from ragkit.cli import app
 
-from conftest import make_passages, write_jsonl
+from conftest import make_passages, run_torchrun, write_jsonl
 
 runner = CliRunner()
 
@@ -132,20 +132,8 @@ def test_qlora_trains_adapters_over_a_4bit_generator(setup: dict[str, Path], tmp
 
 def test_two_torchrun_processes_on_cpu_share_the_data_and_report_once(setup: dict[str, Path], tmp_path: Path) -> None:
     """The multi-process path (torchrun ranks, DDP over gloo) the same code takes on many GPUs."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "ddp"
-    ragkit = Path(sys.executable).parent / "ragkit"
-    args = [str(a) for a in base_args(setup, out, "--max-steps", 4, "--save-steps", 4)]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(ragkit), *args[:]],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = run_torchrun(base_args(setup, out, "--max-steps", 4, "--save-steps", 4))
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     assert len(reports) == 1, done.stdout  # rank 0 alone prints
