@@ -205,3 +205,45 @@ def test_bitsandbytes_generator_loads_and_generates_on_cpu(tiny_lm64_path: Path,
                  input="who was the king\n")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["output"] != ""
+
+
+def test_vllm_backend_maps_options_and_keeps_each_answer_with_its_question(tiny_lm_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """ragkit's side of --backend vllm (no GPU here): a stand-in `vllm` module records what ragkit asks
+    for and answers each prompt with its own last words, so a reordering would show."""
+    import sys
+    import types
+
+    from transformers import AutoTokenizer
+
+    seen: dict = {}
+
+    class SamplingParams:
+        def __init__(self, **kwargs) -> None:
+            seen.setdefault("params", []).append(kwargs)
+
+    class LLM:
+        def __init__(self, model: str, dtype: str, trust_remote_code: bool) -> None:
+            seen["llm"] = (model, dtype, trust_remote_code)
+
+        def get_tokenizer(self):
+            return AutoTokenizer.from_pretrained(tiny_lm_path)
+
+        def generate(self, prompts, params):
+            seen.setdefault("prompts", []).append(list(prompts))
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=" " + p.split()[-1] + " ", token_ids=[1, 2])])
+                    for p in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    questions = ["who was the king", "where is the river", "what is music"]
+    result = run("generate", "--backend", "vllm", "--model", tiny_lm_path, "--max-new-tokens", 3, "--template", "{prompt}",
+                 input="\n".join(questions) + "\n")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["output"] for r in rows] == ["king", "river", "music"] and [r["new_tokens"] for r in rows] == [2, 2, 2]
+    assert seen["llm"] == (str(tiny_lm_path), "auto", False)
+    assert seen["params"][-1] == {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "stop": ["\n"], "seed": 0}
+    result = run("generate", "--backend", "vllm", "--model", tiny_lm_path, "--do-sample", "--temperature", 0.7,
+                 "--top-p", 0.9, "--top-k", 5, "--seed", 3, "--stop", "END", input="q\n")
+    assert result.exit_code == 0, result.stderr
+    assert seen["params"][-1] == {"max_tokens": 32, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "stop": ["END"], "seed": 3}
