@@ -4,9 +4,12 @@ Data: PopQA questions whose answers the `wiki_passages/` corpus holds. The 100 S
 split by id (hash) into train and dev; more training questions come from `popqa/popqa.jsonl` when a
 corpus passage titled with the question's subject contains an answer. Before and after training:
 dev match / EM of the reader, and answer recall@k of the retriever (a retrieved passage contains an
-answer); closed-book SmolLM2 is the baseline. Ends with the trainer's cost report.
+answer); closed-book SmolLM2 is the baseline. A learning curve comes from the checkpoints saved every
+--eval-every steps, each scored with the same decoding; step 0 is the same model before any update (one
+step at learning rate 0: LoRA's B matrices start at zero, so the generator is the base model). Ends with
+the trainer's cost report.
 
-    python benchmarks/rag_finetune_popqa.py [--steps 40] [--n-docs 3]
+    python benchmarks/rag_finetune_popqa.py [--steps 300] [--batch-size 2] [--eval-every 100] [--n-docs 3]
 """
 
 from __future__ import annotations
@@ -57,6 +60,14 @@ def sh(*args: str, stdout: Path | None = None) -> float:
     return time.perf_counter() - began
 
 
+def wiki_index() -> Path:
+    """The MiniLM index over wiki_passages/, built once and shared with the other benchmarks."""
+    index = REPO / "benchmarks" / ".work" / "wiki_idx"
+    if not (index / "current").exists():
+        sh("index", "build", str(SHARED_DATA / "wiki_passages" / "selfrag_ctx_passages.jsonl"), "-o", str(index))
+    return index
+
+
 def answer_recall(encoder_path: str, index: Path, dev: list[dict], k: int) -> float:
     from sentence_transformers import SentenceTransformer
 
@@ -71,17 +82,18 @@ def answer_recall(encoder_path: str, index: Path, dev: list[dict], k: int) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=100, help="score a checkpoint every N steps")
     parser.add_argument("--n-docs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--note", default="", help="circumstances of the run for docs/results.md (e.g. other load)")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     train, dev = build_data()
     (WORK / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     (WORK / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
-    index = REPO / "benchmarks" / ".work" / "wiki_idx"
-    if not (index / "current").exists():
-        sh("index", "build", str(SHARED_DATA / "wiki_passages" / "selfrag_ctx_passages.jsonl"), "-o", str(index))
+    index = wiki_index()
     from ragkit.models.registry import resolve
 
     minilm = resolve("minilm").location
@@ -96,33 +108,47 @@ def main() -> None:
             sh("eval", "--task", "popqa", "--data", str(WORK / "dev.jsonl"), "--model", "smollm2-135m", *extra,
                "--max-new-tokens", "24", "-o", str(report))
         runs[name] = json.loads(report.read_text())["metrics"]
+    def train_run(run_dir: Path, steps: int, lr: float, save_steps: int) -> float:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return sh("train", "--arch", "rag", "--data", str(WORK / "train.jsonl"), "--index", str(index),
+                  "-o", str(run_dir), "--generator", "smollm2-135m", "--n-docs", str(args.n_docs), "--lora-r", "8",
+                  "--lora-alpha", "16", "--batch-size", str(args.batch_size), "--grad-accum", "1", "--lr", str(lr),
+                  "--max-steps", str(steps), "--warmup-steps", "4", "--save-steps", str(save_steps),
+                  "--save-total-limit", str(steps // save_steps + 1), "--logging-steps", "5",
+                  "--max-passage-words", "60", "--device", "cpu", "--seed", "0")
+
+    def score(name: str, checkpoint: Path) -> None:
+        report = WORK / f"{name}.json"
+        sh("eval", "--task", "popqa", "--data", str(WORK / "dev.jsonl"), "--model", str(checkpoint), "--arch", "rag",
+           "--max-new-tokens", "24", "-o", str(report))
+        runs[name] = json.loads(report.read_text())["metrics"]
+        recalls[name] = answer_recall(str(checkpoint / "query_encoder"), index, dev, args.n_docs)
+
+    recalls: dict[str, float] = {"closed_book": float("nan"), "rag_untrained": recall_before}
+    train_run(WORK / "run0", 1, 0.0, 1)  # the untrained RAG model, saved in the trained models' format
+    score("rag_step_0", WORK / "run0" / "final")
     run_dir = WORK / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    train_s = sh("train", "--arch", "rag", "--data", str(WORK / "train.jsonl"), "--index", str(index), "-o", str(run_dir),
-                 "--generator", "smollm2-135m", "--n-docs", str(args.n_docs), "--lora-r", "8", "--lora-alpha", "16",
-                 "--batch-size", "2", "--grad-accum", "1", "--lr", str(args.lr), "--max-steps", str(args.steps),
-                 "--warmup-steps", "4", "--save-steps", str(args.steps), "--logging-steps", "5",
-                 "--max-passage-words", "60", "--device", "cpu", "--seed", "0")
-    report = WORK / "rag_trained.json"
-    sh("eval", "--task", "popqa", "--data", str(WORK / "dev.jsonl"), "--model", str(run_dir / "final"), "--arch", "rag",
-       "--max-new-tokens", "24", "-o", str(report))
-    runs["rag_trained"] = json.loads(report.read_text())["metrics"]
-    recall_after = answer_recall(str(run_dir / "final" / "query_encoder"), index, dev, args.n_docs)
+    train_s = train_run(run_dir, args.steps, args.lr, args.eval_every)
+    for step in range(args.eval_every, args.steps, args.eval_every):
+        score(f"rag_step_{step}", run_dir / f"checkpoint-{step}")
+    score(f"rag_step_{args.steps}", run_dir / "final")
+    recall_after = recalls[f"rag_step_{args.steps}"]
     cost = json.loads((run_dir / "cost_report.json").read_text())
     losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [(r["step"], r["loss"]) for r in losses if "loss" in r]
     hw = hardware()
     rows = [[name, m["match"]["mean"], f"[{m['match']['ci95'][0]:.3f}, {m['match']['ci95'][1]:.3f}]", m["em"]["mean"],
-             m["match"]["n"]] for name, m in runs.items()]
-    print_table(f"PopQA dev ({len(dev)} q), train {len(train)} q, {args.steps} steps — {hw['cpu']}, {hw['cores']} cores",
-                ["run", "match", "95% CI", "EM", "n"], rows)
+             m["f1"]["mean"], recalls[name], m["match"]["n"]] for name, m in runs.items()]
+    print_table(f"PopQA dev ({len(dev)} q), train {len(train)} q, {args.steps} steps of batch {args.batch_size} — "
+                f"{hw['cpu']}, {hw['cores']} cores", ["run", "match", "95% CI", "EM", "F1", f"recall@{args.n_docs}", "n"], rows)
     print(f"retriever answer recall@{args.n_docs}: {recall_before:.3f} before, {recall_after:.3f} after")
     path = write_result("rag_finetune_popqa", {
         "hardware": hw, "train_questions": len(train), "dev_questions": len(dev), "steps": args.steps,
-        "n_docs": args.n_docs, "lr": args.lr, "train_wall_s": train_s,
+        "batch_size": args.batch_size, "eval_every": args.eval_every, "n_docs": args.n_docs, "lr": args.lr, "train_wall_s": train_s,
         "runs": {n: {k: v["mean"] for k, v in m.items()} | {"match_ci95": m["match"]["ci95"]} for n, m in runs.items()},
-        "answer_recall_before": recall_before, "answer_recall_after": recall_after, "cost_report": cost,
-        "loss_curve": losses,
+        "answer_recall_before": recall_before, "answer_recall_after": recall_after,
+        "answer_recall": recalls, "cost_report": cost,
+        "loss_curve": losses, **({"note": args.note} if args.note else {}),
     })
     print(f"wrote {path}")
 

@@ -38,6 +38,60 @@ def fmt(m: dict) -> str:
     return f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
 
 
+def rag_finetune_section(r: dict) -> list[str]:
+    c, k, dev = r["cost_report"], r["n_docs"], r["dev_questions"]
+    labels = {"closed_book": "closed book",
+              "rag_untrained": "retrieve-then-read, untrained (top-%d concatenated, 150 words)" % k}
+    recall = r.get("answer_recall", {})
+    lines = [
+        "## RAG fine-tuning on CPU (`benchmarks/rag_finetune_popqa.py`)",
+        "",
+        "SmolLM2-135M with LoRA (r=8, all linear layers) + the MiniLM query encoder (fully trained), RAG-Sequence",
+        f"loss over the top-{k} passages of the `wiki_passages/` index, {r['train_questions']} training questions (PopQA "
+        "rows split by id, plus popqa.jsonl rows whose answer the corpus states), "
+        f"**{r['steps']} steps** of batch {r.get('batch_size', 2)}, lr {r['lr']} with linear decay; dev = {dev} held-out "
+        "PopQA questions. Every `rag step N` row is the checkpoint of step N answered the same way (RAG-Sequence "
+        f"thorough decoding over the top-{k} passages cut to 60 words); `rag step 0` is that model before any update "
+        "(one step at learning rate 0: LoRA starts as the identity), so the rows from step 0 on differ only by training.",
+        "",
+        f"| run | match [95% CI] | EM | F1 | answer recall@{k} |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, m in r["runs"].items():
+        rec = recall.get(name)
+        rec_cell = "–" if rec is None or rec != rec else f"{rec:.3f}"  # NaN for closed book
+        lines.append(f"| {labels.get(name, name.replace('_', ' '))} | {m['match']:.3f} [{m['match_ci95'][0]:.3f}, "
+                     f"{m['match_ci95'][1]:.3f}] | {m['em']:.3f} | {m['f1']:.3f} | {rec_cell} |")
+    runs, last = r["runs"], f"rag_step_{r['steps']}"
+    curve = r["loss_curve"]
+    if "rag_step_0" in runs and last in runs:
+        before, after = r["answer_recall_before"], r["answer_recall_after"]
+        lines += [
+            "",
+            f"Answer recall@{k}: a retrieved passage of the dev question contains a gold answer, with the query encoder "
+            f"of that checkpoint. The query encoder, trained only through the RAG-Sequence doc scores, finds an "
+            f"answer-bearing passage for {round(after * dev)} of {dev} dev questions instead of {round(before * dev)} "
+            f"({before:.3f} → {after:.3f}). EM at step 0 is {runs['rag_step_0']['em']:.3f} and {runs[last]['em']:.3f} "
+            "after training: the untrained reader writes sentences that contain the answer, the trained one the bare "
+            f"answer. Of the match gain over plain retrieve-then-read, {runs['rag_step_0']['match'] - runs['rag_untrained']['match']:+.3f} "
+            "comes from the decoding itself (one passage per marginalised sequence instead of several concatenated) "
+            f"and {runs[last]['match'] - runs['rag_step_0']['match']:+.3f} from training. With {dev} dev questions the "
+            "intervals of the trained checkpoints overlap: read the curve after the first checkpoint as flat, and the "
+            f"retrieval gain as the clearest effect. Training loss (5-step means) {curve[0][1]:.1f} at step "
+            f"{curve[0][0]}, {curve[-1][1]:.1f} at step {curve[-1][0]}: it fits the training questions without the dev "
+            "score falling.",
+        ]
+    lines += [
+        "",
+        f"Cost report: {c['wall_s']:,.0f} s wall for {c['steps']} steps ({c['examples_per_s']:.2f} questions/s, "
+        f"{c['tokens_per_s']:.0f} generator tokens/s), peak CPU memory {c['peak_cpu_memory_mib']:,.0f} MiB, "
+        f"{c['trainable_params']:,} trainable of {c['total_params']:,} parameters; {r['hardware']['cpu']}, "
+        f"{r['hardware']['cores']} cores, no GPU ({r['hardware']['date']}). {r.get('note', '')}".rstrip(),
+        "",
+    ]
+    return lines
+
+
 def main() -> None:
     lines = [
         "# Results on real data",
@@ -72,38 +126,7 @@ def main() -> None:
         ]
     ft = RESULTS / "rag_finetune_popqa.json"
     if ft.exists():
-        r = json.loads(ft.read_text())
-        c = r["cost_report"]
-        lines += [
-            "## RAG fine-tuning on CPU (`benchmarks/rag_finetune_popqa.py`)",
-            "",
-            f"SmolLM2-135M with LoRA (r=8, all linear layers) + the MiniLM query encoder (fully trained), "
-            f"RAG-Sequence loss over the top-{r['n_docs']} passages of the `wiki_passages/` index, "
-            f"{r['train_questions']} training questions (PopQA rows split by id, plus popqa.jsonl rows whose answer the "
-            f"corpus states), {r['steps']} steps of batch 2, lr {r['lr']}; dev = {r['dev_questions']} held-out PopQA questions.",
-            "",
-            "| run | match | EM | F1 |",
-            "|---|---|---:|---:|",
-        ]
-        for name, m in r["runs"].items():
-            lines.append(f"| {name.replace('_', ' ')} | {m['match']:.3f} [{m['match_ci95'][0]:.3f}, {m['match_ci95'][1]:.3f}] | {m['em']:.3f} | {m['f1']:.3f} |")
-        curve = r["loss_curve"]
-        lines += [
-            "",
-            f"Retriever answer recall@{r['n_docs']} on dev (a retrieved passage contains a gold answer): "
-            f"{r['answer_recall_before']:.3f} before, {r['answer_recall_after']:.3f} after training.",
-            f"Training loss {curve[0][1]:.2f} (step {curve[0][0]}) → {curve[-1][1]:.2f} (step {curve[-1][0]}).",
-            "",
-            f"Cost: {c['wall_s']:.0f} s wall for {c['steps']} steps ({c['examples_per_s']:.2f} questions/s, "
-            + (f"{c['tokens_per_s']:.1f} generator tokens/s" if "tokens_per_s" in c
-               else f"{c['target_tokens_per_s']:.2f} answer tokens/s") + f"), peak CPU memory {c['peak_cpu_memory_mib']:.0f} MiB, "
-            f"{c['trainable_params']:,} trainable of {c['total_params']:,} parameters; "
-            f"{r['hardware']['cpu']}, {r['hardware']['cores']} cores, no GPU. The trained model answers with "
-            "RAG-Sequence thorough decoding over passages cut to 60 words; the untrained row is plain "
-            "retrieve-then-read over the same index (passages cut to 150 words). The run shared the 2 cores with "
-            "the evaluation runs above, so its wall time is an upper bound.",
-            "",
-        ]
+        lines += rag_finetune_section(json.loads(ft.read_text()))
     sr = RESULTS / "selfrag_small_run.json"
     if sr.exists():
         r = json.loads(sr.read_text())
