@@ -6,8 +6,10 @@ so every progress bar in ragkit comes from `progress()` here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -36,6 +38,27 @@ def progress(*, transient: bool = False) -> Progress:
         redirect_stderr=False,
         disable=not sys.stderr.isatty() and os.environ.get("RAGKIT_PROGRESS") != "1",
     )
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send whatever a library prints to stdout (DeepSpeed's logger and op builds, C++ extensions through
+    file descriptor 1) to stderr while the block runs, so that stdout carries only ragkit's own output."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout (embedded interpreters): redirect Python's writes only
+        saved = None
+    if saved is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def info(message: str) -> None:

@@ -127,7 +127,7 @@ def _run(flags: dict[str, Any], config: Path | None, resume: bool, as_json: bool
     with handle_errors():
         from rich.table import Table
 
-        from ragkit.console import stderr
+        from ragkit.console import stderr, stdout_to_stderr
         from ragkit.train.config import resolve_config
         from ragkit.train.rag_arch import arch_for
         from ragkit.train.trainer import train as run_training
@@ -135,7 +135,8 @@ def _run(flags: dict[str, Any], config: Path | None, resume: bool, as_json: bool
         resolved = resolve_config(config, flags)
         arch = arch_for(resolved.arch)
         resolved.require_paths()
-        report = run_training(resolved, arch, resume=resume)
+        with stdout_to_stderr():  # stdout is for the --json report alone
+            report = run_training(resolved, arch, resume=resume)
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun / accelerate, rank 0 alone reports (its report covers every rank)
         table = Table(title=f"cost report: {resolved.output}", show_header=False, title_justify="left")

@@ -143,6 +143,7 @@ class TrainConfig:
         if self.deepspeed:
             import importlib.util
 
+            _check_deepspeed_stage(Path(self.deepspeed))
             if importlib.util.find_spec("deepspeed") is None:
                 raise ResourceError("--deepspeed: the deepspeed package is not installed", hint="pip install deepspeed")
 
@@ -151,6 +152,20 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_deepspeed_stage(path: Path) -> None:
+    """ZeRO stages 1-2 shard optimizer state and gradients and work with every architecture (tested on the
+    CPU). Stage 3 partitions the weights while each model loads, collectively on every rank, and hands the
+    trainer a gathered state dict to save; ragkit's architectures load several models (generator and
+    encoders) and save each through its own library, so stage 3 is refused rather than half-working."""
+    try:
+        stage = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage", 0)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(Location(str(path)), f"not a DeepSpeed JSON config: {exc}") from None
+    if stage == 3:
+        raise UsageError(f"{path}: ZeRO stage 3 is not supported by ragkit's trainer yet",
+                         hint="Use stage 1 or 2 (optimizer state and gradients sharded), or --fsdp.")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
