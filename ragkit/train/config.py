@@ -85,7 +85,7 @@ class TrainConfig:
     shard_index: bool = field(default=False, metadata={"help": "--index is a comma-separated list of shards, one Ray actor each"})
     ray_address: str | None = field(default=None, metadata={"help": "an existing Ray cluster (default: a private local Ray)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
-    deepspeed: str = field(default="", metadata={"help": "DeepSpeed JSON config (e.g. ZeRO-2/3), passed to transformers.Trainer; needs the deepspeed package"})
+    deepspeed: str = field(default="", metadata={"help": "DeepSpeed JSON config (ZeRO stage 1 or 2), passed to transformers.Trainer; needs the deepspeed package"})
     fsdp: bool = field(default=False, metadata={"help": "shard parameters, gradients and optimizer state with PyTorch FSDP (transformers.Trainer's; launch with torchrun / accelerate)"})
     fsdp_config: str = field(default="", metadata={"help": "FSDP JSON config file for transformers.Trainer (version, reshard_after_forward, cpu_offload, ...)"})
 
@@ -155,8 +155,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def _check_deepspeed_stage(path: Path) -> None:
-    """ZeRO stages 1-2 shard optimizer state and gradients and work with every architecture (tested on the
-    CPU). Stage 3 partitions the weights while each model loads, collectively on every rank, and hands the
+    """ZeRO stages 1-2 shard optimizer state and gradients; the architectures need nothing more (tested on
+    two CPU ranks with --arch rag). Stage 3 partitions the weights while each model loads, collectively on every rank, and hands the
     trainer a gathered state dict to save; ragkit's architectures load several models (generator and
     encoders) and save each through its own library, so stage 3 is refused rather than half-working."""
     try:
