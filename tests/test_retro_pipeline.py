@@ -207,6 +207,21 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_lm_path: Path, tiny_e
     return root
 
 
+def test_seed_decides_the_initial_weights(trained: Path, tmp_path: Path, tiny_lm_path: Path,
+                                          tiny_encoder_path: Path) -> None:
+    """Two runs in one process with the same --seed start from the same weights; another seed does not."""
+    first_losses = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        out = tmp_path / name
+        result = _cli("train", "--arch", "retro", "--data", trained / "texts", "--workdir", trained / "work", "-o", out,
+                      "--tokenizer", tiny_lm_path, "--embedder", tiny_encoder_path, "--chunk-size", M, "--seq-len", SEQ,
+                      "--num-neighbors", 2, *TINY_MODEL, "--max-steps", 1, "--batch-size", 2, "--logging-steps", 1,
+                      "--device", "cpu", "--seed", seed)
+        assert result.exit_code == 0, result.stderr
+        first_losses[name] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert first_losses["a"] == first_losses["b"] != first_losses["c"], first_losses
+
+
 def test_training_lowers_the_loss_and_writes_a_loadable_model(trained: Path) -> None:
     from transformers import AutoModel
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 from torch.utils.data import Dataset
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from ragkit.io.atomic import write_json
 from ragkit.train.config import TrainConfig
@@ -182,6 +182,9 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     # Under torchrun / accelerate, rank 0 builds first (GGUF conversion, RETRO's work folder, index copies)
     # while the other ranks wait, then finds its caches current; the filesystem is assumed shared.
     with args.main_process_first(local=False, desc="building the model and its data"):
+        # --seed decides the initial weights too (RETRO from scratch, LoRA's A matrices), the same on
+        # every rank; Trainer only seeds after the model exists
+        set_seed(config.seed)
         model = arch.build(config, device)
         dataset = arch.dataset(config)
     trainer = RagkitTrainer(
