@@ -8,9 +8,11 @@ weights in formats that plain transformers / peft / sentence-transformers open.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,6 +63,19 @@ class RagkitTrainer(Trainer):
         self.tokens += int(out.get("tokens", 0))
         return (out["loss"], out) if return_outputs else out["loss"]
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under DeepSpeed ZeRO-3 every rank gathers the partitioned weights (frozen ones too: a LoRA run's
+        query encoder, say) and rank 0 saves them through the architecture, in the same formats as
+        always; Trainer's own ZeRO-3 path hands over a state dict without the frozen weights."""
+        if not zero3_enabled():
+            return super().save_model(output_dir, _internal_call)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            if self.args.should_save:
+                self._save(output_dir)
+        self.accelerator.wait_for_everyone()
+
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         directory = Path(output_dir or self.args.output_dir)
         directory.mkdir(parents=True, exist_ok=True)
@@ -70,6 +85,30 @@ class RagkitTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         self.arch.load(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint))
+
+
+def zero3_enabled() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
+
+
+@contextlib.contextmanager
+def loading_outside_zero_init(args: TrainingArguments) -> Iterator[None]:
+    """Build the models with their full weights even under ZeRO-3: transformers would otherwise load each
+    one partitioned (zero.Init), a collective on every rank that the architectures' own steps after loading
+    (fingerprints, resizing, LoRA) cannot run on. DeepSpeed partitions the whole model when training starts."""
+    config = getattr(args, "hf_deepspeed_config", None)
+    if config is None or not zero3_enabled():
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)
 
 
 class MetricsJsonl(TrainerCallback):
@@ -181,7 +220,8 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     args = training_arguments(config, use_cpu=device == "cpu")
     # Under torchrun / accelerate, rank 0 builds first (GGUF conversion, RETRO's work folder, index copies)
     # while the other ranks wait, then finds its caches current; the filesystem is assumed shared.
-    with args.main_process_first(local=False, desc="building the model and its data"):
+    with args.main_process_first(local=False, desc="building the model and its data"), \
+            loading_outside_zero_init(args):
         # --seed decides the initial weights too (RETRO from scratch, LoRA's A matrices), the same on
         # every rank; Trainer only seeds after the model exists
         set_seed(config.seed)
@@ -246,6 +286,8 @@ def _across_processes(trainer: Any, tokens: float, peak_cpu_mib: float,
 def parameter_count(parameter: Any) -> int:
     """Model parameters a tensor holds: bitsandbytes packs 4-bit weights two (or more) to a storage
     element, so numel() would halve a QLoRA model's size in the cost report."""
+    if getattr(parameter, "ds_numel", None):  # partitioned by DeepSpeed ZeRO-3: the full size
+        return int(parameter.ds_numel)
     if type(parameter).__name__ == "Params4bit":
         storage = getattr(parameter, "quant_storage", None)
         return parameter.numel() * 2 * (storage.itemsize if storage is not None else 1)
