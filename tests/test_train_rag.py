@@ -238,6 +238,24 @@ def test_sharded_training_options_pass_through_or_fail_clearly(setup: dict[str, 
     assert result.exit_code == 2 and "launch with torchrun" in result.stderr
 
 
+def test_json_stdout_stays_clean_when_a_library_prints(setup: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed logs and reports op builds on stdout; `train --json` must still print only its report."""
+    from ragkit.train.rag_arch import RagArch
+
+    build = RagArch.build
+
+    def noisy_build(self, config, device):
+        print("[INFO] a library talking on stdout")
+        return build(self, config, device)
+
+    monkeypatch.setattr(RagArch, "build", noisy_build)
+    result = run(*base_args(setup, tmp_path / "r", "--max-steps", 1))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 1
+    assert "a library talking on stdout" in result.stderr
+
+
 def deepspeed_config(stage: int) -> dict:
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
             "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
