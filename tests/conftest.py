@@ -159,8 +159,9 @@ def run_cli(*args: object, input_: str | None = None):
     return CliRunner().invoke(app, [str(a) for a in args], input=input_)
 
 
-def run_torchrun(args: list[object], *, processes: int = 2, timeout: int = 300):
-    """`ragkit ARGS` as `processes` torchrun ranks on the CPU (gloo), on a free local port."""
+def run_torchrun(args: list[object], *, processes: int = 2, timeout: int = 300, script: Path | None = None):
+    """`ragkit ARGS` (or `python SCRIPT ARGS`) as `processes` torchrun ranks on the CPU (gloo), on a free
+    local port."""
     import os
     import socket
     import subprocess
@@ -169,7 +170,7 @@ def run_torchrun(args: list[object], *, processes: int = 2, timeout: int = 300):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ragkit = Path(sys.executable).parent / "ragkit"
+    program = script or Path(sys.executable).parent / "ragkit"
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(ragkit), *map(str, args)],
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(program), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})

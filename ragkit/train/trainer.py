@@ -67,6 +67,12 @@ class RagkitTrainer(Trainer):
         """Under DeepSpeed ZeRO-3 every rank gathers the partitioned weights (frozen ones too: a LoRA run's
         query encoder, say) and rank 0 saves them through the architecture, in the same formats as
         always; Trainer's own ZeRO-3 path hands over a state dict without the frozen weights."""
+        if getattr(self, "is_fsdp_enabled", False):
+            with fsdp_full_parameters(self.accelerator.unwrap_model(self.model)):
+                if self.args.should_save:
+                    self._save(output_dir)
+            self.accelerator.wait_for_everyone()
+            return None
         if not zero3_enabled():
             return super().save_model(output_dir, _internal_call)
         import deepspeed
@@ -85,6 +91,31 @@ class RagkitTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         self.arch.load(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint))
+
+
+@contextlib.contextmanager
+def fsdp_full_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Collective on every rank: inside, rank 0's `model` holds its full, plain parameters (FSDP shards
+    them as DTensors), so the architectures save in their usual formats; afterwards the shards are back.
+    Parameters are swapped by identity, so tied weights stay tied."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    replacement: dict[int, torch.nn.Parameter] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if name in full and id(parameter) not in replacement:
+            replacement[id(parameter)] = torch.nn.Parameter(full[name], requires_grad=parameter.requires_grad)
+    swapped = []
+    for module in model.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None and id(parameter) in replacement:
+                swapped.append((module, name, parameter))
+                module._parameters[name] = replacement[id(parameter)]
+    try:
+        yield
+    finally:
+        for module, name, parameter in swapped:
+            module._parameters[name] = parameter
 
 
 def zero3_enabled() -> bool:
