@@ -4,13 +4,15 @@ one-prompt-at-a-time transformers `generate` loop over the same prompts and pass
 Both use the shipped SmolLM2-135M-Instruct, greedy decoding, the same chat-templated prompts (the first
 32 PopQA long-tail questions with 3 of their Self-RAG passages each) and the same max_new_tokens; the
 table also reports how many answers are identical, since batching must not change greedy outputs much.
+On a GPU with vLLM installed, `ragkit generate --backend vllm` over the same prompts is a third row.
 
-    python benchmarks/generate_speed.py [--n 32] [--batch-size 8]
+    python benchmarks/generate_speed.py [--n 32] [--batch-size 8] [--device auto]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 
@@ -23,16 +25,19 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     args = parser.parse_args()
 
     import torch
 
+    from ragkit.models.encoder import resolve_device
     from ragkit.models.generator import GenerationConfig, Generator
     from ragkit.reader import Question, ReaderConfig, answer, user_message
 
     rows = [json.loads(line) for line in (SHARED_DATA / "popqa" / "popqa_longtail_w_gs.first100.jsonl").open()][: args.n]
     questions = [Question(str(r["id"]), r["question"], r["ctxs"]) for r in rows]
-    generator = Generator("smollm2-135m", device="cpu")
+    device = resolve_device(args.device)
+    generator = Generator("smollm2-135m", device=device)
     reader = ReaderConfig(arch="rag", k=args.k, source="ctxs")
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop=("\n",))
 
@@ -47,7 +52,7 @@ def main() -> None:
     began = time.perf_counter()
     plain = []
     for prompt in prompts:
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(device)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
@@ -57,15 +62,26 @@ def main() -> None:
     same = sum(a["output"] == b for a, b in zip(ours, plain))
     hw = hardware()
     result = {
-        "n": args.n, "k": args.k, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "n": args.n, "k": args.k, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "device": device,
         "ragkit_questions_per_s": args.n / ragkit_s, "plain_loop_questions_per_s": args.n / plain_s,
         "speedup": plain_s / ragkit_s, "identical_answers": same,
     }
-    print_table(f"generate --arch rag, SmolLM2-135M, {args.n} PopQA questions x {args.k} passages — {hw['cpu']}, {hw['cores']} cores",
-                ["path", "questions/s", "ratio"], [
-                    ["plain transformers loop (1 prompt per generate)", result["plain_loop_questions_per_s"], 1.0],
-                    [f"ragkit generate (batch {args.batch_size})", result["ragkit_questions_per_s"], result["speedup"]],
-                ])
+    table = [["plain transformers loop (1 prompt per generate)", result["plain_loop_questions_per_s"], 1.0],
+             [f"ragkit generate (batch {args.batch_size})", result["ragkit_questions_per_s"], result["speedup"]]]
+    if device.startswith("cuda") and importlib.util.find_spec("vllm") is not None:
+        from ragkit.models.generator import VLLMGenerator
+
+        served = VLLMGenerator("smollm2-135m")
+        answer(questions[:2], served, config, reader)  # warm-up
+        began = time.perf_counter()
+        theirs = answer(questions, served, config, reader)
+        vllm_s = time.perf_counter() - began
+        result.update({"vllm_questions_per_s": args.n / vllm_s, "vllm_speedup": plain_s / vllm_s,
+                       "vllm_identical_answers": sum(a["output"] == b for a, b in zip(theirs, plain))})
+        table.append(["ragkit generate --backend vllm", result["vllm_questions_per_s"], result["vllm_speedup"]])
+    where = hw["gpu"] or f"{hw['cpu']}, {hw['cores']} cores"
+    print_table(f"generate --arch rag, SmolLM2-135M, {args.n} PopQA questions x {args.k} passages — {where}",
+                ["path", "questions/s", "ratio"], table)
     print(f"identical answers: {same}/{args.n}")
     print(f"wrote {write_result('generate_speed', {'hardware': hw, **result})}")
 
