@@ -10,7 +10,7 @@ the same run:
 Parts run alone too (`--parts generator,training`): they replace only their own keys in
 benchmarks/results/quantisation.json, and each part records the hardware it ran on.
 
-    python benchmarks/quantisation.py [--n 100] [--parts index,generator,training] [--train-steps 10]
+    python benchmarks/quantisation.py [--n 100] [--parts index,generator,training] [--train-steps 10] [--device cpu]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="PopQA questions for the generator part")
     parser.add_argument("--parts", default=",".join(PARTS), help="some of: index (encoder and index codes), generator, training")
     parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--device", default="cpu", help="generator and training parts: cpu or cuda (the index part is CPU)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not parts or not set(parts) <= set(PARTS):
@@ -58,8 +59,13 @@ def main() -> None:
         by_part = {"index": saved["hardware"], "generator": saved["hardware"]}
     for part in parts:
         {"index": bench_index, "generator": bench_generator, "training": bench_training}[part](results, args, title)
-        by_part[part] = hw
+        by_part[part if part == "index" else f"{part}{device_tag(args)}"] = hw
     print(f"wrote {write_result('quantisation', {'hardware_by_part': by_part, 'results': results})}")
+
+
+def device_tag(args: argparse.Namespace) -> str:
+    """'' on the CPU, '_cuda' on a GPU: GPU results sit beside the CPU ones instead of replacing them."""
+    return "" if args.device == "cpu" else "_" + args.device.split(":")[0]
 
 
 def bench_index(results: dict[str, Any], args: argparse.Namespace, title: str) -> None:
@@ -120,10 +126,13 @@ def bench_generator(results: dict[str, Any], args: argparse.Namespace, title: st
     questions = questions_from_examples(examples)
     reader = ReaderConfig(arch="rag", k=3, source="ctxs")
     config = GenerationConfig(max_new_tokens=32, batch_size=8, stop=("\n",))
-    options = ["none", "int8", *(["4bit", "8bit"] if importlib.util.find_spec("bitsandbytes") else [])]
+    # torch's dynamic int8 is a CPU kernel; bitsandbytes runs on either
+    options = ["none", *(["int8"] if args.device == "cpu" else []),
+               *(["4bit", "8bit"] if importlib.util.find_spec("bitsandbytes") else [])]
     rows, answers = [], {}
     for quantize in options:
-        generator = Generator("smollm2-135m", device="cpu", dtype="float32", quantize=quantize)
+        generator = Generator("smollm2-135m", device=args.device, dtype="float32" if args.device == "cpu" else "auto",
+                              quantize=quantize)
         answer(questions[:2], generator, config, reader)  # warm-up
         began = time.perf_counter()
         out = answer(questions, generator, config, reader)
@@ -131,16 +140,16 @@ def bench_generator(results: dict[str, Any], args: argparse.Namespace, title: st
         match = sum(task.score(e, r["output"])["match"] for e, r in zip(examples, out)) / len(out)
         size = weight_bytes(generator.model)
         answers[quantize] = [r["output"] for r in out]
-        results[f"generator_{quantize}"] = {"match": match, "questions_per_s": len(out) / seconds, "weight_bytes": size}
+        results[f"generator{device_tag(args)}_{quantize}"] = {"match": match, "questions_per_s": len(out) / seconds, "weight_bytes": size}
         rows.append([quantize, match, len(out) / seconds, size / 2**20])
     for quantize in options[1:]:
-        entry = results[f"generator_{quantize}"]
+        entry = results[f"generator{device_tag(args)}_{quantize}"]
         entry["identical_answers"] = sum(a == b for a, b in zip(answers["none"], answers[quantize]))
-        entry["speedup"] = entry["questions_per_s"] / results["generator_none"]["questions_per_s"]
+        entry["speedup"] = entry["questions_per_s"] / results[f"generator{device_tag(args)}_none"]["questions_per_s"]
     print_table(f"Generator, PopQA first {len(examples)} (top-3 released ctxs), SmolLM2-135M — {title}",
                 ["quantize", "match", "questions/s", "weights MiB"], rows)
     for quantize in options[1:]:
-        print(f"identical answers fp32 vs {quantize}: {results[f'generator_{quantize}']['identical_answers']}/{len(examples)}")
+        print(f"identical answers fp32 vs {quantize}: {results[f'generator{device_tag(args)}_{quantize}']['identical_answers']}/{len(examples)}")
 
 
 def bench_training(results: dict[str, Any], args: argparse.Namespace, title: str) -> None:
@@ -163,19 +172,21 @@ def bench_training(results: dict[str, Any], args: argparse.Namespace, title: str
         sh("train", "--arch", "rag", "--data", str(data), "--index", str(index), "-o", str(out),
            "--generator", "smollm2-135m", "--n-docs", "3", "--lora-r", "8", "--lora-alpha", "16", "--batch-size", "2",
            "--lr", "3e-4", "--max-steps", str(args.train_steps), "--warmup-steps", "2", "--save-steps",
-           str(args.train_steps), "--logging-steps", "1", "--max-passage-words", "60", "--device", "cpu", "--seed", "0",
+           str(args.train_steps), "--logging-steps", "1", "--max-passage-words", "60", "--device", args.device, "--seed", "0",
            *extra)
         cost = json.loads((out / "cost_report.json").read_text())
         logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         curve = [r["loss"] for r in logged if "loss" in r]
-        results[f"training_{name}"] = {
+        results[f"training{device_tag(args)}_{name}"] = {
             "steps": cost["steps"], "s_per_step": cost["wall_s"] / cost["steps"],
-            "peak_cpu_memory_mib": cost["peak_cpu_memory_mib"], "trainable_params": cost["trainable_params"],
+            "peak_cpu_memory_mib": cost["peak_cpu_memory_mib"], "peak_gpu_memory_mib": cost["peak_gpu_memory_mib"],
+            "trainable_params": cost["trainable_params"],
             "total_params": cost["total_params"], "loss_curve": curve}
-        rows.append([name, cost["wall_s"] / cost["steps"], cost["peak_cpu_memory_mib"], sum(curve[:3]) / 3,
+        peak = cost["peak_gpu_memory_mib"] if args.device != "cpu" else cost["peak_cpu_memory_mib"]
+        rows.append([name, cost["wall_s"] / cost["steps"], peak, sum(curve[:3]) / 3,
                      sum(curve[-3:]) / 3])
     print_table(f"RAG training, SmolLM2-135M (LoRA r=8) + MiniLM, {args.train_steps} steps of batch 2 — {title}",
-                ["run", "s/step", "peak MiB", "loss (first 3)", "loss (last 3)"], rows)
+                ["run", "s/step", f"peak {'GPU' if args.device != 'cpu' else 'CPU'} MiB", "loss (first 3)", "loss (last 3)"], rows)
 
 
 if __name__ == "__main__":
