@@ -172,6 +172,13 @@ def test_generate_and_eval_selfrag_cli(tiny_selfrag_path: Path, tmp_path: Path) 
     assert saved["metrics"]["retrieved"]["mean"] == 0.0
 
 
+def test_selfrag_refuses_sampling_options_it_would_ignore(tiny_selfrag_path: Path) -> None:
+    for extra in (["--do-sample"], ["--top-k", "5"], ["--stop", "END"]):
+        result = CliRunner().invoke(app, ["generate", "-m", str(tiny_selfrag_path), "--arch", "selfrag", "--device", "cpu",
+                                          *extra], input="who was the king\n")
+        assert result.exit_code == 2 and extra[0] in result.stderr and "not used by --arch selfrag" in result.stderr
+
+
 def test_generate_selfrag_with_plain_model_exits_4(tiny_lm_path: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["generate", "-m", str(tiny_lm_path), "--arch", "selfrag", "--device", "cpu"],
                                 input="who was the king\n")

@@ -385,6 +385,13 @@ def trained(setup: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
     return out / "checkpoint-4"
 
 
+def test_trained_checkpoints_refuse_options_their_decoding_ignores(trained: Path) -> None:
+    for extra in (["--do-sample"], ["--temperature", "0.7"], ["--template", "{prompt}"], ["--backend", "vllm"]):
+        result = runner.invoke(app, ["generate", "--arch", "rag", "--model", str(trained), "--device", "cpu", *extra],
+                               input="river king 3\n")
+        assert result.exit_code == 2 and f"{extra[0]}" in result.stderr and "not used by a trained RAG" in result.stderr
+
+
 @pytest.mark.parametrize("mode", ["token", "token-beam", "sequence-thorough", "sequence-fast"])
 def test_generate_loads_a_trained_checkpoint(trained: Path, mode: str) -> None:
     result = runner.invoke(app, ["generate", "--arch", "rag", "--model", str(trained), "--rag-decoding", mode,

@@ -79,6 +79,15 @@ RagDecodingOpt = Annotated[str | None, typer.Option("--rag-decoding", help="For 
 NumBeamsOpt = Annotated[int, typer.Option("--num-beams", min=1, help="Beams for --rag-decoding token-beam.")]
 
 
+def _refuse_unused(what: str, options: dict[str, bool]) -> None:
+    """Options a decoding path does not honour fail loudly instead of being silently dropped."""
+    from ragkit.errors import UsageError
+
+    given = [name for name, is_set in options.items() if is_set]
+    if given:
+        raise UsageError(f"{', '.join(given)}: not used by {what}")
+
+
 def build_generation(
     *, model: str, arch: str, index: Path | None, k: int, passages: str, max_new_tokens: int, do_sample: bool,
     temperature: float, top_p: float, top_k: int, stop: list[str] | None, batch_size: int, device: str, dtype: str,
@@ -93,9 +102,13 @@ def build_generation(
     from ragkit.reader import ARCHS, ReaderConfig
     from ragkit.retrieval.retriever import RetrievalMode, Retriever
 
+    sampling = {"--do-sample": do_sample, "--temperature": temperature != 1.0, "--top-p": top_p != 1.0,
+                "--top-k": top_k != 0, "--stop": stop is not None, "--template": template is not None}
     if is_rag_checkpoint(model):
         if arch != "rag":
             raise UsageError(f"{model} is a trained RAG checkpoint: use --arch rag")
+        _refuse_unused("a trained RAG checkpoint, which decodes with --rag-decoding and --num-beams",
+                       {**sampling, "--backend vllm": backend != "transformers"})
         from ragkit.models.encoder import resolve_device
 
         rag = load_rag_checkpoint(model, device=resolve_device(device), index=str(index) if index else None,
@@ -105,6 +118,7 @@ def build_generation(
     if arch == "selfrag":
         from ragkit.models.selfrag.loading import load_selfrag_decoder
 
+        _refuse_unused("--arch selfrag, which decodes greedily in the Self-RAG prompt format", sampling)
         retriever = Retriever(index, device=device, mode=retrieval or RetrievalMode()) if index is not None else None
         decoder = load_selfrag_decoder(model, selfrag, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                        backend=backend, quantize=quantize)
