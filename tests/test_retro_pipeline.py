@@ -249,6 +249,9 @@ def test_generate_from_a_prompt_and_from_nothing(trained: Path) -> None:
     # options RETRO does not honour are refused, not ignored
     result = _cli("generate", "--arch", "retro", "-m", trained / "run" / "final", "--quantize", "int8", input_="x\n")
     assert result.exit_code == 2 and "not available for --arch retro" in result.stderr
+    for extra in (["--index", trained / "work" / "index"], ["--template", "{prompt}"], ["--k", 3]):
+        result = _cli("generate", "--arch", "retro", "-m", trained / "run" / "final", *extra, input_="x\n")
+        assert result.exit_code == 2 and f"{extra[0]}: not used by --arch retro" in result.stderr
 
 
 def test_eval_lm_reports_both_with_and_without_retrieval(trained: Path, tmp_path: Path) -> None:

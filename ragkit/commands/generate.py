@@ -236,11 +236,16 @@ def generate(
     """
     options = dict(locals())
     if arch == "retro":
-        if quantize != "none":
-            with handle_errors():
+        with handle_errors():
+            if quantize != "none":
                 from ragkit.errors import UsageError
 
                 raise UsageError(f"--quantize {quantize} is not available for --arch retro")
+            # RETRO retrieves from its own work folder at every chunk boundary and continues raw text
+            _refuse_unused("--arch retro, which retrieves from its --workdir and continues raw text", {
+                "--index": index is not None, "--k": k != 5, "--stop": stop is not None, "--template": template is not None,
+                "--backend vllm": backend != "transformers", "--rag-decoding": rag_decoding is not None,
+                "--task": task is not None})
         _generate_retro(options)
         return
     with handle_errors():
