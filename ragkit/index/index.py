@@ -372,20 +372,21 @@ class Index:
             params["nprobe"] = nprobe
         fv.set_search_params(self.faiss_index, params)
 
-    def _search_vids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Faiss scores and vids, with room for tombstoned hits (callers drop them and keep k)."""
+    def _search_vids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, set[int]]:
+        """Faiss scores and vids, with room for tombstoned hits (callers drop them and keep k), and the set
+        of those vids that may still be live (what the callers look up in the passage store)."""
         if k <= 0:
             raise UsageError("--k must be positive")
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ResourceError(f"query vectors have dimension {queries.shape[1]}, the index holds {self.dim}")
         if self.faiss_index.ntotal == 0:
-            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), set()
         fetch = min(self.faiss_index.ntotal, k + len(self.tombstones))
         scores, vids = fv.search(self.faiss_index, queries, fetch)
         if self.metric == "l2":
             scores = -scores
-        return scores, vids
+        return scores, vids, {int(v) for v in vids.ravel() if v >= 0 and int(v) not in self.tombstones}
 
     def _live(self, row_scores: np.ndarray, row_vids: np.ndarray, found: dict[int, Any], k: int) -> list[tuple[float, int, Any]]:
         """The first k hits of one row whose passage is still live: (score, vid, what `found` holds for it)."""
@@ -403,8 +404,8 @@ class Index:
         return [[hit for hit, _ in row] for row in self._search_hits(queries, k)]
 
     def _search_hits(self, queries: np.ndarray, k: int) -> list[list[tuple[Hit, int]]]:
-        scores, vids = self._search_vids(queries, k)
-        passages = self.store.fetch({int(v) for v in vids.ravel() if v >= 0 and int(v) not in self.tombstones})
+        scores, vids, wanted = self._search_vids(queries, k)
+        passages = self.store.fetch(wanted)
         return [[(Hit(p["id"], score, rank, p["title"], p["text"], p["metadata"]), vid)
                  for rank, (score, vid, p) in enumerate(self._live(s, v, passages, k), start=1)]
                 for s, v in zip(scores, vids)]
@@ -412,8 +413,8 @@ class Index:
     def search_ids(self, queries: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
         """Top-k (passage id, score) per query: `search` without reading titles, texts and metadata, for
         callers that only need ids (RETRO's neighbour precompute over millions of chunks)."""
-        scores, vids = self._search_vids(queries, k)
-        ids = self.store.fetch_ids({int(v) for v in vids.ravel() if v >= 0 and int(v) not in self.tombstones})
+        scores, vids, wanted = self._search_vids(queries, k)
+        ids = self.store.fetch_ids(wanted)
         return [[(pid, score) for score, _, pid in self._live(s, v, ids, k)] for s, v in zip(scores, vids)]
 
     def refresh(self, encode: Any, encoder: EncoderInfo, *, batch: int = 4096) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,15 @@ class PassageStore:
             dest.close()
 
     def vids_for(self, ids: Sequence[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for start in range(0, len(ids), 500):
-            chunk = list(ids[start : start + 500])
+        return {pid: int(vid) for pid, vid in self._select_in("id, vid", "id", list(ids))}
+
+    def _select_in(self, columns: str, key: str, values: list[Any]) -> Iterator[tuple[Any, ...]]:
+        """Rows of `columns` whose `key` is one of `values`, queried 500 at a time (SQLite caps the number
+        of bound parameters)."""
+        for start in range(0, len(values), 500):
+            chunk = values[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for pid, vid in self.conn.execute(f"SELECT id, vid FROM passages WHERE id IN ({marks})", chunk):
-                found[pid] = int(vid)
-        return found
+            yield from self.conn.execute(f"SELECT {columns} FROM passages WHERE {key} IN ({marks})", chunk)
 
     def insert(self, passages: Iterable[Passage]) -> list[int]:
         """Insert new passages (ids must not exist yet); returns their vids in order."""
@@ -89,26 +91,13 @@ class PassageStore:
 
     def fetch(self, vids: Iterable[int]) -> dict[int, dict[str, Any]]:
         """vid -> {id, title, text, metadata} for the vids that are live."""
-        wanted = list({int(v) for v in vids})
-        out: dict[int, dict[str, Any]] = {}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            query = f"SELECT vid, id, title, text, metadata FROM passages WHERE vid IN ({marks})"
-            for vid, pid, title, text, meta in self.conn.execute(query, chunk):
-                out[int(vid)] = {"id": pid, "title": title, "text": text, "metadata": json.loads(meta)}
-        return out
+        rows = self._select_in("vid, id, title, text, metadata", "vid", list({int(v) for v in vids}))
+        return {int(vid): {"id": pid, "title": title, "text": text, "metadata": json.loads(meta)}
+                for vid, pid, title, text, meta in rows}
 
     def fetch_ids(self, vids: Iterable[int]) -> dict[int, str]:
         """vid -> passage id for the vids that are live (the primary-key lookup alone, no text)."""
-        wanted = list({int(v) for v in vids})
-        out: dict[int, str] = {}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for vid, pid in self.conn.execute(f"SELECT vid, id FROM passages WHERE vid IN ({marks})", chunk):
-                out[int(vid)] = pid
-        return out
+        return {int(vid): pid for vid, pid in self._select_in("vid, id", "vid", list({int(v) for v in vids}))}
 
     def iter_passages(self, batch: int = 10_000) -> Iterable[tuple[int, Passage]]:
         last = -1
