@@ -46,15 +46,14 @@ def is_rag_checkpoint(path: str | Path) -> bool:
 
 def load_rag_checkpoint(path: str | Path, *, device: str = "cpu", index: str | None = None,
                         quantize: str = "none") -> RagForTraining:
-    """A trained checkpoint for inference. A LoRA adapter is merged into its base generator, except over
-    4-/8-bit bitsandbytes weights, where it stays on top (merging would round it away); int8 quantises
-    after the merge."""
+    """A trained checkpoint for inference, its generator loaded under --quantize (a LoRA adapter merged or
+    kept on top as ready_for_inference decides)."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from ragkit.index import Index
     from ragkit.models.generator import QUANTIZE, Generator, _bitsandbytes_kwargs
-    from ragkit.models.quantize import quantize_int8_dynamic
+    from ragkit.models.quantize import ready_for_inference
 
     if quantize not in QUANTIZE:
         raise UsageError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
@@ -74,8 +73,6 @@ def load_rag_checkpoint(path: str | Path, *, device: str = "cpu", index: str | N
         base = Generator(config.generator, device=device, dtype="auto" if bitsandbytes else "float32",
                          quantize=quantize if bitsandbytes else "none")
         model = PeftModel.from_pretrained(base.model, root / "generator")
-        if not bitsandbytes:
-            model = model.merge_and_unload()
         is_seq2seq = base.is_seq2seq
     else:
         is_seq2seq = bool(getattr(AutoConfig.from_pretrained(root / "generator"), "is_encoder_decoder", False))
@@ -84,8 +81,7 @@ def load_rag_checkpoint(path: str | Path, *, device: str = "cpu", index: str | N
         model = cls.from_pretrained(root / "generator", **extra)
         if not extra:
             model = model.to(device)
-    if quantize == "int8":
-        model = quantize_int8_dynamic(model, device)
+    model = ready_for_inference(model, quantize, device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     renderer = _Renderer(tokenizer)

@@ -24,11 +24,10 @@ def load_causal_lm(name: str, *, device: str | None = None, dtype: str = "auto",
     """(model, tokenizer) from a hub id, folder, GGUF or alias, or from a LoRA adapter folder whose
     tokenizer has grown (the base is resized to it before the adapter loads).
 
-    `quantize`: int8 quantises after any merge; 4bit/8bit load the base through bitsandbytes and keep a
-    LoRA adapter unmerged on top (merging into 4-bit weights would round the adapter away)."""
+    `quantize`: 4bit/8bit load the base through bitsandbytes; merging and int8 follow ready_for_inference."""
     from ragkit.models.encoder import resolve_device
     from ragkit.models.generator import Generator, _bitsandbytes_kwargs, _torch_dtype
-    from ragkit.models.quantize import quantize_int8_dynamic
+    from ragkit.models.quantize import ready_for_inference
 
     folder = checkpoint_model_dir(name) if Path(name).exists() else None
     if folder is None or not (folder / "adapter_config.json").exists():
@@ -53,13 +52,9 @@ def load_causal_lm(name: str, *, device: str | None = None, dtype: str = "auto",
     if len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model = PeftModel.from_pretrained(base, folder)
-    if merge_lora and not bitsandbytes:
-        model = model.merge_and_unload()
     if not bitsandbytes:  # bitsandbytes placed the weights already (and refuses .to)
         model.to(device)
-    model.eval()
-    if quantize == "int8":
-        model = quantize_int8_dynamic(model, device)
+    model = ready_for_inference(model.eval(), quantize, device, merge=merge_lora)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
