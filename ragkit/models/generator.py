@@ -147,7 +147,7 @@ class Generator:
         return outputs
 
 
-BNB_CPU_SINCE = (0, 46)  # bitsandbytes' CPU backend (4-bit NF4 and LLM.int8 through PyTorch ops)
+BNB_CPU_SINCE = "0.46"  # bitsandbytes' CPU backend (4-bit NF4 and LLM.int8 through PyTorch ops)
 
 
 def _bitsandbytes_kwargs(quantize: str, device: str) -> dict[str, Any]:
@@ -159,6 +159,7 @@ def _bitsandbytes_kwargs(quantize: str, device: str) -> dict[str, Any]:
     import importlib.util
 
     import torch
+    from packaging.version import Version
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ResourceError(f"--quantize {quantize}: bitsandbytes is not installed",
@@ -166,7 +167,7 @@ def _bitsandbytes_kwargs(quantize: str, device: str) -> dict[str, Any]:
     on_gpu = device.startswith("cuda")
     if not on_gpu:
         version = importlib.metadata.version("bitsandbytes")
-        if device != "cpu" or _version_tuple(version) < BNB_CPU_SINCE:
+        if device != "cpu" or Version(version) < Version(BNB_CPU_SINCE):
             raise UsageError(f"--quantize {quantize} (bitsandbytes {version}) runs on a CUDA GPU or, from bitsandbytes "
                              f"0.46, on the CPU; not on {device}", hint="pip install -U bitsandbytes, or --quantize int8")
     from transformers import BitsAndBytesConfig
@@ -186,12 +187,6 @@ def _check_cpu_4bit_widths(model: Any, name: str) -> None:
         if type(module).__name__ == "Linear4bit" and width is not None and width % 64:
             raise UsageError(f"--quantize 4bit on the CPU: {name} layer {layer_name} is {width} wide; bitsandbytes' CPU "
                              "kernels need multiples of 64", hint="use --quantize 8bit or int8, or a CUDA GPU")
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    import re
-
-    return tuple(int(x) for x in re.findall(r"\d+", version)[:2])
 
 
 def _stop_criteria(tokenizer: Any, stop: Sequence[str], prompt_len: int) -> Any:
