@@ -64,23 +64,22 @@ class RagkitTrainer(Trainer):
         return (out["loss"], out) if return_outputs else out["loss"]
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Under DeepSpeed ZeRO-3 every rank gathers the partitioned weights (frozen ones too: a LoRA run's
-        query encoder, say) and rank 0 saves them through the architecture, in the same formats as
-        always; Trainer's own ZeRO-3 path hands over a state dict without the frozen weights."""
+        """Sharded runs (FSDP, DeepSpeed ZeRO-3) gather the full weights on every rank, frozen ones too (a
+        LoRA run's query encoder, say), and rank 0 saves them through the architecture in the usual
+        formats; Trainer's own paths hand `_save` a state dict instead, without ZeRO-3's frozen weights."""
         if getattr(self, "is_fsdp_enabled", False):
-            with fsdp_full_parameters(self.accelerator.unwrap_model(self.model)):
-                if self.args.should_save:
-                    self._save(output_dir)
-            self.accelerator.wait_for_everyone()
-            return None
-        if not zero3_enabled():
-            return super().save_model(output_dir, _internal_call)
-        import deepspeed
+            gathered: Any = fsdp_full_parameters(self.accelerator.unwrap_model(self.model))
+        elif zero3_enabled():
+            import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+        else:
+            return super().save_model(output_dir, _internal_call)
+        with gathered:
             if self.args.should_save:
                 self._save(output_dir)
         self.accelerator.wait_for_everyone()
+        return None
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         directory = Path(output_dir or self.args.output_dir)
