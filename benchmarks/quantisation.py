@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import io
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -155,7 +154,7 @@ def bench_generator(results: dict[str, Any], args: argparse.Namespace, title: st
 def bench_training(results: dict[str, Any], args: argparse.Namespace, title: str) -> None:
     """LoRA vs QLoRA through `ragkit train --arch rag`, each in its own process, so that the cost
     reports' peak memory is each run's own."""
-    from rag_finetune_popqa import WORK, build_data, sh, wiki_index
+    from rag_finetune_popqa import WORK, build_data, train_rag, wiki_index
 
     if importlib.util.find_spec("bitsandbytes") is None:
         print("training part skipped: bitsandbytes is not installed")
@@ -168,12 +167,8 @@ def bench_training(results: dict[str, Any], args: argparse.Namespace, title: str
     rows = []
     for name, extra in {"lora": [], "qlora_4bit": ["--quantize", "4bit"]}.items():
         out = WORK / f"quant_{name}"
-        shutil.rmtree(out, ignore_errors=True)
-        sh("train", "--arch", "rag", "--data", str(data), "--index", str(index), "-o", str(out),
-           "--generator", "smollm2-135m", "--n-docs", "3", "--lora-r", "8", "--lora-alpha", "16", "--batch-size", "2",
-           "--lr", "3e-4", "--max-steps", str(args.train_steps), "--warmup-steps", "2", "--save-steps",
-           str(args.train_steps), "--logging-steps", "1", "--max-passage-words", "60", "--device", args.device, "--seed", "0",
-           *extra)
+        train_rag(data, index, out, steps=args.train_steps, lr=3e-4, batch_size=2, n_docs=3, save_steps=args.train_steps,
+                  warmup=2, logging_steps=1, device=args.device, extra=tuple(extra))
         cost = json.loads((out / "cost_report.json").read_text())
         logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         curve = [r["loss"] for r in logged if "loss" in r]
