@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,59 @@ def embed_shard(
     return ShardResult(len(mine), start, end, seconds, [out / emb_name, out / psg_name, out / meta_name])
 
 
-def load_shards(directory: str | Path) -> tuple[list[Passage], np.ndarray, EncoderInfo]:
+@dataclass
+class ShardSet:
+    """A complete set of embedding shards, checked, not yet read: `blocks()` streams it."""
+
+    root: Path
+    encoder: EncoderInfo
+    metas: list[dict[str, Any]]
+
+    @property
+    def rows(self) -> int:
+        return sum(int(m["rows"]) for m in self.metas)
+
+    def blocks(self, size: int = 10_000) -> Iterator[tuple[list[Passage], np.ndarray, list[int], str]]:
+        """(passages, their vectors as a slice of the memory-mapped .npy, line numbers, passages file) in
+        row order, `size` passages at a time: nothing but one block is held in memory."""
+        for meta in self.metas:
+            emb_path, psg_path = self.root / meta["embeddings"], self.root / meta["passages"]
+            vectors = np.load(emb_path, mmap_mode="r", allow_pickle=False)
+            if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
+                raise InputError(Location(str(emb_path)), f"vectors of shape {tuple(vectors.shape)}, the shards' "
+                                 f"embedder gives dimension {self.encoder.dim}")
+            row = 0
+            block: list[Passage] = []
+            lines: list[int] = []
+            for lineno, obj in read_jsonl(psg_path):
+                if "id" not in obj or "text" not in obj:
+                    raise InputError(Location(str(psg_path), lineno, "id" if "id" not in obj else "text"),
+                                     f"field '{'id' if 'id' not in obj else 'text'}' is missing")
+                block.append(Passage(str(obj.pop("id")), obj.pop("text"), obj.pop("title", ""), obj))
+                lines.append(lineno)
+                if len(block) == size:
+                    if row + size > vectors.shape[0]:
+                        break
+                    yield block, vectors[row : row + size], lines, str(psg_path)
+                    row += size
+                    block, lines = [], []
+            if row + len(block) != vectors.shape[0]:
+                count = row + len(block)
+                raise InputError(Location(str(psg_path)), f"{'more than ' if count > vectors.shape[0] else ''}{count} "
+                                 f"passages for {vectors.shape[0]} vectors in {emb_path.name}")
+            if block:
+                yield block, vectors[row : row + len(block)], lines, str(psg_path)
+
+
+def _plain_name(root: Path, meta_path: Path, meta: dict[str, Any], key: str) -> str:
+    """A shard names its files; only plain names inside the shard folder are accepted."""
+    name = meta.get(key)
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise InputError(Location(str(meta_path), None, key), f"'{name}' is not a file name inside {root}")
+    return name
+
+
+def open_shards(directory: str | Path) -> ShardSet:
     """All shards of a directory, checked for completeness and for one common embedder."""
     root = Path(directory)
     if not root.is_dir():
@@ -107,7 +159,12 @@ def load_shards(directory: str | Path) -> tuple[list[Passage], np.ndarray, Encod
     for path in sorted(root.iterdir()):
         match = _SHARD_RE.match(path.name)
         if match:
-            meta = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                meta = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InputError(Location(str(path)), f"unreadable shard description ({exc})") from None
+            for key in ("embeddings", "passages"):
+                meta[key] = _plain_name(root, path, meta, key)
             metas[int(match.group(1))] = meta
             totals.add(int(match.group(2)))
     if not metas:
@@ -121,19 +178,5 @@ def load_shards(directory: str | Path) -> tuple[list[Passage], np.ndarray, Encod
     encoders = {json.dumps(m["encoder"], sort_keys=True) for m in metas.values()}
     if len(encoders) != 1:
         raise ResourceError(f"{root}: shards were embedded with different models or settings")
-    encoder = EncoderInfo.from_json(metas[0]["encoder"])
-    passages: list[Passage] = []
-    blocks = []
-    for shard_id in range(num_shards):
-        meta = metas[shard_id]
-        vectors = np.load(root / meta["embeddings"], mmap_mode="r", allow_pickle=False)
-        psg_path = root / meta["passages"]
-        rows = [Passage(str(obj.pop("id")), obj.pop("text"), obj.pop("title", ""), obj) for _, obj in read_jsonl(psg_path)]
-        if len(rows) != vectors.shape[0] or vectors.shape[1] != encoder.dim:
-            raise InputError(
-                Location(str(psg_path)),
-                f"{len(rows)} passages for {vectors.shape[0]} vectors of dimension {vectors.shape[1]}",
-            )
-        passages.extend(rows)
-        blocks.append(vectors)
-    return passages, np.concatenate(blocks).astype(np.float32, copy=False), encoder
+    return ShardSet(root, EncoderInfo.from_json(metas[0]["encoder"]), [metas[i] for i in range(num_shards)])
+

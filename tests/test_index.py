@@ -130,9 +130,10 @@ def test_artifacts_open_without_ragkit(tmp_path: Path) -> None:
     import faiss
 
     index = Index.build(tmp_path / "idx", passages(20), unit_vectors(20, DIM), ENC)
-    raw = faiss.read_index(str(tmp_path / "idx" / "current" / "vectors.faiss"))
+    [base] = index.manifest["segments"]
+    raw = faiss.read_index(str(tmp_path / "idx" / "current" / base["vectors"]))
     assert raw.ntotal == 20 and raw.d == DIM
-    rows = sqlite3.connect(tmp_path / "idx" / "current" / "passages.sqlite").execute("SELECT count(*) FROM passages")
+    rows = sqlite3.connect(tmp_path / "idx" / "current" / base["passages"]).execute("SELECT count(*) FROM passages")
     assert rows.fetchone()[0] == 20
     assert index.verify() == []
 
@@ -148,9 +149,13 @@ def test_failed_write_keeps_previous_version(tmp_path: Path, monkeypatch: pytest
     def crash(*args: object, **kwargs: object) -> None:
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(faiss, "write_index", crash)
+    monkeypatch.setattr(np, "save", crash)  # a remove writes the delta's deletes file
     with pytest.raises(OSError, match="disk full"):
         index.remove(["p1", "p2"])
+    monkeypatch.undo()
+    monkeypatch.setattr(faiss, "write_index", crash)  # an add writes the delta's vectors
+    with pytest.raises(OSError, match="disk full"):
+        index.upsert(passages(2, "new"), unit_vectors(2, DIM, seed=3), ENC)
     monkeypatch.undo()
     # the object and the directory both still hold the complete previous version
     assert len(index) == 50 and top_ids(index, x[1:3]) == [["p1"], ["p2"]]

@@ -39,6 +39,39 @@ def _encode_passages(encoder: "Encoder", passages: "list[Passage]", batch_size: 
     return vectors
 
 
+EMBED_BLOCK = 4096  # passages read, embedded and stored at a time by `index build CORPUS`
+
+
+def _embed_into(build: Any, encoder: "Encoder", corpus: str, batch_size: int) -> None:
+    """Stream the corpus into a build: read a block, embed it, store it; the corpus is never held whole."""
+    from ragkit.console import info, progress
+    from ragkit.io.corpus import iter_passages_with_lines
+    from ragkit.models.encoder import Throughput
+
+    meter = Throughput()
+    with progress() as bar:
+        task = bar.add_task("embed", total=None, rate="")
+        block: list[Passage] = []
+        lines: list[int] = []
+
+        def flush() -> None:
+            vectors = encoder.encode([p.embedding_text() for p in block], batch_size=batch_size)
+            build.add(block, vectors, lines=lines)
+            meter.add(len(block))
+            bar.update(task, advance=len(block), rate=f"{meter.rate:.0f}/s")
+            block.clear()
+            lines.clear()
+
+        for lineno, passage in iter_passages_with_lines(corpus):
+            block.append(passage)
+            lines.append(lineno)
+            if len(block) >= EMBED_BLOCK:
+                flush()
+        if block:
+            flush()
+    info(f"embedded {meter.count} passages in {meter.seconds:.1f}s ({meter.rate:.1f} passages/s, {encoder.device})")
+
+
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     from ragkit.console import info
 
@@ -86,7 +119,8 @@ def build(
         from ragkit.errors import UsageError
         from ragkit.index import Index, parse_memory, parse_spec
         from ragkit.index.sparse import SparseConfig
-        from ragkit.io.corpus import read_passages
+        from ragkit.io.corpus import resolve_corpus_path
+        from ragkit.io.jsonl import display_name
         from ragkit.models.encoder import Encoder, resolve_device
 
         parsed = parse_spec(spec)
@@ -94,21 +128,22 @@ def build(
         if (corpus is None) == (embeddings is None):
             raise UsageError("give either CORPUS or --embeddings DIR (exactly one)")
         faiss_device = resolve_device(device)
+        options = dict(spec=parsed, metric=metric, max_memory=budget, overwrite=overwrite, threads=threads or None,
+                       device=faiss_device, sparse=SparseConfig(k1=bm25_k1, b=bm25_b) if sparse else None)
         if embeddings is not None:
-            from ragkit.embeddings import load_shards
+            from ragkit.embeddings import open_shards
 
-            passages, vectors, encoder_info = load_shards(embeddings)
+            shards = open_shards(embeddings)
+            with Index.create(output, shards.encoder, source=str(embeddings), **options) as build:
+                for block, vectors, lines, source in shards.blocks():
+                    build.add(block, vectors, lines=lines, source=source)
         else:
             assert corpus is not None
-            passages = read_passages(corpus)
             encoder = Encoder(model, device=faiss_device, normalize=normalize, backend=backend)
-            vectors = _encode_passages(encoder, passages, batch_size)
-            encoder_info = encoder.info
-        index = Index.build(
-            output, passages, vectors, encoder_info, spec=parsed, metric=metric, max_memory=budget,
-            overwrite=overwrite, threads=threads or None, device=faiss_device,
-            sparse=SparseConfig(k1=bm25_k1, b=bm25_b) if sparse else None,
-        )
+            with Index.create(output, encoder.info, source=display_name(resolve_corpus_path(corpus)), **options) as build:
+                _embed_into(build, encoder, corpus, batch_size)
+        index = build.index
+        assert index is not None
         summary = {k: index.info()[k] for k in ("path", "passages", "spec", "factory", "dim", "embedder", "bytes_on_disk")}
         if index.manifest.get("auto_reason"):
             summary["auto"] = index.manifest["auto_reason"]
@@ -347,6 +382,92 @@ def sparse_cmd(
         index = Index.open(index_dir)
         index.add_sparse(SparseConfig(k1=bm25_k1, b=bm25_b))
         _print_summary({k: index.info()[k] for k in ("path", "version", "passages", "sparse", "bytes_on_disk")}, as_json)
+
+
+@app.command("compact")
+def compact_cmd(index_dir: IndexDir, as_json: JsonOpt = False) -> None:
+    """Fold the delta segments back into one base and drop tombstones (a new atomic version).
+
+    Changes (add, remove) write small delta segments; ragkit folds them by itself past 8 deltas (the base
+    untouched) or once a fifth of the vectors are dead or the deltas outgrow the base (everything).
+
+    Examples:
+
+      ragkit index compact idx/
+    """
+    with handle_errors():
+        import time
+
+        from ragkit.index import Index
+
+        index = Index.open(index_dir)
+        before = index.info()
+        began = time.perf_counter()
+        index.compact()
+        after = index.info()
+        _print_summary({"path": after["path"], "version": after["version"], "passages": after["passages"],
+                        "segments_before": before["segments"], "segments": after["segments"],
+                        "tombstones_dropped": before["tombstones"], "seconds": round(time.perf_counter() - began, 2)},
+                       as_json)
+
+
+@app.command("plan")
+def plan_cmd(
+    corpus: Annotated[str | None, typer.Argument(help="Corpus to size (its passages are counted and their text measured); or give --passages.")] = None,
+    passages: Annotated[int, typer.Option("--passages", "-n", min=0, help="Number of passages (0: count CORPUS or --embeddings).")] = 0,
+    dim: Annotated[int, typer.Option("--dim", min=0, help="Vector dimension (0: from --embeddings, else --model's).")] = 0,
+    model: Annotated[str, typer.Option("--model", "-m", help="Embedder whose dimension to use when --dim is not given.")] = "minilm",
+    embeddings: Annotated[Path | None, typer.Option("--embeddings", help="Size precomputed shards from `ragkit embed`.")] = None,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help="Memory budget, e.g. 64G (default: half the RAM).")] = None,
+    passage_bytes: Annotated[int, typer.Option("--passage-bytes", min=1, help="Average stored bytes per passage when no CORPUS is read (600: a 100-word passage).")] = 600,
+    as_json: JsonOpt = False,
+) -> None:
+    """Estimate, for each index spec, the RAM to build, the RAM to serve and the disk, what fits
+    --max-memory, what `--spec auto` takes and when to shard across Ray actors; builds nothing.
+
+    Examples:
+
+      ragkit index plan --passages 21000000 --dim 768 --max-memory 64G
+
+      ragkit index plan corpus.jsonl --model minilm
+
+      ragkit index plan --embeddings emb/ --max-memory 8G --json
+    """
+    with handle_errors():
+        from ragkit.console import stderr
+        from ragkit.errors import UsageError
+        from ragkit.index import parse_memory
+        from ragkit.index.plan import plan, render
+
+        n = passages
+        text_bytes = passage_bytes
+        if embeddings is not None:
+            from ragkit.embeddings import open_shards
+
+            shards = open_shards(embeddings)
+            n = n or shards.rows
+            dim = dim or shards.encoder.dim
+        if corpus is not None and not n:
+            from ragkit.io.corpus import iter_passages_with_lines
+
+            total = 0
+            for _, p in iter_passages_with_lines(corpus):
+                n += 1
+                total += len(p.id) + len(p.title.encode()) + len(p.text.encode()) + 2
+            text_bytes = max(1, total // max(1, n))
+        if not n:
+            raise UsageError("give --passages N, a CORPUS or --embeddings DIR")
+        if not dim:
+            from ragkit.models.encoder import Encoder
+
+            dim = Encoder(model, device="cpu").info.dim
+        result = plan(n, dim, max_memory=parse_memory(max_memory), passage_bytes=text_bytes)
+        if as_json:
+            sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+            return
+        stderr.print(render(result))
+        for line in result["advice"]:
+            stderr.print(f"- {line}")
 
 
 @app.command("info")

@@ -41,13 +41,22 @@ def new_index(spec: IndexSpec, dim: int, n: int, metric: str) -> Any:
     return faiss.IndexIDMap2(inner)
 
 
+MAX_TRAIN_BYTES = 1 << 30  # the training sample is held in float32: at most 1 GiB of it
+
+
+def training_rows(n: int, dim: int, nlist: int, *, max_train: int = 1_000_000) -> int:
+    """How many vectors IVF/PQ trains on: ~100 per list (at least 20,000), at most 1M and 1 GiB."""
+    return min(n, max_train, max(100 * nlist, 20_000), MAX_TRAIN_BYTES // (4 * dim))
+
+
 def train_if_needed(index: Any, vectors: np.ndarray, *, seed: int = 0, max_train: int = 1_000_000) -> None:
-    """Train IVF/PQ on a random sample of at most `max_train` vectors (or ~100 per list)."""
+    """Train IVF/PQ on a random sample of `training_rows` vectors; `vectors` may be a memmap on disk (only
+    the sample is read)."""
     if index.is_trained:
         return
     n = vectors.shape[0]
     nlist = getattr(_inner(index), "nlist", 1)
-    size = min(n, max_train, max(100 * nlist, 20_000))
+    size = training_rows(n, vectors.shape[1], nlist, max_train=max_train)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
     inner = _inner(index)
@@ -58,6 +67,15 @@ def train_if_needed(index: Any, vectors: np.ndarray, *, seed: int = 0, max_train
             "PQ trained on %d vectors (Faiss recommends %d or more): expect coarser codes", size, 39 * inner.pq.ksub
         )
     index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+
+
+def is_hnsw(index: Any) -> bool:
+    return hasattr(_inner(index), "hnsw")
+
+
+def inner_index(index: Any) -> Any:
+    """The index inside an id map (or the index itself)."""
+    return _inner(index)
 
 
 def _inner(index: Any) -> Any:

@@ -110,5 +110,18 @@ def iter_passages(path: str | Path, *, check_duplicates: bool = True) -> Iterato
         raise InputError(Location(name), "empty corpus: no passages found")
 
 
+def iter_passages_with_lines(path: str | Path) -> Iterator[tuple[int, Passage]]:
+    """(line number, passage) from any supported corpus file, without remembering ids (the index's
+    passage store refuses a duplicate, naming its line): memory stays flat on any corpus size."""
+    path = resolve_corpus_path(path)
+    rows = _read_tsv_passages(Path(path)) if str(path).endswith(".tsv") else _read_jsonl_passages(path)
+    count = 0
+    for lineno, passage in rows:
+        count += 1
+        yield lineno, passage
+    if count == 0:
+        raise InputError(Location(display_name(path)), "empty corpus: no passages found")
+
+
 def read_passages(path: str | Path) -> list[Passage]:
     return list(iter_passages(path))

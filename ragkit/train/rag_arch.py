@@ -139,7 +139,7 @@ def refresh_slice(rag: RagForTraining, part: int, parts: int, *, step: int) -> i
     from ragkit.models.encoder import EncoderInfo, weights_fingerprint
 
     index = rag.index
-    passages = [p for i, (_, p) in enumerate(index.store.iter_passages()) if i % parts == part]
+    passages = [p for i, (_, p) in enumerate(index.iter_passages()) if i % parts == part]
     if not passages:
         return 0
     encoder = rag.doc_encoder

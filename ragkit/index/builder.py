@@ -1,0 +1,137 @@
+"""Writing one segment in blocks: passages go to SQLite and vectors to disk as they arrive, then Faiss is
+trained on a sample and filled block by block, so building never holds the corpus in memory: peak memory
+is the Faiss index itself plus one block and the training sample.
+
+Vectors given as a `np.memmap` (embedding shards) are read where they lie; other arrays are appended to a
+spill file in the staging folder (float16 stays float16), deleted once Faiss holds the vectors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragkit.errors import InputError, Location, ResourceError, UsageError
+from ragkit.index import vectors as fv
+from ragkit.index.segments import SegmentMeta
+from ragkit.index.store import DuplicateIdError, PassageStore
+from ragkit.io.corpus import Passage
+
+ADD_BLOCK = 100_000  # vectors converted to float32 and added to Faiss at a time
+
+
+class SegmentWriter:
+    def __init__(self, staging: Path, name: str, dim: int, first_vid: int, *, source: str = "<passages>") -> None:
+        self.staging, self.name, self.dim = staging, name, dim
+        self.source = source
+        self.next_vid = first_vid
+        self.rows = 0
+        self.store = PassageStore(staging / f"{name}.sqlite", bulk=True)
+        self._blocks: list[np.ndarray] = []
+        self._vids: list[np.ndarray] = []
+        self._spill: Any = None
+        self._spill_dtype: np.dtype | None = None
+        self._spill_rows = 0
+
+    @property
+    def spill_path(self) -> Path:
+        return self.staging / f".{self.name}.spill"
+
+    def add(self, passages: Sequence[Passage], vectors: np.ndarray, *, vids: Sequence[int] | None = None,
+            lines: Sequence[int] | None = None) -> None:
+        """Store passages and their vectors (row i embeds passages[i]); `lines` are their line numbers in
+        `source`, for the error a duplicate id raises."""
+        if len(passages) == 0:
+            return
+        if vectors.ndim != 2 or vectors.shape[0] != len(passages):
+            raise UsageError(f"expected {len(passages)} vectors, got an array of shape {tuple(vectors.shape)}")
+        if vectors.shape[1] != self.dim:
+            raise ResourceError(f"vectors have dimension {vectors.shape[1]}, the index holds dimension {self.dim}")
+        ids = (np.arange(self.next_vid, self.next_vid + len(passages), dtype=np.int64) if vids is None
+               else np.asarray(vids, dtype=np.int64))
+        try:
+            self.store.insert(passages, ids.tolist())
+        except DuplicateIdError as exc:
+            line = lines[exc.position] if lines is not None else None
+            where = Location(self.source, line, "id") if line is not None else Location(self.source, None, "id")
+            raise InputError(where, f"duplicate id '{exc.passage_id}'") from None
+        self._vids.append(ids)
+        self.next_vid = max(self.next_vid, int(ids.max()) + 1)
+        self.rows += len(passages)
+        if isinstance(vectors, np.memmap):
+            self._blocks.append(vectors)
+        else:
+            self._append_spill(np.asarray(vectors))
+
+    def _append_spill(self, vectors: np.ndarray) -> None:
+        if self._spill is None:
+            self._spill_dtype = np.dtype(np.float16 if vectors.dtype == np.float16 else np.float32)
+            self._spill = open(self.spill_path, "wb")
+            self._blocks.append(None)  # type: ignore[arg-type]  # the spill's place among the blocks
+        self._spill.write(np.ascontiguousarray(vectors, dtype=self._spill_dtype).tobytes())
+        self._spill_rows += len(vectors)
+
+    def blocks(self) -> list[np.ndarray]:
+        """The vectors in row order, as arrays on disk."""
+        if self._spill is not None and not self._spill.closed:
+            self._spill.close()
+        out = []
+        for block in self._blocks:
+            if block is None:
+                out.append(np.memmap(self.spill_path, dtype=self._spill_dtype, mode="r", shape=(self._spill_rows, self.dim)))
+            else:
+                out.append(block)
+        return out
+
+    def vids(self) -> np.ndarray:
+        return np.concatenate(self._vids) if self._vids else np.zeros(0, np.int64)
+
+    def finish(self, faiss_index: Any, *, train: bool) -> SegmentMeta:
+        """Train `faiss_index` (when asked) on a sample, add every vector, write the segment's files."""
+        import faiss
+
+        blocks = self.blocks()
+        vids = self.vids()
+        if train and not faiss_index.is_trained and self.rows:
+            fv.train_if_needed(faiss_index, _Rows(blocks, self.dim))
+        start = 0
+        for block in blocks:
+            for offset in range(0, len(block), ADD_BLOCK):
+                chunk = np.ascontiguousarray(block[offset : offset + ADD_BLOCK], dtype=np.float32)
+                fv.add(faiss_index, chunk, vids[start : start + len(chunk)])
+                start += len(chunk)
+        self.store.commit()
+        self.store.close()
+        faiss.write_index(fv.to_cpu(faiss_index), str(self.staging / f"{self.name}.faiss"))
+        if self.spill_path.exists():
+            os.unlink(self.spill_path)
+        return SegmentMeta(self.name, self.rows, int(vids.min()) if len(vids) else None,
+                           int(vids.max()) if len(vids) else None, f"{self.name}.faiss", f"{self.name}.sqlite")
+
+    def abort(self) -> None:
+        if self._spill is not None and not self._spill.closed:
+            self._spill.close()
+        self.store.close()
+
+
+class _Rows:
+    """Row access over a list of on-disk blocks, enough for `train_if_needed` to read a sample."""
+
+    def __init__(self, blocks: list[np.ndarray], dim: int) -> None:
+        self.blocks = blocks
+        self.offsets = np.cumsum([0] + [len(b) for b in blocks])
+        self.shape = (int(self.offsets[-1]), dim)
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        for b in np.unique(which):
+            mask = which == b
+            out[mask] = self.blocks[b][rows[mask] - self.offsets[b]]
+        return out
+

@@ -1,0 +1,222 @@
+"""Segments: the immutable pieces an index version is made of (a base plus small deltas, as in Lucene).
+
+A segment holds the vectors and passages one change added (`seg-NNNNNN.faiss`, `seg-NNNNNN.sqlite`) and
+the vids that change removed from earlier segments (`seg-NNNNNN.deletes.npy`). A segment is written once,
+in the staging folder of the version that creates it, and later versions take it over as a hard link: a
+change of k passages writes O(k) bytes, and every version folder still holds every file it needs.
+
+Search runs on each segment and merges the top k by score. A dead vid is filtered inside Faiss with an
+IDSelector where the index type takes search parameters (flat, HNSW, IVF, SQ), or by over-fetching
+k + (dead vids in the segment) candidates where it does not (e.g. PQ), so every segment returns its k
+best live hits, and the merge returns what one index holding the live passages would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragkit.index import vectors as fv
+from ragkit.index.store import PassageStore
+
+TEMPLATE = "template.faiss"  # the trained, empty Faiss index every new delta segment starts from
+
+
+@dataclass(frozen=True)
+class SegmentMeta:
+    """What the manifest records of one segment."""
+
+    name: str
+    rows: int
+    vid_min: int | None = None
+    vid_max: int | None = None
+    vectors: str | None = None
+    passages: str | None = None
+    deletes: str | None = None
+
+    @property
+    def files(self) -> list[str]:
+        return [f for f in (self.vectors, self.passages, self.deletes) if f]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "rows": self.rows, "vid_min": self.vid_min, "vid_max": self.vid_max,
+                "vectors": self.vectors, "passages": self.passages, "deletes": self.deletes}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "SegmentMeta":
+        return cls(str(obj["name"]), int(obj["rows"]), obj.get("vid_min"), obj.get("vid_max"), obj.get("vectors"),
+                   obj.get("passages"), obj.get("deletes"))
+
+
+def segment_name(version: int) -> str:
+    return f"seg-{version:06d}"
+
+
+def link_into(source_dir: Path, names: list[str], target_dir: Path) -> None:
+    """Take files over from an older version: a hard link (no bytes copied), or a copy where the file
+    system has no hard links."""
+    for name in names:
+        target = target_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source_dir / name, target)
+        except OSError:
+            shutil.copy2(source_dir / name, target)
+
+
+class Segment:
+    """An open segment: the Faiss index is read on first search (a writer that only appends never reads
+    the base's vectors), the passage store is opened read-only."""
+
+    def __init__(self, version_dir: Path, meta: SegmentMeta, metric: str) -> None:
+        self.dir, self.meta, self.metric = version_dir, meta, metric
+        self._faiss: Any = None
+        self._store: PassageStore | None = None
+        self.device = "cpu"
+        self.want_device = "cpu"
+        self.search_params: dict[str, int] = {}
+        self.dead = np.zeros(0, np.int64)  # the dead vids that live in this segment, sorted
+        self._selector: Any = None
+        self._params: Any = None
+        self._selector_ok: bool | None = None
+        # Hold the files open from the start: a reader keeps its version even after a writer has published
+        # a newer one and deleted this folder (the Faiss file is read on first search, through this fd).
+        self._fd = os.open(version_dir / meta.vectors, os.O_RDONLY) if meta.vectors else None
+        if meta.passages:
+            self._store = PassageStore(version_dir / meta.passages, readonly=True)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # type: ignore[arg-type]
+            self._fd = None
+
+    @property
+    def rows(self) -> int:
+        return self.meta.rows
+
+    @property
+    def store(self) -> PassageStore:
+        if self._store is None:
+            assert self.meta.passages
+            self._store = PassageStore(self.dir / self.meta.passages, readonly=True)
+        return self._store
+
+    @property
+    def faiss(self) -> Any:
+        if self._faiss is None:
+            import faiss
+
+            assert self.meta.vectors
+            by_fd = f"/proc/self/fd/{self._fd}"
+            index = faiss.read_index(by_fd if self._fd is not None and os.path.exists(by_fd) else str(self.dir / self.meta.vectors))
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            fv.set_search_params(index, self.search_params)
+            if self.want_device != "cpu":
+                index, self.device = fv.to_device(index, self.want_device)
+            self._faiss = index
+        return self._faiss
+
+    def cpu_faiss(self) -> Any:
+        return fv.to_cpu(self.faiss)
+
+    def set_dead(self, dead: np.ndarray) -> None:
+        self.dead = dead
+        self._selector = self._params = None
+
+    def set_search_params(self, params: dict[str, int]) -> None:
+        self.search_params = {**self.search_params, **params}
+        self._params = None
+        if self._faiss is not None:
+            fv.set_search_params(self._faiss, params)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best live hits: scores (higher is better; -inf where there is none) and vids (-1)."""
+        index = self.faiss
+        n = index.ntotal
+        if n == 0:
+            return np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), np.int64)
+        kk = min(k, n)
+        filtered = False
+        if len(self.dead) and self._selector_ok is not False:
+            try:
+                scores, vids = index.search(queries, kk, params=self._search_parameters())
+                self._selector_ok = filtered = True
+            except RuntimeError:
+                if self._selector_ok:
+                    raise
+                self._selector_ok = False  # this index type takes no search parameters: over-fetch instead
+        if not filtered:
+            scores, vids = index.search(queries, min(n, kk + len(self.dead)))
+        scores = -scores if self.metric == "l2" else scores
+        invalid = vids < 0
+        if not filtered and len(self.dead):
+            invalid |= np.isin(vids, self.dead)
+        if invalid.any():
+            scores = np.where(invalid, -np.inf, scores).astype(np.float32)
+            vids = np.where(invalid, -1, vids)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+            scores, vids = np.take_along_axis(scores, order, 1), np.take_along_axis(vids, order, 1)
+        return scores[:, :kk], vids[:, :kk]
+
+    def _search_parameters(self) -> Any:
+        import faiss
+
+        if self._params is None:
+            inner = fv.inner_index(self.faiss)
+            if hasattr(inner, "hnsw"):
+                params = faiss.SearchParametersHNSW()
+                params.efSearch = int(inner.hnsw.efSearch)
+            elif isinstance(inner, faiss.IndexIVF):
+                params = faiss.SearchParametersIVF()
+                params.nprobe = int(inner.nprobe)
+                params.max_codes = int(inner.max_codes)
+            else:
+                params = faiss.SearchParameters()
+            self._selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.dead))
+            self._selector.batch = self._selector  # keep the inner selector alive with the outer one
+            params.sel = self._selector
+            self._params = params
+        return self._params
+
+
+def merge_segments(segments: list[Segment], dead: np.ndarray, template: Any, *, block: int = 100_000) -> Any:
+    """One Faiss index holding the live vectors of `segments`, with their vids.
+
+    Flat codes and IVF lists are moved over as they are (`merge_from`: the codes a fresh index of the same
+    training would hold), then the dead vids are removed; HNSW can neither merge nor remove, so its live
+    vectors are reconstructed and inserted into a new graph."""
+    import faiss
+
+    merged = faiss.clone_index(template)
+    if not fv.is_hnsw(template):
+        try:
+            for segment in segments:
+                if segment.meta.vectors:
+                    merged.merge_from(faiss.read_index(str(segment.dir / segment.meta.vectors)), 0)
+            if len(dead):
+                fv.remove(merged, dead)
+            return merged
+        except RuntimeError:
+            merged = faiss.clone_index(template)  # this type cannot merge: reconstruct below
+    for segment in segments:
+        if not segment.meta.vectors:
+            continue
+        source = segment.cpu_faiss()
+        live = segment.store.all_vids()
+        live = live[~np.isin(live, dead)]
+        for start in range(0, len(live), block):
+            ids = live[start : start + block]
+            fv.add(merged, fv.reconstruct(source, ids), ids)
+    return merged

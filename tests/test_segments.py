@@ -1,0 +1,271 @@
+"""Segments: a change costs the change, base + deltas search like one index, compaction, streaming builds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ragkit.errors import InputError
+from ragkit.index import Index
+from ragkit.index.sparse import SparseConfig
+from ragkit.io.corpus import Passage
+from ragkit.models.encoder import EncoderInfo
+
+from conftest import unit_vectors
+
+DIM = 16
+ENC = EncoderInfo("test-encoder", DIM, True, 64, "f" * 32)
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def passages(n: int, prefix: str = "p", seed: int = 0) -> list[Passage]:
+    rng = np.random.default_rng(seed)
+    return [Passage(f"{prefix}{i}", " ".join(rng.choice(WORDS, 6)), f"t{i}") for i in range(n)]
+
+
+def inodes(version_dir: Path) -> set[int]:
+    return {p.stat().st_ino for p in version_dir.rglob("*") if p.is_file()}
+
+
+def new_bytes(version_dir: Path, before: set[int] = frozenset()) -> int:  # type: ignore[assignment]
+    """Bytes this version wrote itself (files that are not hard links to the previous version's)."""
+    return sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file() and p.stat().st_ino not in before)
+
+
+def apply_changes(index: Index, x: np.ndarray, ps: list[Passage]) -> dict[str, tuple[Passage, np.ndarray]]:
+    """A run of removes, upserts and adds; returns what a fresh index should hold (id -> passage, vector)."""
+    live = {p.id: (p, v) for p, v in zip(ps, x)}
+    index.remove(["p0", "p5", "p9"])
+    for pid in ("p0", "p5", "p9"):
+        live.pop(pid)
+    fresh = unit_vectors(6, DIM, seed=11)
+    batch = [Passage("p1", "replaced one", "T"), Passage("p2", "replaced two", "T")] + passages(4, "n", seed=3)
+    index.upsert(batch, fresh, ENC)
+    live.update({p.id: (p, v) for p, v in zip(batch, fresh)})
+    index.remove(["n0", "p3"])
+    live.pop("n0")
+    live.pop("p3")
+    more = unit_vectors(3, DIM, seed=12)
+    batch = passages(3, "m", seed=4)
+    index.upsert(batch, more, ENC)
+    live.update({p.id: (p, v) for p, v in zip(batch, more)})
+    return live
+
+
+def results(index: Index, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+    return [[(h.id, round(h.score, 4)) for h in row] for row in index.search(queries, k)]
+
+
+@pytest.mark.parametrize("spec", ["flat", "hnsw:M=16,ef_search=512"])
+def test_base_plus_deltas_search_like_a_fresh_index(tmp_path: Path, spec: str) -> None:
+    x, ps = unit_vectors(300, DIM), passages(300)
+    index = Index.build(tmp_path / "idx", ps, x, ENC, spec=spec)
+    live = apply_changes(index, x, ps)
+    assert index.info()["segments"] > 1 and index.info()["tombstones"] > 0
+    fresh = Index.build(tmp_path / "fresh", [p for p, _ in live.values()], np.stack([v for _, v in live.values()]),
+                        ENC, spec=spec)
+    queries = unit_vectors(20, DIM, seed=7)
+    assert results(index, queries, 10) == results(fresh, queries, 10)
+    assert len(index) == len(fresh) == len(live)
+    before = results(index, queries, 10)
+    index.compact()
+    assert index.info()["segments"] == 1 and index.info()["tombstones"] == 0
+    assert results(index, queries, 10) == before
+    assert results(Index.open(tmp_path / "idx"), queries, 10) == before
+
+
+@pytest.mark.parametrize("spec", ["ivf-pq:nlist=8,m=4,nprobe=4", "IVF8,SQ8", "PQ4", "HNSW8,SQ8"])
+def test_coded_deltas_equal_one_index_of_the_same_training(tmp_path: Path, spec: str) -> None:
+    """Deltas start from the base's trained template, so they hold the codes one index of that training holds."""
+    import faiss
+
+    x, ps = unit_vectors(400, DIM), passages(400)
+    index = Index.build(tmp_path / "idx", ps, x, ENC, spec=spec)
+    live = apply_changes(index, x, ps)
+    one = faiss.read_index(str(index.version_dir / "template.faiss"))
+    vids = index._live_vids_for(list(live))
+    by_vid = {vid: pid for pid, vid in vids.items()}
+    order = sorted(vids.values())
+    one.add_with_ids(np.stack([live[by_vid[v]][1] for v in order]).astype(np.float32), np.asarray(order, np.int64))
+    from ragkit.index.vectors import set_search_params
+
+    set_search_params(one, {**index.spec.search_params(), "efSearch": 400})
+    index.set_search_params(ef_search=400)  # HNSW exact on 400 vectors: the graphs then agree
+    queries = unit_vectors(15, DIM, seed=7)
+    scores, ids = one.search(queries, 10)
+    expected = [[(by_vid[int(v)], round(float(s), 4)) for s, v in zip(rs, rv)] for rs, rv in zip(scores, ids)]
+    got = results(index, queries, 10)
+    assert [sorted(r) for r in got] == [sorted(r) for r in expected]  # ties may order either way
+    assert [[s for _, s in r] for r in got] == [[s for _, s in r] for r in expected]
+    before = results(index, queries, 10)
+    index.compact()
+    index.set_search_params(ef_search=400)
+    assert index.info()["segments"] == 1
+    assert [sorted(r) for r in results(index, queries, 10)] == [sorted(r) for r in before]
+
+
+def test_sparse_side_matches_a_fresh_build_after_changes(tmp_path: Path) -> None:
+    x, ps = unit_vectors(200, DIM), passages(200)
+    index = Index.build(tmp_path / "idx", ps, x, ENC, sparse=SparseConfig())
+    live = apply_changes(index, x, ps)
+    fresh = Index.build(tmp_path / "fresh", [p for p, _ in live.values()], np.stack([v for _, v in live.values()]),
+                        ENC, sparse=SparseConfig())
+    queries = ["alpha beta", "replaced", "kappa mu eta"]
+    ours = [[(h.id, round(h.score, 4)) for h in row] for row in index.search_sparse(queries, 10)]
+    theirs = [[(h.id, round(h.score, 4)) for h in row] for row in fresh.search_sparse(queries, 10)]
+    assert [sorted(r) for r in ours] == [sorted(r) for r in theirs]
+    assert ours[1][0][0] in ("p1", "p2")
+
+
+def test_a_change_writes_what_changed_not_the_index(tmp_path: Path) -> None:
+    written = {}
+    for n in (2_000, 20_000):
+        x = unit_vectors(n, DIM)
+        index = Index.build(tmp_path / f"idx{n}", passages(n), x, ENC)
+        base = new_bytes(index.version_dir)
+        seen = inodes(index.version_dir)
+        index.upsert(passages(10, "new"), unit_vectors(10, DIM, seed=2), ENC)
+        added = new_bytes(index.version_dir, seen)
+        seen = inodes(index.version_dir)
+        index.remove([f"p{i}" for i in range(10)])
+        removed = new_bytes(index.version_dir, seen)
+        written[n] = (base, added, removed)
+        assert index.info()["segments"] == 3 and len(index) == n
+    assert written[20_000][0] > 5 * written[2_000][0]  # the builds scale with N ...
+    for small, large in zip(written[2_000][1:], written[20_000][1:]):
+        assert large < 1.2 * small + 1024 and large < 64 * 1024  # ... a change does not
+
+
+def test_deltas_fold_past_the_threshold_and_base_stays(tmp_path: Path) -> None:
+    from ragkit.index.index import MAX_DELTAS
+
+    index = Index.build(tmp_path / "idx", passages(500), unit_vectors(500, DIM), ENC, spec="hnsw:M=8")
+    base_file = index.version_dir / index.manifest["segments"][0]["vectors"]
+    inode = base_file.stat().st_ino
+    compacted = []
+    for r in range(MAX_DELTAS + 1):
+        compacted.append(index.upsert(passages(5, f"r{r}-"), unit_vectors(5, DIM, seed=r), ENC).compacted)
+    assert compacted == [False] * MAX_DELTAS + [True]
+    assert index.info()["segments"] == 2 and len(index) == 500 + 5 * (MAX_DELTAS + 1)
+    assert (index.version_dir / index.manifest["segments"][0]["vectors"]).stat().st_ino == inode  # base untouched
+    [[hit]] = index.search(unit_vectors(5, DIM, seed=3)[:1], k=1)
+    assert hit.id == "r3-0"
+
+
+def test_a_reader_keeps_its_version_while_writers_publish(tmp_path: Path) -> None:
+    x = unit_vectors(100, DIM)
+    Index.build(tmp_path / "idx", passages(100), x, ENC)
+    reader = Index.open(tmp_path / "idx")  # its Faiss files are not read yet
+    writer = Index.open(tmp_path / "idx")
+    writer.remove(["p0", "p1"])
+    writer.upsert([Passage("p2", "new text")], x[2:3], ENC)
+    writer.compact()  # the reader's version folder is gone now
+    assert not reader.version_dir.exists()
+    [[a], [b], [c]] = reader.search(x[:3], k=1)
+    assert (a.id, b.id, c.id, c.text) == ("p0", "p1", "p2", passages(100)[2].text)
+    assert len(reader) == 100 and len(Index.open(tmp_path / "idx")) == 98
+
+
+def test_streamed_build_names_a_duplicate_line(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": i % 3 if i == 4 else i, "text": f"t{i}"}) for i in range(6)) + "\n")
+    with pytest.raises(InputError, match=r"c.jsonl:5.*duplicate id '1'"):
+        with Index.create(tmp_path / "idx", ENC, source=str(corpus)) as build:
+            build.add(passages(4, "x"), unit_vectors(4, DIM))  # fine
+            from ragkit.io.corpus import iter_passages_with_lines
+
+            rows = list(iter_passages_with_lines(corpus))
+            build.add([p for _, p in rows], unit_vectors(6, DIM), lines=[n for n, _ in rows])
+    assert not Index.exists(tmp_path / "idx")
+    assert [p.name for p in (tmp_path / "idx").iterdir()] in ([], [".lock"])
+
+
+def test_format1_index_still_opens_and_upgrades_on_write(tmp_path: Path) -> None:
+    import sqlite3
+
+    import faiss
+
+    root, version = tmp_path / "old", tmp_path / "old" / "v000001"
+    version.mkdir(parents=True)
+    x = unit_vectors(20, DIM)
+    conn = sqlite3.connect(version / "passages.sqlite")
+    conn.executescript("CREATE TABLE passages (vid INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
+                       "title TEXT NOT NULL, text TEXT NOT NULL, metadata TEXT NOT NULL);"
+                       "CREATE TABLE tombstones (vid INTEGER PRIMARY KEY);")
+    conn.executemany("INSERT INTO passages (id, title, text, metadata) VALUES (?, '', ?, '{}')",
+                     [(f"p{i}", f"text {i}") for i in range(20)])
+    conn.execute("DELETE FROM passages WHERE id = 'p3'")
+    conn.commit()
+    conn.close()
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+    flat.add_with_ids(x, np.arange(1, 21, dtype=np.int64))
+    flat.remove_ids(faiss.IDSelectorBatch(np.asarray([4], np.int64)))
+    faiss.write_index(flat, str(version / "vectors.faiss"))
+    files = {n: {"bytes": (version / n).stat().st_size, "sha256": ""} for n in ("vectors.faiss", "passages.sqlite")}
+    manifest = {"format": "ragkit-index", "format_version": 1, "encoder": ENC.to_json(), "metric": "ip",
+                "spec": "flat", "spec_requested": "flat", "factory": "Flat", "removes_in_place": True,
+                "counts": {"passages": 19, "vectors": 19, "tombstones": 0}, "files": files, "version": 1,
+                "created_at": "", "updated_at": ""}
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    os.symlink("v000001", root / "current")
+    index = Index.open(root)
+    assert len(index) == 19 and [[h.id for h in r] for r in index.search(x[5:6], 1)] == [["p5"]]
+    index.upsert([Passage("p3", "back")], x[3:4], ENC)
+    index.remove(["p7"])
+    again = Index.open(root)
+    assert again.manifest["format_version"] == 2 and len(again) == 19
+    assert [[h.id for h in r] for r in again.search(x[3:4], 1)] == [["p3"]]
+    assert "p7" not in {h.id for h in again.search(x[7:8], 19)[0]}
+
+
+RSS_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    from ragkit.index import Index
+    from ragkit.embeddings import open_shards
+    shards = open_shards(sys.argv[1])
+    with Index.create(sys.argv[2], shards.encoder) as build:
+        for block, vectors, lines, source in shards.blocks():
+            build.add(block, vectors, lines=lines, source=source)
+    print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    """
+)
+
+
+def _write_shard(folder: Path, n: int, dim: int) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(folder / "embeddings-00000-of-00001.npy", rng.standard_normal((n, dim)).astype(np.float16))
+    text = "word " * 150
+    with open(folder / "passages-00000-of-00001.jsonl", "w") as handle:
+        for i in range(n):
+            handle.write(json.dumps({"id": f"d{i}", "title": "", "text": text + str(i)}) + "\n")
+    enc = EncoderInfo("synthetic", dim, True, None, "s" * 32)
+    (folder / "shard-00000-of-00001.json").write_text(json.dumps({
+        "encoder": enc.to_json(), "dtype": "float16", "rows": n, "corpus_rows": n, "range": [0, n], "shard_id": 0,
+        "num_shards": 1, "embeddings": "embeddings-00000-of-00001.npy", "passages": "passages-00000-of-00001.jsonl"}))
+
+
+def test_build_memory_grows_with_the_index_not_the_corpus(tmp_path: Path) -> None:
+    """Three times the passages (of 750 bytes each) cost the Faiss index's growth, not the corpus's (which held
+    in memory, as before streaming, is 30 MB more)."""
+    script = tmp_path / "build.py"
+    script.write_text(RSS_SCRIPT)
+    peaks = {}
+    dim = 32
+    for n in (20_000, 60_000):
+        _write_shard(tmp_path / f"emb{n}", n, dim)
+        out = subprocess.run([sys.executable, str(script), str(tmp_path / f"emb{n}"), str(tmp_path / f"idx{n}")],
+                             capture_output=True, text=True, check=True)
+        peaks[n] = json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"] * 1024
+        assert len(Index.open(tmp_path / f"idx{n}")) == n
+    index_growth = 40_000 * (4 * dim + 48)  # float32 vectors + id map
+    corpus_growth = 40_000 * 750
+    assert peaks[60_000] - peaks[20_000] < index_growth + corpus_growth / 2, peaks
