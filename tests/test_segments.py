@@ -269,3 +269,16 @@ def test_build_memory_grows_with_the_index_not_the_corpus(tmp_path: Path) -> Non
     index_growth = 40_000 * (4 * dim + 48)  # float32 vectors + id map
     corpus_growth = 40_000 * 750
     assert peaks[60_000] - peaks[20_000] < index_growth + corpus_growth / 2, peaks
+
+
+def test_a_symlinked_lock_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    from ragkit.errors import ResourceError
+
+    index = Index.build(tmp_path / "idx", passages(5), unit_vectors(5, DIM), ENC)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (tmp_path / "idx" / ".lock").unlink()
+    (tmp_path / "idx" / ".lock").symlink_to(precious)
+    with pytest.raises(ResourceError, match="writer lock"):
+        index.remove(["p1"])
+    assert precious.read_text() == "keep me" and len(Index.open(tmp_path / "idx")) == 5

@@ -100,11 +100,44 @@ class Hit:
         return f"Hit(id={self.id!r}, score={self.score:.4f}, rank={self.rank})"
 
 
+class HitRow(Sequence[Hit]):
+    """One query's hits, made into `Hit` objects when the row is first read: a search of 1,000 queries
+    then costs what Faiss costs plus a few arrays, not 10,000 Python objects nobody may look at."""
+
+    __slots__ = ("_lookup", "_scores", "_vids", "_hits")
+
+    def __init__(self, lookup: "_Lookup", scores: np.ndarray, vids: np.ndarray) -> None:
+        self._lookup, self._scores, self._vids = lookup, scores, vids
+        self._hits: list[Hit] | None = None
+
+    def _materialise(self) -> list[Hit]:
+        if self._hits is None:
+            lookup = self._lookup
+            self._hits = [Hit._lazy(lookup, v, s, rank)
+                          for rank, (s, v) in enumerate(zip(self._scores.tolist(), self._vids.tolist()), start=1)]
+        return self._hits
+
+    def __len__(self) -> int:
+        return len(self._vids)
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._materialise()[item]
+
+    def __iter__(self) -> Iterator[Hit]:
+        return iter(self._materialise())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(self._materialise())
+
+
 class _Lookup:
     """The passages of one search's hits, read from their segments' stores together on first use (the
     segments of the version searched, even if the Index has moved on to a newer one since)."""
 
-    def __init__(self, starts: np.ndarray, segments: list[Segment], vids: set[int]) -> None:
+    def __init__(self, starts: np.ndarray, segments: list[Segment], vids: Any) -> None:
         self.starts, self.segments, self.vids = starts, segments, vids
         self.rows: dict[int, dict[str, Any]] | None = None
 
@@ -116,7 +149,8 @@ class _Lookup:
 
 def _fetch(starts: np.ndarray, segments: list[Segment], vids: Any, *, ids_only: bool = False) -> dict[int, Any]:
     """vid -> stored row (or id), one batched read per segment."""
-    wanted = np.fromiter((int(v) for v in vids), dtype=np.int64)
+    wanted = (np.unique(vids).astype(np.int64) if isinstance(vids, np.ndarray)
+              else np.fromiter((int(v) for v in vids), dtype=np.int64))
     out: dict[int, Any] = {}
     if not len(wanted):
         return out
@@ -546,10 +580,10 @@ class Index:
     def _fetch(self, vids: Any, *, ids_only: bool = False) -> dict[int, Any]:
         return _fetch(self._vid_starts, self._by_start, vids, ids_only=ids_only)
 
-    def _hits(self, scores: np.ndarray, vids: np.ndarray) -> list[list[Hit]]:
-        rows = self._rows_of_hits(scores, vids)
-        lookup = _Lookup(self._vid_starts, self._by_start, {v for row in rows for _, v in row})
-        return [[Hit._lazy(lookup, v, s, rank) for rank, (s, v) in enumerate(row, start=1)] for row in rows]
+    def _hits(self, scores: np.ndarray, vids: np.ndarray) -> list[HitRow]:
+        valid = (vids >= 0).sum(axis=1).tolist()  # the -1 padding is always at the end of a row
+        lookup = _Lookup(self._vid_starts, self._by_start, vids[vids >= 0])
+        return [HitRow(lookup, scores[i, :n], vids[i, :n]) for i, n in enumerate(valid)]
 
     def _rows_of_hits(self, scores: np.ndarray, vids: np.ndarray) -> list[list[tuple[float, int]]]:
         out = []
@@ -557,7 +591,7 @@ class Index:
             out.append([(s, v) for s, v in zip(row_scores, row_vids) if v >= 0])
         return out
 
-    def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int = 10) -> list[HitRow]:
         """Top-k hits per query vector; scores are inner products, or negative L2 distances. Passage
         fields are read on first access (see `Hit`)."""
         return self._hits(*self._search_vids(queries, k))
@@ -602,7 +636,7 @@ class Index:
             out[mask] = _reconstruct(self._by_start[s].faiss, vids[mask])
         return out
 
-    def search_with_vectors(self, queries: np.ndarray, k: int) -> tuple[list[list[Hit]], np.ndarray]:
+    def search_with_vectors(self, queries: np.ndarray, k: int) -> tuple[list[HitRow], np.ndarray]:
         """Hits plus each hit's stored vector, shape (len(queries), k, dim); every query must get k hits."""
         scores, vids = self._search_vids(queries, k)
         if vids.shape[1] < k or (vids < 0).any():

@@ -3,13 +3,15 @@
     DIR/
       current -> v000003          symlink to the live version, switched atomically
       v000003/
-        manifest.json             what is inside: embedder, metric, spec, counts, checksums
-        vectors.faiss             open it with faiss.read_index
-        passages.sqlite           passages by string id (table `passages`)
+        manifest.json             what is inside: embedder, metric, spec, segments, counts, checksums
+        template.faiss            the trained empty index deltas start from
+        seg-NNNNNN.faiss/.sqlite  a segment's vectors (faiss.read_index opens them) and passages
+        seg-NNNNNN.deletes.npy    the vids a change removed
         sparse/                   optional BM25 side (bm25s files + vids.npy)
       .lock                       held by the one writer
 
-A writer fills a staging folder, fsyncs it, renames it to the next version and only then repoints
+Each version folder holds the files of its segments (`ragkit.index.segments`), most of them hard links to
+the previous version's. A writer fills a staging folder, fsyncs it, renames it to the next version and only then repoints
 `current`. A process killed at any moment leaves `current` on the previous complete version; the
 next writer removes what the dead one left behind.
 """
@@ -91,11 +93,24 @@ def remove_stale(root: Path) -> None:
 
 @contextlib.contextmanager
 def writer_lock(root: Path) -> Iterator[None]:
-    """One writer at a time per index directory (readers never lock)."""
+    """One writer at a time per index directory (readers never lock). The lock file is opened without
+    following a symlink and without truncation: a crafted `.lock` cannot make a writer touch another file."""
+    import stat
+
+    from ragkit.errors import ResourceError
+
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        raise ResourceError(f"{root / LOCK}: cannot be used as the writer lock ({exc.strerror}; a symlink?)") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ResourceError(f"{root / LOCK}: the writer lock is not a regular file")
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
