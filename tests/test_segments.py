@@ -282,3 +282,19 @@ def test_a_symlinked_lock_is_refused_and_its_target_untouched(tmp_path: Path) ->
     with pytest.raises(ResourceError, match="writer lock"):
         index.remove(["p1"])
     assert precious.read_text() == "keep me" and len(Index.open(tmp_path / "idx")) == 5
+
+
+def test_hits_read_after_the_index_changed_still_show_the_version_searched(tmp_path: Path) -> None:
+    x, ps = unit_vectors(40, DIM), passages(40)
+    index = Index.build(tmp_path / "idx", ps, x, ENC)
+    index.search(x[:1], k=1)  # the Faiss file is read now, and carried over by the writes below
+    rows = index.search(x[:2], k=2)  # passages not read yet
+    index.upsert([Passage("p0", "rewritten")], x[:1], ENC)
+    index.remove(["p1"])
+    index.compact()
+    assert [h.id for h in rows[0]][0] == "p0" and rows[0][0].text == ps[0].text
+    assert rows[1][0].id == "p1" and len(rows[1]) == 2
+    assert index.segments[0].loaded is False or index.info()["segments"] == 1
+    [[hit]] = index.search(x[:1], k=1)
+    assert (hit.id, hit.text) == ("p0", "rewritten")
+    assert index.search(x[:1], k=1) == [[hit]]

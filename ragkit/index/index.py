@@ -426,8 +426,17 @@ class Index:
         draft.new_file(TEMPLATE)
 
     def _reopen(self) -> None:
+        """Open the version just published, keeping the Faiss indexes already read for the segments it
+        shares with this one (segments are immutable: same name, same vectors)."""
         device = self.device  # the old segments close when the last hit that may read them is gone
-        reopened = Index.open(self.root, device=device)
+        reopened = Index.open(self.root)
+        loaded = {s.meta.name: s for s in self.segments if s.loaded}
+        for segment in reopened.segments:
+            old = loaded.get(segment.meta.name)
+            if old is not None and old.meta == segment.meta:
+                segment.adopt(old)
+        if device != "cpu":
+            reopened._to_device(device)
         self.__dict__.update(reopened.__dict__)
 
     def _live_vids_for(self, ids: Sequence[str]) -> dict[str, int]:
@@ -707,9 +716,12 @@ def _write_base(writer: SegmentWriter, spec: IndexSpec, dim: int, metric: str, d
     faiss_index = fv.new_index(spec, dim, writer.rows, metric)
     target, where = fv.to_device(faiss_index, device) if device != "cpu" else (faiss_index, "cpu")
     if not target.is_trained:
-        from ragkit.index.builder import _Rows
+        from ragkit.index.builder import _release, _Rows
 
-        fv.train_if_needed(target, _Rows(writer.blocks(), dim))
+        blocks = writer.blocks()
+        fv.train_if_needed(target, _Rows(blocks, dim))
+        for block in blocks:
+            _release(block)
     faiss.write_index(fv.to_cpu(target), str(writer.staging / TEMPLATE))
     return writer.finish(target, train=False)
 

@@ -24,7 +24,8 @@ import numpy as np
 from ragkit.index import vectors as fv
 from ragkit.index.store import PassageStore
 
-TEMPLATE = "template.faiss"  # the trained, empty Faiss index every new delta segment starts from
+TEMPLATE = "template.faiss"
+OVERFETCH_MAX = 1024  # dead vids in a segment up to which search over-fetches rather than filters in Faiss  # the trained, empty Faiss index every new delta segment starts from
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Segment:
     def __init__(self, version_dir: Path, meta: SegmentMeta, metric: str) -> None:
         self.dir, self.meta, self.metric = version_dir, meta, metric
         self._faiss: Any = None
+        self._is_hnsw = False
         self._store: PassageStore | None = None
         self.device = "cpu"
         self.want_device = "cpu"
@@ -121,7 +123,21 @@ class Segment:
             if self.want_device != "cpu":
                 index, self.device = fv.to_device(index, self.want_device)
             self._faiss = index
+            self._is_hnsw = fv.is_hnsw(index)
         return self._faiss
+
+    @property
+    def loaded(self) -> bool:
+        return self._faiss is not None
+
+    def adopt(self, other: "Segment") -> None:
+        """Take over the Faiss index another open copy of this segment has read (and its search settings)."""
+        self._faiss, self.device, self.want_device = other._faiss, other.device, other.want_device
+        self._is_hnsw = other._is_hnsw
+        fv.set_search_params(self._faiss, self.search_params)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def cpu_faiss(self) -> Any:
         return fv.to_cpu(self.faiss)
@@ -149,7 +165,10 @@ class Segment:
             return np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), np.int64)
         kk = min(k, n)
         filtered = False
-        if len(self.dead) and self._selector_ok is not False:
+        # Few dead vids: over-fetch and drop them (Faiss's fast paths stay on; a selector sends flat search
+        # off its BLAS path). Many, or HNSW (whose efSearch would have to grow with k): filter in Faiss.
+        wants_selector = len(self.dead) > OVERFETCH_MAX or self._is_hnsw
+        if len(self.dead) and wants_selector and self._selector_ok is not False:
             try:
                 scores, vids = index.search(queries, kk, params=self._search_parameters())
                 self._selector_ok = filtered = True
