@@ -298,3 +298,28 @@ def test_hits_read_after_the_index_changed_still_show_the_version_searched(tmp_p
     [[hit]] = index.search(x[:1], k=1)
     assert (hit.id, hit.text) == ("p0", "rewritten")
     assert index.search(x[:1], k=1) == [[hit]]
+
+
+def test_shards_naming_files_outside_their_folder_are_refused(tmp_path: Path) -> None:
+    from ragkit.embeddings import open_shards
+
+    _write_shard(tmp_path / "emb", 10, 8)
+    meta_path = tmp_path / "emb" / "shard-00000-of-00001.json"
+    meta = json.loads(meta_path.read_text())
+    meta["embeddings"] = "../../etc/x.npy"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"shard-00000-of-00001.json.*'embeddings'.*not a file name inside"):
+        open_shards(tmp_path / "emb")
+
+
+def test_shards_with_fewer_passages_than_vectors_name_the_file(tmp_path: Path) -> None:
+    from ragkit.embeddings import open_shards
+
+    _write_shard(tmp_path / "emb", 10, 8)
+    lines = (tmp_path / "emb" / "passages-00000-of-00001.jsonl").read_text().splitlines()
+    (tmp_path / "emb" / "passages-00000-of-00001.jsonl").write_text("\n".join(lines[:7]) + "\n")
+    with pytest.raises(InputError, match=r"passages-00000-of-00001.jsonl.*7 passages for 10 vectors"):
+        with Index.create(tmp_path / "idx", open_shards(tmp_path / "emb").encoder) as build:
+            for block, vectors, lines_, source in open_shards(tmp_path / "emb").blocks():
+                build.add(block, vectors, lines=lines_, source=source)
+    assert not Index.exists(tmp_path / "idx")
