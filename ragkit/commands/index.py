@@ -89,7 +89,7 @@ def build(
     spec: Annotated[str, typer.Option("--spec", help="flat, hnsw[:M=32,ef_search=128], ivf-pq[:nlist=,m=,nprobe=], auto, or a Faiss factory string.")] = "flat",
     max_memory: Annotated[str | None, typer.Option("--max-memory", help="Memory budget for the vectors, e.g. 2G (auto picks within it; default half the RAM).")] = None,
     metric: Annotated[str, typer.Option("--metric", help="ip (inner product; cosine when normalised) or l2.")] = "ip",
-    embeddings: Annotated[Path | None, typer.Option("--embeddings", help="Use precomputed shards from `ragkit embed` instead of embedding CORPUS.")] = None,
+    embeddings: Annotated[Path | None, typer.Option("--embeddings", help="Use precomputed shards from `ragkit embed` instead of embedding CORPUS; or a folder of released Contriever/DPR embeddings (passages_XX, read without running pickle code), matched by id to CORPUS, embedder named by --model.")] = None,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise embeddings.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index (atomically).")] = False,
     sparse: Annotated[bool, typer.Option("--sparse", help="Also build a BM25 side (bm25s) for --retrieval-mode sparse|hybrid, kept in step with add/remove.")] = False,
@@ -114,6 +114,8 @@ def build(
       cat corpus.jsonl | ragkit index build - -o idx/
 
       ragkit index build corpus.jsonl -o idx/ --sparse      # dense + BM25, for hybrid search
+
+      ragkit index build psgs_w100.tsv --embeddings wikipedia_embeddings/ -m facebook/contriever --no-normalize -o idx/
     """
     with handle_errors():
         from ragkit.errors import UsageError
@@ -125,12 +127,24 @@ def build(
 
         parsed = parse_spec(spec)
         budget = parse_memory(max_memory)
-        if (corpus is None) == (embeddings is None):
-            raise UsageError("give either CORPUS or --embeddings DIR (exactly one)")
+        from ragkit.index.released import import_released, released_files
+
+        released = embeddings is not None and bool(released_files(embeddings))
+        if released and corpus is None:
+            raise UsageError(f"--embeddings {embeddings} holds released embeddings (passages_XX): give the passage "
+                             "file they embed as CORPUS (e.g. psgs_w100.tsv), and the embedder with --model")
+        if not released and (corpus is None) == (embeddings is None):
+            raise UsageError("give either CORPUS or --embeddings DIR (exactly one), or CORPUS with --embeddings DIR of "
+                             "released embeddings")
         faiss_device = resolve_device(device)
         options = dict(spec=parsed, metric=metric, max_memory=budget, overwrite=overwrite, threads=threads or None,
                        device=faiss_device, sparse=SparseConfig(k1=bm25_k1, b=bm25_b) if sparse else None)
-        if embeddings is not None:
+        if released:
+            assert corpus is not None and embeddings is not None
+            encoder_info = Encoder(model, device=faiss_device, normalize=normalize, backend=backend).info
+            with Index.create(output, encoder_info, source=display_name(resolve_corpus_path(corpus)), **options) as build:
+                import_released(build, corpus, embeddings)
+        elif embeddings is not None:
             from ragkit.embeddings import open_shards
 
             shards = open_shards(embeddings)

@@ -29,7 +29,8 @@ class SegmentWriter:
         self.staging, self.name, self.dim = staging, name, dim
         self.source = source
         self.next_vid = first_vid
-        self.rows = 0
+        self.rows = 0  # passages stored
+        self.vectors = 0  # vectors given (equal to rows once the build is complete)
         self.store = PassageStore(staging / f"{name}.sqlite", bulk=True)
         self._blocks: list[np.ndarray] = []
         self._vids: list[np.ndarray] = []
@@ -53,19 +54,38 @@ class SegmentWriter:
             raise ResourceError(f"vectors have dimension {vectors.shape[1]}, the index holds dimension {self.dim}")
         ids = (np.arange(self.next_vid, self.next_vid + len(passages), dtype=np.int64) if vids is None
                else np.asarray(vids, dtype=np.int64))
-        try:
-            self.store.insert(passages, ids.tolist())
-        except DuplicateIdError as exc:
-            line = lines[exc.position] if lines is not None else None
-            where = Location(self.source, line, "id") if line is not None else Location(self.source, None, "id")
-            raise InputError(where, f"duplicate id '{exc.passage_id}'") from None
+        self._insert(passages, ids, lines)
         self._vids.append(ids)
         self.next_vid = max(self.next_vid, int(ids.max()) + 1)
         self.rows += len(passages)
+        self.vectors += len(passages)
         if isinstance(vectors, np.memmap):
             self._blocks.append(vectors)
         else:
             self._append_spill(np.asarray(vectors))
+
+    def add_passages(self, passages: Sequence[Passage], *, lines: Sequence[int] | None = None) -> None:
+        """Store passages whose vectors come later (`add_vectors`, by vid), e.g. released embeddings."""
+        if not passages:
+            return
+        ids = np.arange(self.next_vid, self.next_vid + len(passages), dtype=np.int64)
+        self._insert(passages, ids, lines)
+        self.next_vid += len(passages)
+        self.rows += len(passages)
+
+    def add_vectors(self, vectors: np.ndarray, vids: Sequence[int]) -> None:
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ResourceError(f"vectors of shape {tuple(vectors.shape)}, the index holds dimension {self.dim}")
+        self._vids.append(np.asarray(vids, dtype=np.int64))
+        self.vectors += len(vectors)
+        self._append_spill(np.asarray(vectors))
+
+    def _insert(self, passages: Sequence[Passage], ids: np.ndarray, lines: Sequence[int] | None) -> None:
+        try:
+            self.store.insert(passages, ids.tolist())
+        except DuplicateIdError as exc:
+            line = lines[exc.position] if lines is not None else None
+            raise InputError(Location(self.source, line, "id"), f"duplicate id '{exc.passage_id}'") from None
 
     def _append_spill(self, vectors: np.ndarray) -> None:
         if self._spill is None:

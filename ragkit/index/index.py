@@ -344,6 +344,8 @@ class Index:
                 yield build
                 if writer.rows == 0:
                     raise InputError(Location(source), "empty corpus: no passages to index")
+                if writer.vectors != writer.rows:
+                    raise InputError(Location(source), f"{writer.rows} passages but {writer.vectors} vectors")
                 resolved, reason = resolve_spec(parsed, writer.rows, encoder.dim, max_memory)
                 manifest = {
                     "format": FORMAT, "format_version": FORMAT_VERSION, "ragkit_version": __version__,
@@ -706,6 +708,25 @@ class IndexBuild:
         if source is not None:
             self._writer.source = source
         self._writer.add(passages, vectors, lines=lines)
+
+    def add_passages(self, passages: Sequence[Passage], *, lines: Sequence[int] | None = None,
+                     source: str | None = None) -> None:
+        """Store passages whose vectors `add_vectors` gives later, by vid (`store.vids_for` finds them)."""
+        if source is not None:
+            self._writer.source = source
+        self._writer.add_passages(passages, lines=lines)
+
+    def add_vectors(self, vectors: np.ndarray, vids: Sequence[int]) -> None:
+        self._writer.add_vectors(vectors, vids)
+
+    @property
+    def store(self) -> PassageStore:
+        """The passages stored so far (an open, writable store in the staging folder)."""
+        return self._writer.store
+
+    @property
+    def dim(self) -> int:
+        return self._writer.dim
 
 
 def _write_base(writer: SegmentWriter, spec: IndexSpec, dim: int, metric: str, device: str) -> SegmentMeta:
