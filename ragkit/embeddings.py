@@ -11,6 +11,7 @@ Sharding follows the Self-RAG passage-embedding script: shard i of n takes rows
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ragkit.errors import InputError, Location, ResourceError, UsageError
 from ragkit.io.atomic import atomic_open, write_json
 from ragkit.io.corpus import Passage
 from ragkit.io.jsonl import read_jsonl
+from ragkit.io.mapped import drop_pages
 from ragkit.models.encoder import Encoder, EncoderInfo
 
 DTYPES = ("float16", "float32")
@@ -50,43 +52,125 @@ class ShardResult:
     end: int
     seconds: float
     paths: list[Path]
+    resumed_from: int = 0  # rows found done by an earlier, interrupted run
+
+
+CHECKPOINT_ROWS = 4096  # passages embedded between two checkpoints of `ragkit embed`
+
+
+def count_passages(corpus: str | Path) -> int:
+    """Rows of a corpus file, read once without keeping them (a shard needs N to know its range)."""
+    from ragkit.io.corpus import iter_passages_with_lines
+
+    return sum(1 for _ in iter_passages_with_lines(corpus))
+
+
+def _identity(corpus: str | Path, encoder: Encoder, shard: tuple[int, int], dtype: str, block: int,
+              n: int) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one for its output to be the same bytes."""
+    from ragkit.io.corpus import resolve_corpus_path
+
+    path = Path(resolve_corpus_path(corpus))
+    stat = path.stat()
+    return {"corpus": str(path.resolve()), "corpus_bytes": stat.st_size, "corpus_mtime_ns": stat.st_mtime_ns,
+            "corpus_rows": n, "encoder": encoder.info.to_json(), "shard": list(shard), "dtype": dtype, "block": block}
 
 
 def embed_shard(
     encoder: Encoder,
-    passages: Sequence[Passage],
+    corpus: str | Path,
     out_dir: str | Path,
     *,
     shard_id: int = 0,
     num_shards: int = 1,
     dtype: str = "float16",
     batch_size: int = 64,
+    checkpoint_rows: int = CHECKPOINT_ROWS,
     on_block: Callable[[int], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
 ) -> ShardResult:
+    """Embed one shard of a corpus file, streaming: only its own rows' passages are kept, a block at a
+    time, and the vectors go straight into the .npy on disk. Every `checkpoint_rows` passages the files are
+    flushed and a progress file records how far they are complete, so a run killed at any moment and
+    started again with the same arguments continues from its last checkpoint and writes the same bytes
+    as an uninterrupted run (blocks start at the same rows, so the encoder sees the same batches)."""
     import time
+
+    from ragkit.io.corpus import iter_passages_with_lines
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if str(corpus) == "-":
+        raise UsageError("ragkit embed reads a corpus file (it is read twice, and again on resume), not stdin")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    start, end = shard_bounds(len(passages), shard_id, num_shards)
-    mine = passages[start:end]
-    began = time.perf_counter()
-    vectors = encoder.encode([p.embedding_text() for p in mine], batch_size=batch_size, on_block=on_block)
-    seconds = time.perf_counter() - began
+    n = count_passages(corpus)
+    start, end = shard_bounds(n, shard_id, num_shards)
+    rows = end - start
     emb_name, psg_name, meta_name = _names(shard_id, num_shards)
-    with atomic_open(out / emb_name, "wb") as handle:
-        np.save(handle, vectors.astype(dtype))
-    with atomic_open(out / psg_name) as handle:
-        for p in mine:
-            handle.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+    emb_part, psg_part = out / f".{emb_name}.partial", out / f".{psg_name}.partial"
+    progress_path = out / f".progress-{shard_id:05d}-of-{num_shards:05d}.json"
+    identity = _identity(corpus, encoder, (start, end), dtype, checkpoint_rows, n)
+    done, text_bytes = 0, 0
+    if progress_path.exists() and emb_part.exists() and psg_part.exists():
+        progress = json.loads(progress_path.read_text(encoding="utf-8"))
+        if progress.get("identity") == identity:
+            done, text_bytes = int(progress["rows_done"]), int(progress["passages_bytes"])
+    if rows == 0:  # an empty shard (more shards than passages): nothing to map
+        with open(emb_part, "wb") as handle:
+            np.save(handle, np.zeros((0, encoder.info.dim), dtype=dtype))
+        psg_part.write_bytes(b"")
+        vectors = None
+    elif done == 0:
+        vectors = np.lib.format.open_memmap(emb_part, mode="w+", dtype=dtype, shape=(rows, encoder.info.dim))
+        psg_part.write_bytes(b"")
+    else:
+        vectors = np.lib.format.open_memmap(emb_part, mode="r+")
+    if on_plan is not None:
+        on_plan(rows, done)
+    began = time.perf_counter()
+    with open(psg_part, "r+b") as texts:
+        texts.truncate(text_bytes)  # what an interrupted run wrote past its last checkpoint goes
+        texts.seek(text_bytes)
+        block: list[Passage] = []
+        row = done
+
+        def flush() -> None:
+            nonlocal row, text_bytes
+            vectors[row : row + len(block)] = encoder.encode([p.embedding_text() for p in block], batch_size=batch_size)
+            for p in block:
+                texts.write((json.dumps(p.to_json(), ensure_ascii=False) + "\n").encode("utf-8"))
+            row += len(block)
+            vectors.flush()
+            drop_pages(vectors)  # written back: memory stays one block, whatever the shard's size
+            texts.flush()
+            os.fsync(texts.fileno())
+            text_bytes = texts.tell()
+            write_json(progress_path, {"identity": identity, "rows_done": row, "passages_bytes": text_bytes})
+            if on_block is not None:
+                on_block(len(block))
+            block.clear()
+
+        for i, (_, passage) in enumerate(iter_passages_with_lines(corpus)):
+            if i < start + done:
+                continue
+            if i >= end:
+                break
+            block.append(passage)
+            if len(block) == checkpoint_rows:
+                flush()
+        if block:
+            flush()
+    del vectors
+    os.replace(emb_part, out / emb_name)
+    os.replace(psg_part, out / psg_name)
     write_json(
         out / meta_name,
         {
             "encoder": encoder.info.to_json(),
             "dtype": dtype,
-            "rows": len(mine),
-            "corpus_rows": len(passages),
+            "rows": rows,
+            "corpus_rows": n,
             "range": [start, end],
             "shard_id": shard_id,
             "num_shards": num_shards,
@@ -94,7 +178,9 @@ def embed_shard(
             "passages": psg_name,
         },
     )
-    return ShardResult(len(mine), start, end, seconds, [out / emb_name, out / psg_name, out / meta_name])
+    progress_path.unlink(missing_ok=True)
+    return ShardResult(rows, start, end, time.perf_counter() - began, [out / emb_name, out / psg_name, out / meta_name],
+                       resumed_from=done)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from ragkit.commands._common import BatchOpt, DeviceOpt, EncoderBackendOpt, Mode
 
 
 def embed(
-    corpus: Annotated[str, typer.Argument(help="JSONL (id, text, title), BEIR corpus.jsonl or folder, DPR TSV, or - for stdin.")],
+    corpus: Annotated[str, typer.Argument(help="JSONL (id, text, title), BEIR corpus.jsonl or folder, or DPR TSV (a file: it is read twice).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the shard files (created if missing).")],
     model: ModelOpt = "minilm",
     shard_id: Annotated[int, typer.Option("--shard-id", min=0, help="Which shard this run embeds.")] = 0,
@@ -22,6 +22,7 @@ def embed(
     max_seq_length: Annotated[int, typer.Option("--max-seq-length", min=0, help="Truncate texts to this many tokens (0 = the model's own).")] = 0,
     device: DeviceOpt = "auto",
     backend: EncoderBackendOpt = "torch",
+    checkpoint_rows: Annotated[int, typer.Option("--checkpoint-rows", min=1, help="Passages embedded between checkpoints; a killed run started again with the same arguments continues from the last one.")] = 4096,
 ) -> None:
     """Embed a corpus into .npy shards that `ragkit index build --embeddings` reads.
 
@@ -31,26 +32,34 @@ def embed(
 
       ragkit embed psgs_w100.tsv -o emb/ --shard-id 3 --num-shards 8 --device cuda
 
-      cat corpus.jsonl | ragkit embed - -o emb/ --dtype float32
+      ragkit embed corpus.jsonl -o emb/ --dtype float32
+
+    The corpus is streamed: a shard keeps only a block of its own rows in memory and writes vectors to the
+    .npy as it goes, with a checkpoint every --checkpoint-rows passages (rerun the same command to resume).
     """
     with handle_errors():
         from ragkit.console import info, progress
-        from ragkit.embeddings import embed_shard, shard_bounds
-        from ragkit.io.corpus import read_passages
+        from ragkit.embeddings import embed_shard
         from ragkit.models.encoder import Encoder
 
-        passages = read_passages(corpus)
-        start, end = shard_bounds(len(passages), shard_id, num_shards)
         encoder = Encoder(model, device=device, normalize=normalize, max_seq_length=max_seq_length or None,
                           backend=backend)
         with progress() as bar:
-            task = bar.add_task(f"embed shard {shard_id}/{num_shards}", total=end - start, rate="")
+            task = bar.add_task(f"embed shard {shard_id}/{num_shards}", total=None, rate="")
+
+            def plan(rows: int, done: int) -> None:
+                bar.update(task, total=rows, completed=done)
+                if done:
+                    info(f"resuming shard {shard_id}/{num_shards}: {done} of {rows} passages already embedded")
+
             result = embed_shard(
-                encoder, passages, output, shard_id=shard_id, num_shards=num_shards, dtype=dtype,
-                batch_size=batch_size, on_block=lambda n: bar.advance(task, n),
+                encoder, corpus, output, shard_id=shard_id, num_shards=num_shards, dtype=dtype,
+                batch_size=batch_size, checkpoint_rows=checkpoint_rows, on_block=lambda n: bar.advance(task, n),
+                on_plan=plan,
             )
-        rate = result.rows / result.seconds if result.seconds else 0.0
+        embedded = result.rows - result.resumed_from
+        rate = embedded / result.seconds if result.seconds else 0.0
         info(
-            f"embedded {result.rows} passages (rows {result.start}-{result.end}) with {model} "
+            f"embedded {embedded} passages (rows {result.start}-{result.end}) with {model} "
             f"in {result.seconds:.1f}s: {rate:.1f} passages/s on {encoder.device}; wrote {output}"
         )

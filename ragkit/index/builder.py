@@ -20,6 +20,7 @@ from ragkit.index import vectors as fv
 from ragkit.index.segments import SegmentMeta
 from ragkit.index.store import DuplicateIdError, PassageStore
 from ragkit.io.corpus import Passage
+from ragkit.io.mapped import drop_pages
 
 ADD_BLOCK = 100_000  # vectors converted to float32 and added to Faiss at a time
 
@@ -124,7 +125,7 @@ class SegmentWriter:
                 chunk = np.ascontiguousarray(block[offset : offset + ADD_BLOCK], dtype=np.float32)
                 fv.add(faiss_index, chunk, vids[start : start + len(chunk)])
                 start += len(chunk)
-                _release(block)
+                drop_pages(block)  # the shards' pages must not count against the build's memory
         self.store.commit()
         self.store.close()
         faiss.write_index(fv.to_cpu(faiss_index), str(self.staging / f"{self.name}.faiss"))
@@ -137,16 +138,6 @@ class SegmentWriter:
         if self._spill is not None and not self._spill.closed:
             self._spill.close()
         self.store.close()
-
-
-def _release(block: np.ndarray) -> None:
-    """Drop a memory-mapped block's pages from this process once read (they stay in the page cache), so the
-    shards' mapped pages do not count against the build's memory."""
-    import mmap
-
-    handle = getattr(block, "_mmap", None)
-    if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        handle.madvise(mmap.MADV_DONTNEED)
 
 
 class _Rows:

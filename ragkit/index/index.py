@@ -737,12 +737,13 @@ def _write_base(writer: SegmentWriter, spec: IndexSpec, dim: int, metric: str, d
     faiss_index = fv.new_index(spec, dim, writer.rows, metric)
     target, where = fv.to_device(faiss_index, device) if device != "cpu" else (faiss_index, "cpu")
     if not target.is_trained:
-        from ragkit.index.builder import _release, _Rows
+        from ragkit.index.builder import _Rows
+        from ragkit.io.mapped import drop_pages
 
         blocks = writer.blocks()
         fv.train_if_needed(target, _Rows(blocks, dim))
         for block in blocks:
-            _release(block)
+            drop_pages(block)
     faiss.write_index(fv.to_cpu(target), str(writer.staging / TEMPLATE))
     return writer.finish(target, train=False)
 
