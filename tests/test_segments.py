@@ -69,6 +69,9 @@ def test_base_plus_deltas_search_like_a_fresh_index(tmp_path: Path, spec: str) -
     index = Index.build(tmp_path / "idx", ps, x, ENC, spec=spec)
     live = apply_changes(index, x, ps)
     assert index.info()["segments"] > 1 and index.info()["tombstones"] > 0
+    from ragkit.index.vectors import is_hnsw
+
+    assert not any(is_hnsw(s.faiss) for s in index.segments[1:] if s.meta.vectors)  # HNSW deltas are flat
     fresh = Index.build(tmp_path / "fresh", [p for p, _ in live.values()], np.stack([v for _, v in live.values()]),
                         ENC, spec=spec)
     queries = unit_vectors(20, DIM, seed=7)

@@ -821,7 +821,7 @@ class _Draft:
             try:
                 writer.add(passages, np.asarray(vectors, dtype=np.float32))
                 template_dir = self.files[TEMPLATE][0]
-                meta = writer.finish(faiss.read_index(str(template_dir / TEMPLATE)), train=False)
+                meta = writer.finish(fv.delta_index(faiss.read_index(str(template_dir / TEMPLATE))), train=False)
             except BaseException:
                 writer.abort()
                 raise

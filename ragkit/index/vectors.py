@@ -69,6 +69,18 @@ def train_if_needed(index: Any, vectors: np.ndarray, *, seed: int = 0, max_train
     index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
 
 
+def delta_index(template: Any) -> Any:
+    """The empty index a delta segment is filled into: the base's trained template, except that an HNSW
+    graph over flat vectors gets a flat delta (exact search over a few thousand vectors is one BLAS call,
+    cheaper than walking another graph, and gives the same scores)."""
+    import faiss
+
+    inner = _inner(template)
+    if hasattr(inner, "hnsw") and isinstance(faiss.downcast_index(inner.storage), faiss.IndexFlat):
+        return faiss.IndexIDMap2(faiss.IndexFlat(template.d, template.metric_type))
+    return template
+
+
 def is_hnsw(index: Any) -> bool:
     return hasattr(_inner(index), "hnsw")
 
