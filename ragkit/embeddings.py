@@ -88,6 +88,7 @@ def embed_shard(
     checkpoint_rows: int = CHECKPOINT_ROWS,
     on_block: Callable[[int], None] | None = None,
     on_plan: Callable[[int, int], None] | None = None,
+    corpus_rows: int | None = None,
 ) -> ShardResult:
     """Embed one shard of a corpus file, streaming: only its own rows' passages are kept, a block at a
     time, and the vectors go straight into the .npy on disk. Every `checkpoint_rows` passages the files are
@@ -104,7 +105,7 @@ def embed_shard(
         raise UsageError("ragkit embed reads a corpus file (it is read twice, and again on resume), not stdin")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n = count_passages(corpus)
+    n = count_passages(corpus) if corpus_rows is None else corpus_rows  # given when shards run in parallel
     start, end = shard_bounds(n, shard_id, num_shards)
     rows = end - start
     emb_name, psg_name, meta_name = _names(shard_id, num_shards)

@@ -93,3 +93,19 @@ def test_embed_memory_does_not_grow_with_the_corpus(tmp_path: Path, tiny_encoder
         peaks[n] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
     # 14,000 more passages of ~600 bytes are ~20 MB held as Python objects (before: all of them were, twice)
     assert peaks[16_000] - peaks[2_000] < 6 * 2**20, peaks  # measured: ~1 MB
+
+
+@pytest.mark.slow
+def test_embed_on_ray_writes_the_shards_one_process_writes(tmp_path: Path, tiny_encoder_path: Path) -> None:
+    pytest.importorskip("ray")
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_passages(700))
+    for shard in range(3):
+        proc = embed(corpus, tmp_path / "single", tiny_encoder_path, "--shard-id", shard, "--num-shards", 3)
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    proc = embed(corpus, tmp_path / "ray", tiny_encoder_path, "--num-shards", 3, "--ray", "--ray-actors", 2)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert files(tmp_path / "ray") == files(tmp_path / "single")
+    proc = embed(corpus, tmp_path / "bad", tiny_encoder_path, "--num-shards", 3, "--ray", "--shard-id", 1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "leave out --shard-id" in err

@@ -22,6 +22,9 @@ def embed(
     max_seq_length: Annotated[int, typer.Option("--max-seq-length", min=0, help="Truncate texts to this many tokens (0 = the model's own).")] = 0,
     device: DeviceOpt = "auto",
     backend: EncoderBackendOpt = "torch",
+    ray: Annotated[bool, typer.Option("--ray", help="Embed every one of --num-shards shards on a pool of Ray actors (a private local Ray bound to 127.0.0.1 unless --ray-address).")] = False,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="An existing Ray cluster for --ray (default: $RAY_ADDRESS, else a private local Ray).")] = None,
+    ray_actors: Annotated[int, typer.Option("--ray-actors", min=1, help="Actors in the --ray pool (one model each; one per GPU when the cluster has GPUs).")] = 2,
     checkpoint_rows: Annotated[int, typer.Option("--checkpoint-rows", min=1, help="Passages embedded between checkpoints; a killed run started again with the same arguments continues from the last one.")] = 4096,
 ) -> None:
     """Embed a corpus into .npy shards that `ragkit index build --embeddings` reads.
@@ -34,13 +37,30 @@ def embed(
 
       ragkit embed corpus.jsonl -o emb/ --dtype float32
 
+      ragkit embed psgs_w100.tsv -o emb/ --num-shards 16 --ray --ray-actors 8
+
     The corpus is streamed: a shard keeps only a block of its own rows in memory and writes vectors to the
     .npy as it goes, with a checkpoint every --checkpoint-rows passages (rerun the same command to resume).
     """
     with handle_errors():
         from ragkit.console import info, progress
         from ragkit.embeddings import embed_shard
+        from ragkit.errors import UsageError
         from ragkit.models.encoder import Encoder
+
+        if ray:
+            if shard_id:
+                raise UsageError("--ray embeds every shard: leave out --shard-id")
+            from ragkit.embeddings_ray import embed_shards_on_ray
+
+            results = embed_shards_on_ray(
+                corpus, output, model=model, num_shards=num_shards, actors=ray_actors, address=ray_address,
+                device=device, normalize=normalize, max_seq_length=max_seq_length or None, backend=backend,
+                dtype=dtype, batch_size=batch_size, checkpoint_rows=checkpoint_rows,
+                on_shard=lambda r: info(f"shard rows {r.start}-{r.end} done ({r.rows} passages, {r.seconds:.1f}s)"),
+            )
+            info(f"embedded {sum(r.rows for r in results)} passages in {num_shards} shards on Ray; wrote {output}")
+            return
 
         encoder = Encoder(model, device=device, normalize=normalize, max_seq_length=max_seq_length or None,
                           backend=backend)
