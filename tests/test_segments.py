@@ -326,3 +326,23 @@ def test_shards_with_fewer_passages_than_vectors_name_the_file(tmp_path: Path) -
             for block, vectors, lines_, source in open_shards(tmp_path / "emb").blocks():
                 build.add(block, vectors, lines=lines_, source=source)
     assert not Index.exists(tmp_path / "idx")
+
+
+@pytest.mark.parametrize("spec", ["ivf-pq:nlist=8,m=4,nprobe=4", "IVF8,Flat"])
+def test_ivf_deltas_merged_in_memory_search_like_a_fresh_open(tmp_path: Path, spec: str) -> None:
+    """An open IVF index folds its deltas' lists into the loaded base; searching between changes (the
+    merged base carried over) must equal opening the version afresh."""
+    x, ps = unit_vectors(400, DIM), passages(400)
+    index = Index.build(tmp_path / "idx", ps, x, ENC, spec=spec)
+    queries = unit_vectors(10, DIM, seed=7)
+    steps = [lambda: index.upsert(passages(30, "a", seed=1), unit_vectors(30, DIM, seed=1), ENC),
+             lambda: index.remove(["p1", "p2", "a3"]),
+             lambda: index.upsert([Passage("p4", "changed")] + passages(5, "b", seed=2), unit_vectors(6, DIM, seed=2), ENC),
+             lambda: index.compact(),
+             lambda: index.upsert(passages(3, "c", seed=3), unit_vectors(3, DIM, seed=3), ENC)]
+    for step in steps:
+        step()
+        got = results(index, queries, 10)
+        assert got == results(Index.open(tmp_path / "idx"), queries, 10)
+        assert not {"p1", "p2", "a3"} & {pid for row in got for pid, _ in row}
+    assert len(index._searchers()) == 1 and index.info()["segments"] == 2

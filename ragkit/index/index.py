@@ -214,6 +214,7 @@ class Index:
         self.tombstones = set(dead.tolist())
         self.device = "cpu"
         self._sparse: SparseSide | None = None
+        self._searcher_cache: list[Segment] | None = None
         live = [s for s in segments if s.rows]
         self._vid_starts = np.asarray([s.meta.vid_min for s in live], dtype=np.int64)
         self._by_start = live
@@ -433,9 +434,11 @@ class Index:
         device = self.device  # the old segments close when the last hit that may read them is gone
         reopened = Index.open(self.root)
         loaded = {s.meta.name: s for s in self.segments if s.loaded}
+        names = {s.meta.name for s in reopened.segments}
         for segment in reopened.segments:
             old = loaded.get(segment.meta.name)
-            if old is not None and old.meta == segment.meta:
+            # a base holding merged deltas is only reused while the new version still has all of them
+            if old is not None and old.meta == segment.meta and old.merged <= names:
                 segment.adopt(old)
         if device != "cpu":
             reopened._to_device(device)
@@ -574,7 +577,7 @@ class Index:
         queries = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         if queries.shape[1] != self.dim:
             raise ResourceError(f"query vectors have dimension {queries.shape[1]}, the index holds {self.dim}")
-        parts = [segment.search(queries, k) for segment in self._by_start]
+        parts = [segment.search(queries, k) for segment in self._searchers()]
         parts = [p for p in parts if p[1].shape[1]]
         if not parts:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
@@ -584,6 +587,40 @@ class Index:
         vids = np.concatenate([p[1] for p in parts], axis=1)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.take_along_axis(vids, order, 1)
+
+    def _searchers(self) -> list[Segment]:
+        """The segments a search runs on. IVF deltas share the base's coarse quantiser (they are clones of
+        its template), so their lists are merged into the loaded base in memory (`merge_from`, O(delta);
+        the files are untouched): one search, one coarse quantisation of the queries, instead of one per
+        delta. Other index types search each segment."""
+        if self._searcher_cache is None:
+            self._searcher_cache = self._merge_ivf_deltas()
+        return self._searcher_cache
+
+    def _merge_ivf_deltas(self) -> list[Segment]:
+        import faiss
+
+        segments = [s for s in self._by_start if s.meta.vectors]
+        if len(segments) < 2:
+            return segments
+        base = segments[0]
+        if not isinstance(base.faiss, faiss.IndexIVF) or base.device != "cpu":
+            return segments
+        separate = []
+        for delta in segments[1:]:
+            if delta.meta.name in base.merged:
+                continue
+            try:
+                base.faiss.merge_from(faiss.clone_index(delta.faiss), 0)
+                base.merged.add(delta.meta.name)
+            except RuntimeError:  # not the base's quantiser: search it on its own
+                separate.append(delta)
+        covered = [base.meta] + [d.meta for d in segments[1:] if d.meta.name in base.merged]
+        keep = np.zeros(len(self.dead), dtype=bool)
+        for meta in covered:
+            keep |= (self.dead >= int(meta.vid_min)) & (self.dead <= int(meta.vid_max))
+        base.set_dead(self.dead[keep])
+        return [base, *separate]
 
     def _segment_of(self, vids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self._vid_starts, vids, side="right") - 1

@@ -77,7 +77,8 @@ class Segment:
     def __init__(self, version_dir: Path, meta: SegmentMeta, metric: str) -> None:
         self.dir, self.meta, self.metric = version_dir, meta, metric
         self._faiss: Any = None
-        self._is_hnsw = False
+        self._is_hnsw = self._is_ivf = False
+        self.merged: set[str] = set()  # delta segments whose IVF lists were merged into this one, in memory
         self._store: PassageStore | None = None
         self.device = "cpu"
         self.want_device = "cpu"
@@ -124,6 +125,7 @@ class Segment:
                 index, self.device = fv.to_device(index, self.want_device)
             self._faiss = index
             self._is_hnsw = fv.is_hnsw(index)
+            self._is_ivf = fv.is_ivf(index)
         return self._faiss
 
     @property
@@ -133,7 +135,8 @@ class Segment:
     def adopt(self, other: "Segment") -> None:
         """Take over the Faiss index another open copy of this segment has read (and its search settings)."""
         self._faiss, self.device, self.want_device = other._faiss, other.device, other.want_device
-        self._is_hnsw = other._is_hnsw
+        self._is_hnsw, self._is_ivf = other._is_hnsw, other._is_ivf
+        self.merged = set(other.merged)
         fv.set_search_params(self._faiss, self.search_params)
         if self._fd is not None:
             os.close(self._fd)
@@ -165,9 +168,10 @@ class Segment:
             return np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), np.int64)
         kk = min(k, n)
         filtered = False
-        # Few dead vids: over-fetch and drop them (Faiss's fast paths stay on; a selector sends flat search
-        # off its BLAS path). Many, or HNSW (whose efSearch would have to grow with k): filter in Faiss.
-        wants_selector = len(self.dead) > OVERFETCH_MAX or self._is_hnsw
+        # Flat codes with few dead vids: over-fetch and drop them (a selector sends flat search off its BLAS
+        # path). Many dead, HNSW (whose efSearch would have to grow with k) or IVF (a per-code check costs
+        # less than a deeper heap; measured): filter in Faiss.
+        wants_selector = len(self.dead) > OVERFETCH_MAX or self._is_hnsw or self._is_ivf
         if len(self.dead) and wants_selector and self._selector_ok is not False:
             try:
                 scores, vids = index.search(queries, kk, params=self._search_parameters())

@@ -81,6 +81,12 @@ def delta_index(template: Any) -> Any:
     return template
 
 
+def is_ivf(index: Any) -> bool:
+    import faiss
+
+    return isinstance(_inner(index), faiss.IndexIVF)
+
+
 def is_hnsw(index: Any) -> bool:
     return hasattr(_inner(index), "hnsw")
 
