@@ -328,14 +328,14 @@ def test_shards_with_fewer_passages_than_vectors_name_the_file(tmp_path: Path) -
     assert not Index.exists(tmp_path / "idx")
 
 
-@pytest.mark.parametrize("spec", ["ivf-pq:nlist=8,m=4,nprobe=4", "IVF8,Flat"])
-def test_ivf_deltas_merged_in_memory_search_like_a_fresh_open(tmp_path: Path, spec: str) -> None:
-    """An open IVF index folds its deltas' lists into the loaded base; searching between changes (the
-    merged base carried over) must equal opening the version afresh."""
+@pytest.mark.parametrize("spec", ["ivf-pq:nlist=8,m=4,nprobe=4", "IVF8,Flat", "hnsw:M=16,ef_search=400"])
+def test_deltas_merged_in_memory_search_like_a_fresh_open(tmp_path: Path, spec: str) -> None:
+    """An open IVF index folds its deltas' lists into the loaded base (HNSW inserts small deltas into its
+    graph); searching between changes (the merged base carried over) must equal opening the version afresh."""
     x, ps = unit_vectors(400, DIM), passages(400)
     index = Index.build(tmp_path / "idx", ps, x, ENC, spec=spec)
     queries = unit_vectors(10, DIM, seed=7)
-    steps = [lambda: index.upsert(passages(30, "a", seed=1), unit_vectors(30, DIM, seed=1), ENC),
+    steps = [lambda: index.upsert(passages(15, "a", seed=1), unit_vectors(15, DIM, seed=1), ENC),
              lambda: index.remove(["p1", "p2", "a3"]),
              lambda: index.upsert([Passage("p4", "changed")] + passages(5, "b", seed=2), unit_vectors(6, DIM, seed=2), ENC),
              lambda: index.compact(),

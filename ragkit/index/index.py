@@ -35,6 +35,7 @@ FORMAT = "ragkit-index"
 FORMAT_VERSION = 2
 COMPACT_TOMBSTONE_FRACTION = 0.2  # fold everything back once a fifth of the vectors are dead
 MAX_DELTAS = 8  # fold the deltas into one past this many (the base is left alone)
+HNSW_INSERT_FRACTION = 0.05  # HNSW deltas up to this share of the base are inserted into the loaded graph
 
 
 class Hit:
@@ -592,7 +593,8 @@ class Index:
         """The segments a search runs on. IVF deltas share the base's coarse quantiser (they are clones of
         its template), so their lists are merged into the loaded base in memory (`merge_from`, O(delta);
         the files are untouched): one search, one coarse quantisation of the queries, instead of one per
-        delta. Other index types search each segment."""
+        delta. HNSW deltas up to 5% of the base are inserted into the loaded graph (once per open, about
+        the cost of adding them to an HNSW index); flat deltas are searched on their own."""
         if self._searcher_cache is None:
             self._searcher_cache = self._merge_ivf_deltas()
         return self._searcher_cache
@@ -604,16 +606,24 @@ class Index:
         if len(segments) < 2:
             return segments
         base = segments[0]
-        if not isinstance(base.faiss, faiss.IndexIVF) or base.device != "cpu":
+        ivf = isinstance(base.faiss, faiss.IndexIVF)
+        hnsw = fv.is_hnsw(base.faiss)
+        delta_rows = sum(d.rows for d in segments[1:] if d.meta.name not in base.merged)
+        if base.device != "cpu" or not (ivf or (hnsw and delta_rows <= HNSW_INSERT_FRACTION * base.rows)):
             return segments
         separate = []
         for delta in segments[1:]:
             if delta.meta.name in base.merged:
                 continue
             try:
-                base.faiss.merge_from(faiss.clone_index(delta.faiss), 0)
+                if ivf:
+                    base.faiss.merge_from(faiss.clone_index(delta.faiss), 0)
+                else:  # insert the delta's vectors into the loaded graph (HNSW cannot merge graphs)
+                    source = delta.faiss
+                    ids = faiss.vector_to_array(source.id_map).astype(np.int64)
+                    fv.add(base.faiss, source.index.reconstruct_n(0, source.ntotal), ids)
                 base.merged.add(delta.meta.name)
-            except RuntimeError:  # not the base's quantiser: search it on its own
+            except RuntimeError:  # not the base's quantiser (or storage): search it on its own
                 separate.append(delta)
         covered = [base.meta] + [d.meta for d in segments[1:] if d.meta.name in base.merged]
         keep = np.zeros(len(self.dead), dtype=bool)
