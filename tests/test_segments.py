@@ -346,3 +346,21 @@ def test_deltas_merged_in_memory_search_like_a_fresh_open(tmp_path: Path, spec: 
         assert got == results(Index.open(tmp_path / "idx"), queries, 10)
         assert not {"p1", "p2", "a3"} & {pid for row in got for pid, _ in row}
     assert len(index._searchers()) == 1 and index.info()["segments"] == 2
+
+
+def test_a_corrupted_deletes_file_is_refused_on_open(tmp_path: Path) -> None:
+    from ragkit.cli import app
+    from typer.testing import CliRunner
+
+    from ragkit.errors import ResourceError
+
+    index = Index.build(tmp_path / "idx", passages(20), unit_vectors(20, DIM), ENC)
+    index.remove(["p1", "p2"])
+    deletes = index.version_dir / index.manifest["segments"][-1]["deletes"]
+    data = bytearray(deletes.read_bytes())
+    data[-1] ^= 0xFF  # same size, another vid: p2 would come back
+    deletes.write_bytes(bytes(data))
+    with pytest.raises(ResourceError, match=r"deletes.npy: checksum mismatch"):
+        Index.open(tmp_path / "idx")
+    result = CliRunner().invoke(app, ["index", "info", str(tmp_path / "idx")])
+    assert result.exit_code == 4 and "checksum mismatch" in result.stderr

@@ -35,6 +35,7 @@ FORMAT = "ragkit-index"
 FORMAT_VERSION = 2
 COMPACT_TOMBSTONE_FRACTION = 0.2  # fold everything back once a fifth of the vectors are dead
 MAX_DELTAS = 8  # fold the deltas into one past this many (the base is left alone)
+VERIFY_ON_OPEN_BYTES = 16 * 2**20  # files up to this size are checksummed whenever an index opens
 HNSW_INSERT_FRACTION = 0.05  # HNSW deltas up to this share of the base are inserted into the loaded graph
 
 
@@ -278,6 +279,11 @@ class Index:
             path = version_dir / name
             if not path.exists() or path.stat().st_size != meta["bytes"]:
                 raise ResourceError(f"{path}: missing or truncated (expected {meta['bytes']} bytes)")
+            # small files (deltas, deletes, template) are hashed on every open: a corrupted tombstone list
+            # would silently bring removed passages back. The base is checked by size; `--verify` hashes all.
+            if meta["bytes"] <= VERIFY_ON_OPEN_BYTES and meta.get("sha256") and sha256_file(path) != meta["sha256"]:
+                raise ResourceError(f"{path}: checksum mismatch (the file changed after it was written)",
+                                    hint="Restore it, or rebuild the index.")
         fv.set_threads(threads)
         if int(manifest["format_version"]) == 1:
             manifest, dead = _upgrade_format1(version_dir, manifest)
