@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ragkit.errors import InputError, Location, ResourceError, UsageError
-from ragkit.io.atomic import atomic_open, write_json
+from ragkit.io.atomic import write_json
 from ragkit.io.corpus import Passage
 from ragkit.io.jsonl import read_jsonl
 from ragkit.io.mapped import drop_pages
@@ -162,7 +162,7 @@ def embed_shard(
                 flush()
         if block:
             flush()
-    del vectors
+    vectors = None  # unmapped before the rename
     os.replace(emb_part, out / emb_name)
     os.replace(psg_part, out / psg_name)
     write_json(

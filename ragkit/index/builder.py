@@ -118,7 +118,7 @@ class SegmentWriter:
         blocks = self.blocks()
         vids = self.vids()
         if train and not faiss_index.is_trained and self.rows:
-            fv.train_if_needed(faiss_index, _Rows(blocks, self.dim))
+            fv.train_if_needed(faiss_index, RowSource(blocks, self.dim))
         start = 0
         for block in blocks:
             for offset in range(0, len(block), ADD_BLOCK):
@@ -140,7 +140,7 @@ class SegmentWriter:
         self.store.close()
 
 
-class _Rows:
+class RowSource:
     """Row access over a list of on-disk blocks, enough for `train_if_needed` to read a sample."""
 
     def __init__(self, blocks: list[np.ndarray], dim: int) -> None:

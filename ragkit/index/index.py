@@ -9,10 +9,8 @@ time and disk; compaction folds deltas back (automatically past the thresholds b
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,146 +22,26 @@ from ragkit.errors import InputError, Location, ResourceError, UsageError
 from ragkit.index import layout
 from ragkit.index import vectors as fv
 from ragkit.index.builder import SegmentWriter
-from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, link_into, merge_segments, segment_name
-from ragkit.index.sparse import SparseConfig, SparseSide, build_sparse, sparse_files
+from ragkit.index.draft import (  # noqa: F401  (the thresholds are part of this module's documented surface)
+    COMPACT_TOMBSTONE_FRACTION,
+    FORMAT_VERSION,
+    MAX_DELTAS,
+    Draft,
+    sha256_file,
+    utc_now,
+    write_base,
+)
+from ragkit.index.hits import Hit, HitRow, PassageLookup, fetch_rows
+from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, segment_name
+from ragkit.index.sparse import SparseConfig, SparseSide
 from ragkit.index.spec import IndexSpec, parse_spec, resolve_spec
 from ragkit.index.store import PassageStore
 from ragkit.io.corpus import Passage
 from ragkit.models.encoder import EncoderInfo
 
 FORMAT = "ragkit-index"
-FORMAT_VERSION = 2
-COMPACT_TOMBSTONE_FRACTION = 0.2  # fold everything back once a fifth of the vectors are dead
-MAX_DELTAS = 8  # fold the deltas into one past this many (the base is left alone)
 VERIFY_ON_OPEN_BYTES = 16 * 2**20  # files up to this size are checksummed whenever an index opens
 HNSW_INSERT_FRACTION = 0.05  # HNSW deltas up to this share of the base are inserted into the loaded graph
-
-
-class Hit:
-    """One search result. Built by a search, its id, title, text and metadata are read from the passage
-    store on first access, for every hit of that search at once (one batched read), so a caller that
-    only needs scores pays nothing for texts."""
-
-    __slots__ = ("score", "rank", "_vid", "_lookup", "_id", "_title", "_text", "_metadata")
-
-    def __init__(self, id: str, score: float, rank: int, title: str = "", text: str = "",
-                 metadata: dict[str, Any] | None = None) -> None:
-        self.score, self.rank = score, rank
-        self._id, self._title, self._text, self._metadata = id, title, text, metadata or {}
-        self._lookup: _Lookup | None = None
-        self._vid = -1
-
-    @classmethod
-    def _lazy(cls, lookup: "_Lookup", vid: int, score: float, rank: int) -> "Hit":
-        hit = cls.__new__(cls)
-        hit.score, hit.rank, hit._vid, hit._lookup = score, rank, vid, lookup
-        return hit
-
-    def _resolve(self) -> None:
-        assert self._lookup is not None
-        row = self._lookup.row(self._vid)
-        self._id, self._title, self._text, self._metadata = row["id"], row["title"], row["text"], row["metadata"]
-        self._lookup = None
-
-    @property
-    def id(self) -> str:
-        if self._lookup is not None:
-            self._resolve()
-        return self._id
-
-    @property
-    def title(self) -> str:
-        if self._lookup is not None:
-            self._resolve()
-        return self._title
-
-    @property
-    def text(self) -> str:
-        if self._lookup is not None:
-            self._resolve()
-        return self._text
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        if self._lookup is not None:
-            self._resolve()
-        return self._metadata
-
-    def to_json(self) -> dict[str, Any]:
-        out = {"id": self.id, "score": self.score, "rank": self.rank, "title": self.title, "text": self.text}
-        if self.metadata:
-            out["metadata"] = self.metadata
-        return out
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Hit) and self.to_json() == other.to_json()
-
-    def __repr__(self) -> str:
-        return f"Hit(id={self.id!r}, score={self.score:.4f}, rank={self.rank})"
-
-
-class HitRow(Sequence[Hit]):
-    """One query's hits, made into `Hit` objects when the row is first read: a search of 1,000 queries
-    then costs what Faiss costs plus a few arrays, not 10,000 Python objects nobody may look at."""
-
-    __slots__ = ("_lookup", "_scores", "_vids", "_hits")
-
-    def __init__(self, lookup: "_Lookup", scores: np.ndarray, vids: np.ndarray) -> None:
-        self._lookup, self._scores, self._vids = lookup, scores, vids
-        self._hits: list[Hit] | None = None
-
-    def _materialise(self) -> list[Hit]:
-        if self._hits is None:
-            lookup = self._lookup
-            self._hits = [Hit._lazy(lookup, v, s, rank)
-                          for rank, (s, v) in enumerate(zip(self._scores.tolist(), self._vids.tolist()), start=1)]
-        return self._hits
-
-    def __len__(self) -> int:
-        return len(self._vids)
-
-    def __getitem__(self, item: Any) -> Any:
-        return self._materialise()[item]
-
-    def __iter__(self) -> Iterator[Hit]:
-        return iter(self._materialise())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
-
-    def __repr__(self) -> str:
-        return repr(self._materialise())
-
-
-class _Lookup:
-    """The passages of one search's hits, read from their segments' stores together on first use (the
-    segments of the version searched, even if the Index has moved on to a newer one since)."""
-
-    def __init__(self, starts: np.ndarray, segments: list[Segment], vids: Any) -> None:
-        self.starts, self.segments, self.vids = starts, segments, vids
-        self.rows: dict[int, dict[str, Any]] | None = None
-
-    def row(self, vid: int) -> dict[str, Any]:
-        if self.rows is None:
-            self.rows = _fetch(self.starts, self.segments, self.vids)
-        return self.rows[vid]
-
-
-def _fetch(starts: np.ndarray, segments: list[Segment], vids: Any, *, ids_only: bool = False) -> dict[int, Any]:
-    """vid -> stored row (or id), one batched read per segment."""
-    wanted = (np.unique(vids).astype(np.int64) if isinstance(vids, np.ndarray)
-              else np.fromiter((int(v) for v in vids), dtype=np.int64))
-    out: dict[int, Any] = {}
-    if not len(wanted):
-        return out
-    which = np.searchsorted(starts, wanted, side="right") - 1
-    for s in np.unique(which):
-        if s < 0:
-            continue
-        store = segments[s].store
-        group = wanted[which == s].tolist()
-        out.update(store.fetch_ids(group) if ids_only else store.fetch(group))
-    return out
 
 
 class ChangeReport:
@@ -173,14 +51,6 @@ class ChangeReport:
         self.removed = 0
         self.missing: list[str] = []
         self.compacted = False
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_unique(passages: Sequence[Passage]) -> None:
@@ -198,8 +68,6 @@ def _check_vectors(passages: Sequence[Passage], vectors: np.ndarray, dim: int) -
         raise ResourceError(f"vectors have dimension {vectors.shape[1]}, the index holds dimension {dim}")
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class Index:
@@ -357,14 +225,14 @@ class Index:
                 resolved, reason = resolve_spec(parsed, writer.rows, encoder.dim, max_memory)
                 manifest = {
                     "format": FORMAT, "format_version": FORMAT_VERSION, "ragkit_version": __version__,
-                    "created_at": _now(), "encoder": encoder.to_json(), "metric": metric, "spec": resolved.text,
+                    "created_at": utc_now(), "encoder": encoder.to_json(), "metric": metric, "spec": resolved.text,
                     "spec_requested": parsed.text, "auto_reason": reason,
                     "factory": resolved.factory(encoder.dim, writer.rows),
                 }
                 if sparse is not None:
                     manifest["sparse"] = {"library": "bm25s", **sparse.to_json()}
-                meta = _write_base(writer, resolved, encoder.dim, metric, device)
-                draft = _Draft(root, staging, version, segments=[], dead=set(), next_vid=writer.next_vid, files={})
+                meta = write_base(writer, resolved, encoder.dim, metric, device)
+                draft = Draft(root, staging, version, segments=[], dead=set(), next_vid=writer.next_vid, files={})
                 draft.new_segment(meta)
                 draft.new_file(TEMPLATE)
                 draft.publish(manifest)
@@ -395,7 +263,7 @@ class Index:
         return build.index
 
     # -- changing --------------------------------------------------------------------------------
-    def _change(self, edit: Callable[["_Draft", ChangeReport], None], *, manifest: dict[str, Any] | None = None,
+    def _change(self, edit: Callable[["Draft", ChangeReport], None], *, manifest: dict[str, Any] | None = None,
                 auto_compact: bool = True) -> ChangeReport:
         """Stage a new version from this one (its segments linked over), let `edit` add to it, compact when
         the thresholds say so, and publish it."""
@@ -407,7 +275,7 @@ class Index:
             version = layout.next_version(self.root)
             staging = layout.new_staging_dir(self.root, version)
             try:
-                draft = _Draft(self.root, staging, version, segments=[(s.meta, self.version_dir) for s in self.segments],
+                draft = Draft(self.root, staging, version, segments=[(s.meta, self.version_dir) for s in self.segments],
                                dead=set(self.tombstones), next_vid=int(self.manifest["next_vid"]),
                                files={n: (self.version_dir, m) for n, m in self.manifest["files"].items()
                                       if not n.startswith("sparse/")},
@@ -424,7 +292,7 @@ class Index:
         self._reopen()
         return report
 
-    def _ensure_template(self, draft: "_Draft") -> None:
+    def _ensure_template(self, draft: "Draft") -> None:
         """A format-1 index has no template: take the base's trained state, emptied."""
         if TEMPLATE in draft.files:
             return
@@ -481,7 +349,7 @@ class Index:
         _check_unique(passages)
         _check_vectors(passages, vectors, self.dim)
 
-        def edit(draft: _Draft, report: ChangeReport) -> None:
+        def edit(draft: Draft, report: ChangeReport) -> None:
             existing = self._live_vids_for([p.id for p in passages])
             draft.add_delta(passages, vectors, deletes=list(existing.values()))
             report.replaced = len(existing)
@@ -490,7 +358,7 @@ class Index:
         return self._change(edit, manifest=manifest)
 
     def remove(self, ids: Sequence[str]) -> ChangeReport:
-        def edit(draft: _Draft, report: ChangeReport) -> None:
+        def edit(draft: Draft, report: ChangeReport) -> None:
             found = self._live_vids_for(ids)
             report.missing = [i for i in dict.fromkeys(ids) if i not in found]
             if found:
@@ -501,7 +369,7 @@ class Index:
 
     def compact(self) -> ChangeReport:
         """Fold every segment into one base and drop the tombstones (a new version)."""
-        def edit(draft: _Draft, report: ChangeReport) -> None:
+        def edit(draft: Draft, report: ChangeReport) -> None:
             draft.compact(everything=True)
             report.compacted = True
 
@@ -518,7 +386,7 @@ class Index:
                     "factory": resolved.factory(encoder.dim, n)}
         count = 0
 
-        def edit(draft: _Draft, report: ChangeReport) -> None:
+        def edit(draft: Draft, report: ChangeReport) -> None:
             nonlocal count
             writer = SegmentWriter(draft.staging, draft.next_name(), encoder.dim, draft.next_vid)
             block: list[tuple[int, Passage]] = []
@@ -536,7 +404,7 @@ class Index:
                 if block:
                     flush()
                 count = writer.rows
-                meta = _write_base(writer, resolved, encoder.dim, self.metric, "cpu")
+                meta = write_base(writer, resolved, encoder.dim, self.metric, "cpu")
             except BaseException:
                 writer.abort()
                 raise
@@ -642,11 +510,11 @@ class Index:
         return np.searchsorted(self._vid_starts, vids, side="right") - 1
 
     def _fetch(self, vids: Any, *, ids_only: bool = False) -> dict[int, Any]:
-        return _fetch(self._vid_starts, self._by_start, vids, ids_only=ids_only)
+        return fetch_rows(self._vid_starts, self._by_start, vids, ids_only=ids_only)
 
     def _hits(self, scores: np.ndarray, vids: np.ndarray) -> list[HitRow]:
         valid = (vids >= 0).sum(axis=1).tolist()  # the -1 padding is always at the end of a row
-        lookup = _Lookup(self._vid_starts, self._by_start, vids[vids >= 0])
+        lookup = PassageLookup(self._vid_starts, self._by_start, vids[vids >= 0])
         return [HitRow(lookup, scores[i, :n], vids[i, :n]) for i, n in enumerate(valid)]
 
     def _rows_of_hits(self, scores: np.ndarray, vids: np.ndarray) -> list[list[tuple[float, int]]]:
@@ -782,25 +650,6 @@ class IndexBuild:
         return self._writer.dim
 
 
-def _write_base(writer: SegmentWriter, spec: IndexSpec, dim: int, metric: str, device: str) -> SegmentMeta:
-    """Train a new Faiss index of `spec` on the writer's vectors, save its empty trained state as the
-    template for later deltas, and fill it."""
-    import faiss
-
-    faiss_index = fv.new_index(spec, dim, writer.rows, metric)
-    target, where = fv.to_device(faiss_index, device) if device != "cpu" else (faiss_index, "cpu")
-    if not target.is_trained:
-        from ragkit.index.builder import _Rows
-        from ragkit.io.mapped import drop_pages
-
-        blocks = writer.blocks()
-        fv.train_if_needed(target, _Rows(blocks, dim))
-        for block in blocks:
-            drop_pages(block)
-    faiss.write_index(fv.to_cpu(target), str(writer.staging / TEMPLATE))
-    return writer.finish(target, train=False)
-
-
 def _reconstruct(faiss_index: Any, vids: np.ndarray) -> np.ndarray:
     import faiss
 
@@ -834,171 +683,3 @@ def _upgrade_format1(version_dir: Path, manifest: dict[str, Any]) -> tuple[dict[
     segment = SegmentMeta("v1", rows, low, top, layout.VECTORS, layout.PASSAGES)
     upgraded = {**manifest, "segments": [segment.to_json()], "next_vid": top + 1, "legacy_dead": dead.tolist()}
     return upgraded, dead
-
-
-class _Draft:
-    """A version being staged: its segments (each with the folder its files are in now), dead vids and
-    files. Files taken over from the previous version keep their recorded checksums (never recomputed
-    from what is on disk, so a corrupted file cannot be laundered into a fresh manifest)."""
-
-    def __init__(self, root: Path, staging: Path, version: int, *, segments: list[Any], dead: set[int],
-                 next_vid: int, files: dict[str, tuple[Path, dict[str, Any]]], metric: str = "ip") -> None:
-        self.root, self.staging, self.version = root, staging, version
-        self.segments: list[tuple[SegmentMeta, Path]] = list(segments)
-        self.dead = dead
-        self.next_vid = next_vid
-        self.files = dict(files)  # name -> (folder it is in, {bytes, sha256} or {} when new)
-        self.metric = metric
-        self._names = 0
-
-    def next_name(self) -> str:
-        self._names += 1
-        return segment_name(self.version) + ("" if self._names == 1 else f"-{self._names}")
-
-    def new_file(self, name: str) -> None:
-        self.files[name] = (self.staging, {})
-
-    def new_segment(self, meta: SegmentMeta) -> None:
-        self.segments.append((meta, self.staging))
-        for name in meta.files:
-            self.new_file(name)
-
-    def add_delta(self, passages: Sequence[Passage], vectors: np.ndarray, *, deletes: Sequence[int]) -> None:
-        """One delta segment: the new passages (vids from the counter) and the vids they replace or remove."""
-        import faiss
-
-        name = self.next_name()
-        meta = SegmentMeta(name, 0)
-        if len(passages):
-            writer = SegmentWriter(self.staging, name, vectors.shape[1], self.next_vid)
-            try:
-                writer.add(passages, np.asarray(vectors, dtype=np.float32))
-                template_dir = self.files[TEMPLATE][0]
-                meta = writer.finish(fv.delta_index(faiss.read_index(str(template_dir / TEMPLATE))), train=False)
-            except BaseException:
-                writer.abort()
-                raise
-            self.next_vid = writer.next_vid
-        if len(deletes):
-            np.save(self.staging / f"{name}.deletes.npy", np.asarray(sorted(deletes), dtype=np.int64))
-            meta = SegmentMeta(meta.name, meta.rows, meta.vid_min, meta.vid_max, meta.vectors, meta.passages,
-                               f"{name}.deletes.npy")
-            self.dead.update(int(v) for v in deletes)
-        if meta.files:
-            self.new_segment(meta)
-
-    def replace_all(self, meta: SegmentMeta) -> None:
-        """A new base replaces every segment (refresh)."""
-        self._drop_segments(len(self.segments))
-        self.dead = set()
-        self.new_segment(meta)
-
-    def _drop_segments(self, count: int) -> list[tuple[SegmentMeta, Path]]:
-        dropped, self.segments = self.segments[len(self.segments) - count :], self.segments[: len(self.segments) - count]
-        for meta, _ in dropped:
-            for name in meta.files:
-                self.files.pop(name, None)
-        return dropped
-
-    def auto_compact(self) -> bool:
-        total = sum(m.rows for m, _ in self.segments)
-        base_rows = self.segments[0][0].rows if self.segments else 0
-        deltas = self.segments[1:]
-        if self.dead and len(self.dead) >= COMPACT_TOMBSTONE_FRACTION * max(1, total):
-            self.compact(everything=True)
-        elif sum(m.rows for m, _ in deltas) > base_rows:
-            self.compact(everything=True)
-        elif len(deltas) > MAX_DELTAS:
-            self.compact(everything=False)
-        else:
-            return False
-        return True
-
-    def compact(self, *, everything: bool) -> None:
-        """Merge every segment (or every delta) into one; dead vids inside them are dropped for good."""
-        import faiss
-
-        count = len(self.segments) if everything else len(self.segments) - 1
-        if count <= 0 or (count == 1 and not any(m.deletes for m, _ in self.segments[-count:]) and not self.dead):
-            return
-        merging = self.segments[-count:]
-        kept = self.segments[:-count]
-        open_segments = [Segment(folder, meta, self.metric) for meta, folder in merging]
-        in_merged = np.asarray(sorted(v for v in self.dead if any(
-            m.rows and m.vid_min <= v <= m.vid_max for m, _ in merging)), dtype=np.int64)
-        still_dead = sorted(v for v in self.dead if v not in set(in_merged.tolist()))
-        template = faiss.read_index(str(self.files[TEMPLATE][0] / TEMPLATE))
-        name = self.next_name()
-        try:
-            merged = merge_segments(open_segments, in_merged, template)
-            store = PassageStore(self.staging / f"{name}.sqlite", bulk=True)
-            from ragkit.index.store import copy_live_rows
-
-            rows = copy_live_rows(store, [folder / m.passages for m, folder in merging if m.passages], in_merged)
-            lo_hi = store.conn.execute("SELECT MIN(vid), MAX(vid) FROM passages").fetchone()
-            store.close()
-        finally:
-            for segment in open_segments:
-                segment.close()
-        self._drop_segments(count)
-        files: dict[str, str | None] = {"vectors": None, "passages": None, "deletes": None}
-        if rows:
-            faiss.write_index(merged, str(self.staging / f"{name}.faiss"))
-            files["vectors"], files["passages"] = f"{name}.faiss", f"{name}.sqlite"
-        else:
-            (self.staging / f"{name}.sqlite").unlink()
-        if still_dead:
-            np.save(self.staging / f"{name}.deletes.npy", np.asarray(still_dead, dtype=np.int64))
-            files["deletes"] = f"{name}.deletes.npy"
-        for meta, _ in kept:  # their deletes are now all recorded by the merged segment
-            if meta.deletes:
-                self.files.pop(meta.deletes, None)
-        self.segments = [(SegmentMeta(m.name, m.rows, m.vid_min, m.vid_max, m.vectors, m.passages, None), f)
-                         for m, f in kept]
-        self.dead = set(still_dead)
-        if rows or still_dead:
-            self.new_segment(SegmentMeta(name, rows, lo_hi[0] if rows else None, lo_hi[1] if rows else None, **files))
-
-    def publish(self, manifest: dict[str, Any]) -> Path:
-        """Link the files taken over, rebuild the BM25 side, write the manifest, publish the version."""
-        for name, (folder, _) in self.files.items():
-            if folder != self.staging:
-                link_into(folder, [name], self.staging)
-        manifest = {k: v for k, v in manifest.items() if k not in ("legacy_dead", "removes_in_place")}
-        manifest["format_version"] = FORMAT_VERSION
-        segments = [meta for meta, _ in self.segments]
-        if manifest.get("sparse"):  # bm25s cannot update in place: rebuilt from the live passages
-            _rebuild_sparse(self.staging, segments, self.dead, SparseConfig.from_json(manifest["sparse"]))
-        manifest["updated_at"] = _now()
-        manifest["version"] = self.version
-        manifest["segments"] = [m.to_json() for m in segments]
-        manifest["next_vid"] = self.next_vid
-        total = sum(m.rows for m in segments)
-        manifest["counts"] = {"passages": total - len(self.dead), "vectors": total, "tombstones": len(self.dead)}
-        recorded = {name: meta for name, (folder, meta) in self.files.items() if meta}
-        names = sorted({*self.files, *sparse_files(self.staging)})
-        manifest["files"] = {
-            name: recorded.get(name) or {"bytes": (self.staging / name).stat().st_size,
-                                         "sha256": sha256_file(self.staging / name)}
-            for name in names
-        }
-        (self.staging / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        return layout.publish(self.root, self.staging, self.version)
-
-
-def _rebuild_sparse(staging: Path, segments: list[SegmentMeta], dead: set[int], config: SparseConfig) -> None:
-    shutil.rmtree(staging / "sparse", ignore_errors=True)
-
-    def docs() -> Iterator[tuple[int, str]]:
-        for meta in segments:
-            if not meta.passages:
-                continue
-            store = PassageStore(staging / meta.passages, readonly=True)
-            try:
-                for vid, p in store.iter_passages():
-                    if vid not in dead:
-                        yield vid, f"{p.title} {p.text}".strip()
-            finally:
-                store.close()
-
-    build_sparse(staging, docs(), config)
