@@ -8,11 +8,14 @@ For each size, side by side with raw Faiss on the same vectors:
   wall time and bytes written, against what an index without segments does (read the whole Faiss index,
   add, write it back);
 - `ragkit index compact` after those changes;
+- `ragkit embed` with a tiny 2-layer test encoder (so that the encoder costs little and the data path
+  shows): wall time and peak RSS at each size (flat in corpus size is the goal), and a run killed with
+  SIGKILL half-way then started again: the resumed files must equal an uninterrupted run's, byte for byte;
 - a row for 21M x 768 (psgs_w100 with Contriever) from `ragkit index plan`.
 Each measured step runs in its own process, so peak RSS is that step's. The vectors are random (search
 quality is benchmarks/search_speed.py's business); the passages' text is random words.
 
-    python benchmarks/scale.py [--sizes 100000,1000000] [--keep]
+    python benchmarks/scale.py [--sizes 100000,1000000] [--parts index,embed] [--keep]
 """
 
 from __future__ import annotations
@@ -149,9 +152,47 @@ def run_size(n: int, encoder: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def run_embed(n: int, tiny: Path) -> dict[str, Any]:
+    """`ragkit embed` of n short passages with the tiny encoder: uninterrupted, then killed and resumed."""
+    import hashlib
+    import signal
+
+    folder = WORK / f"embed{n}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    words = np.array("the river city king old war film song team north south music".split())
+    corpus = folder / "corpus.jsonl"
+    with open(corpus, "w") as handle:
+        for start in range(0, n, 100_000):
+            texts = rng.choice(words, (min(100_000, n - start), 20))
+            handle.writelines(json.dumps({"id": f"e{start + i}", "text": " ".join(t)}) + "\n" for i, t in enumerate(texts))
+    args = ["ragkit", "embed", str(corpus), "-m", str(tiny), "--device", "cpu", "--checkpoint-rows", "8192"]
+    out: dict[str, Any] = {"n": n, "whole": measured([*args, "-o", str(folder / "whole")])}
+    proc = subprocess.Popen([sys.executable, "-m", "ragkit.cli", *args[1:], "-o", str(folder / "resumed")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(out["whole"]["seconds"] / 2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    progress = folder / "resumed" / ".progress-00000-of-00001.json"
+    out["killed_at_rows"] = json.loads(progress.read_text())["rows_done"] if progress.exists() else 0
+    out["resume"] = measured([*args, "-o", str(folder / "resumed")])
+
+    def digest(d: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if not p.name.startswith(".")}
+
+    out["resumed_identical"] = digest(folder / "whole") == digest(folder / "resumed")
+    print(f"[embed {n:,}] {out['whole']['seconds']:.1f}s, peak {out['whole']['peak_rss'] / 2**20:.0f} MiB; killed at "
+          f"{out['killed_at_rows']:,}, resumed in {out['resume']['seconds']:.1f}s, identical={out['resumed_identical']}",
+          file=sys.stderr)
+    shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--parts", default="index,embed", help="index, embed or both")
     parser.add_argument("--keep", action="store_true", help="keep the generated data under benchmarks/.work/scale")
     args = parser.parse_args()
     from ragkit.index.plan import plan
@@ -160,6 +201,23 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     encoder = Encoder("minilm", device="cpu").info.to_json()  # `index add` embeds with the index's own model
     sizes = [int(s) for s in args.sizes.split(",")]
+    parts = set(args.parts.split(","))
+    previous = json.loads((REPO / "benchmarks" / "results" / "scale.json").read_text()) if (REPO / "benchmarks" / "results" / "scale.json").exists() else {}
+    embeds = previous.get("embed", [])
+    if "embed" in parts:
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import build_tiny_encoder  # the test suite's tiny encoder, built from a config
+
+        tiny = build_tiny_encoder(WORK / "tiny-encoder")
+        embeds = [run_embed(n, tiny) for n in sizes]
+        print_table("ragkit embed, tiny 2-layer encoder (32-d): cost by corpus size",
+                    ["passages", "wall s", "peak MiB", "killed at row", "resume s", "identical bytes"],
+                    [[f"{e['n']:,}", e["whole"]["seconds"], e["whole"]["peak_rss"] / 2**20, e["killed_at_rows"],
+                      e["resume"]["seconds"], e["resumed_identical"]] for e in embeds])
+    if "index" not in parts:
+        previous["embed"] = embeds
+        write_result("scale", previous)
+        return
     runs = [run_size(n, encoder) for n in sizes]
     gib = 2**30
     rows = []
@@ -187,7 +245,8 @@ def main() -> None:
                 ["spec", "build GiB", "serve GiB", "disk GiB", "fits"],
                 [[c["spec"], c["build_bytes"] / gib, c["serve_bytes"] / gib, c["disk_bytes"] / gib, c["fits"]]
                  for c in wiki["candidates"]])
-    path = write_result("scale", {"hardware": hw, "runs": runs, "ratios": ratios, "wikipedia_plan": wiki})
+    path = write_result("scale", {"hardware": hw, "runs": runs, "ratios": ratios, "wikipedia_plan": wiki,
+                                  "embed": embeds})
     print(f"wrote {path}")
     if not args.keep:
         shutil.rmtree(WORK, ignore_errors=True)
