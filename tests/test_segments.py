@@ -364,3 +364,25 @@ def test_a_corrupted_deletes_file_is_refused_on_open(tmp_path: Path) -> None:
         Index.open(tmp_path / "idx")
     result = CliRunner().invoke(app, ["index", "info", str(tmp_path / "idx")])
     assert result.exit_code == 4 and "checksum mismatch" in result.stderr
+
+
+def test_crafted_index_folders_pointing_outside_are_refused(tmp_path: Path) -> None:
+    from ragkit.errors import ResourceError
+
+    Index.build(tmp_path / "idx", passages(5), unit_vectors(5, DIM), ENC)
+    root = tmp_path / "idx"
+    elsewhere = tmp_path / "v000009"
+    os.rename(root / os.readlink(root / "current"), elsewhere)
+    (root / "current").unlink()
+    (root / "current").symlink_to("../v000009")
+    with pytest.raises(ResourceError, match="not a version folder inside"):
+        Index.open(root)
+    (root / "current").unlink()
+    os.rename(elsewhere, root / "v000001")
+    (root / "current").symlink_to("v000001")
+    manifest_path = root / "v000001" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["../../outside.bin"] = {"bytes": 1, "sha256": ""}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ResourceError, match="not a file inside"):
+        Index.open(root)

@@ -143,8 +143,12 @@ class Index:
             raise ResourceError(f"{manifest_path}: unreadable manifest ({exc.msg})") from None
         if manifest.get("format") != FORMAT or int(manifest.get("format_version", 0)) > FORMAT_VERSION:
             raise ResourceError(f"{manifest_path}: unsupported index format {manifest.get('format_version')}")
+        for segment in manifest.get("segments", []):
+            for key in ("vectors", "passages", "deletes"):
+                if segment.get(key) and segment[key] not in manifest["files"]:
+                    raise ResourceError(f"{manifest_path}: segment file '{segment[key]}' has no checksum entry")
         for name, meta in manifest["files"].items():
-            path = version_dir / name
+            path = layout.inside(version_dir, name)
             if not path.exists() or path.stat().st_size != meta["bytes"]:
                 raise ResourceError(f"{path}: missing or truncated (expected {meta['bytes']} bytes)")
             # small files (deltas, deletes, template) are hashed on every open: a corrupted tombstone list

@@ -41,7 +41,21 @@ def current_version_dir(root: Path) -> Path | None:
     if not link.is_symlink() and not link.is_dir():
         return None
     target = root / os.readlink(link) if link.is_symlink() else link
+    if link.is_symlink() and (not _VERSION_RE.match(target.name) or target.resolve().parent != root.resolve()):
+        from ragkit.errors import ResourceError
+
+        raise ResourceError(f"{link}: points at '{os.readlink(link)}', not a version folder inside {root}")
     return target if (target / MANIFEST).exists() else None
+
+
+def inside(folder: Path, name: str) -> Path:
+    """`folder / name` for a name the manifest gives, refused unless it stays inside `folder`."""
+    from ragkit.errors import ResourceError
+
+    path = folder / name
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(folder.resolve()):
+        raise ResourceError(f"{folder / MANIFEST}: names '{name}', which is not a file inside {folder}")
+    return path
 
 
 def next_version(root: Path) -> int:
