@@ -25,6 +25,14 @@ from ragkit.io.mapped import drop_pages
 ADD_BLOCK = 100_000  # vectors converted to float32 and added to Faiss at a time
 
 
+def check_vectors(rows: int, vectors: np.ndarray, dim: int) -> None:
+    """One vector per passage, of the index's dimension."""
+    if vectors.ndim != 2 or vectors.shape[0] != rows:
+        raise UsageError(f"expected {rows} vectors, got an array of shape {tuple(vectors.shape)}")
+    if vectors.shape[1] != dim:
+        raise ResourceError(f"vectors have dimension {vectors.shape[1]}, the index holds dimension {dim}")
+
+
 class SegmentWriter:
     def __init__(self, staging: Path, name: str, dim: int, first_vid: int, *, source: str = "<passages>") -> None:
         self.staging, self.name, self.dim = staging, name, dim
@@ -49,10 +57,7 @@ class SegmentWriter:
         `source`, for the error a duplicate id raises."""
         if len(passages) == 0:
             return
-        if vectors.ndim != 2 or vectors.shape[0] != len(passages):
-            raise UsageError(f"expected {len(passages)} vectors, got an array of shape {tuple(vectors.shape)}")
-        if vectors.shape[1] != self.dim:
-            raise ResourceError(f"vectors have dimension {vectors.shape[1]}, the index holds dimension {self.dim}")
+        check_vectors(len(passages), vectors, self.dim)
         ids = (np.arange(self.next_vid, self.next_vid + len(passages), dtype=np.int64) if vids is None
                else np.asarray(vids, dtype=np.int64))
         self._insert(passages, ids, lines)
@@ -111,14 +116,12 @@ class SegmentWriter:
     def vids(self) -> np.ndarray:
         return np.concatenate(self._vids) if self._vids else np.zeros(0, np.int64)
 
-    def finish(self, faiss_index: Any, *, train: bool) -> SegmentMeta:
-        """Train `faiss_index` (when asked) on a sample, add every vector, write the segment's files."""
+    def finish(self, faiss_index: Any) -> SegmentMeta:
+        """Add every vector to `faiss_index` (trained already), block by block; write the segment's files."""
         import faiss
 
         blocks = self.blocks()
         vids = self.vids()
-        if train and not faiss_index.is_trained and self.rows:
-            fv.train_if_needed(faiss_index, RowSource(blocks, self.dim))
         start = 0
         for block in blocks:
             for offset in range(0, len(block), ADD_BLOCK):

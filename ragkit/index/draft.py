@@ -19,7 +19,7 @@ from ragkit.index.builder import SegmentWriter
 from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, link_into, merge_segments, segment_name
 from ragkit.index.sparse import SparseConfig, build_sparse, sparse_files
 from ragkit.index.spec import IndexSpec
-from ragkit.index.store import PassageStore
+from ragkit.index.store import PassageStore, copy_live_rows
 from ragkit.io.corpus import Passage
 
 FORMAT_VERSION = 2
@@ -45,7 +45,7 @@ def write_base(writer: SegmentWriter, spec: IndexSpec, dim: int, metric: str, de
     import faiss
 
     faiss_index = fv.new_index(spec, dim, writer.rows, metric)
-    target, where = fv.to_device(faiss_index, device) if device != "cpu" else (faiss_index, "cpu")
+    target = fv.to_device(faiss_index, device)[0] if device != "cpu" else faiss_index
     if not target.is_trained:
         from ragkit.index.builder import RowSource
         from ragkit.io.mapped import drop_pages
@@ -55,7 +55,7 @@ def write_base(writer: SegmentWriter, spec: IndexSpec, dim: int, metric: str, de
         for block in blocks:
             drop_pages(block)
     faiss.write_index(fv.to_cpu(target), str(writer.staging / TEMPLATE))
-    return writer.finish(target, train=False)
+    return writer.finish(target)
 
 
 class Draft:
@@ -96,7 +96,7 @@ class Draft:
             try:
                 writer.add(passages, np.asarray(vectors, dtype=np.float32))
                 template_dir = self.files[TEMPLATE][0]
-                meta = writer.finish(fv.delta_index(faiss.read_index(str(template_dir / TEMPLATE))), train=False)
+                meta = writer.finish(fv.delta_index(faiss.read_index(str(template_dir / TEMPLATE))))
             except BaseException:
                 writer.abort()
                 raise
@@ -115,12 +115,12 @@ class Draft:
         self.dead = set()
         self.new_segment(meta)
 
-    def _drop_segments(self, count: int) -> list[tuple[SegmentMeta, Path]]:
+    def _drop_segments(self, count: int) -> None:
+        """Forget the last `count` segments and their files."""
         dropped, self.segments = self.segments[len(self.segments) - count :], self.segments[: len(self.segments) - count]
         for meta, _ in dropped:
             for name in meta.files:
                 self.files.pop(name, None)
-        return dropped
 
     def auto_compact(self) -> bool:
         total = sum(m.rows for m, _ in self.segments)
@@ -146,16 +146,14 @@ class Draft:
         merging = self.segments[-count:]
         kept = self.segments[:-count]
         open_segments = [Segment(folder, meta, self.metric) for meta, folder in merging]
-        in_merged = np.asarray(sorted(v for v in self.dead if any(
-            m.rows and m.vid_min <= v <= m.vid_max for m, _ in merging)), dtype=np.int64)
-        still_dead = sorted(v for v in self.dead if v not in set(in_merged.tolist()))
+        inside = {v for v in self.dead if any(m.rows and m.vid_min <= v <= m.vid_max for m, _ in merging)}
+        in_merged = np.asarray(sorted(inside), dtype=np.int64)
+        still_dead = sorted(self.dead - inside)
         template = faiss.read_index(str(self.files[TEMPLATE][0] / TEMPLATE))
         name = self.next_name()
         try:
             merged = merge_segments(open_segments, in_merged, template)
             store = PassageStore(self.staging / f"{name}.sqlite", bulk=True)
-            from ragkit.index.store import copy_live_rows
-
             rows = copy_live_rows(store, [folder / m.passages for m, folder in merging if m.passages], in_merged)
             lo_hi = store.conn.execute("SELECT MIN(vid), MAX(vid) FROM passages").fetchone()
             store.close()

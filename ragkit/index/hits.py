@@ -30,35 +30,29 @@ class Hit:
         hit.score, hit.rank, hit._vid, hit._lookup = score, rank, vid, lookup
         return hit
 
-    def _resolve(self) -> None:
-        assert self._lookup is not None
-        row = self._lookup.row(self._vid)
-        self._id, self._title, self._text, self._metadata = row["id"], row["title"], row["text"], row["metadata"]
-        self._lookup = None
+    def _resolved(self) -> "Hit":
+        """This hit with its passage fields read (for every hit of its search at once)."""
+        if self._lookup is not None:
+            row = self._lookup.row(self._vid)
+            self._id, self._title, self._text, self._metadata = row["id"], row["title"], row["text"], row["metadata"]
+            self._lookup = None
+        return self
 
     @property
     def id(self) -> str:
-        if self._lookup is not None:
-            self._resolve()
-        return self._id
+        return self._resolved()._id
 
     @property
     def title(self) -> str:
-        if self._lookup is not None:
-            self._resolve()
-        return self._title
+        return self._resolved()._title
 
     @property
     def text(self) -> str:
-        if self._lookup is not None:
-            self._resolve()
-        return self._text
+        return self._resolved()._text
 
     @property
     def metadata(self) -> dict[str, Any]:
-        if self._lookup is not None:
-            self._resolve()
-        return self._metadata
+        return self._resolved()._metadata
 
     def to_json(self) -> dict[str, Any]:
         out = {"id": self.id, "score": self.score, "rank": self.rank, "title": self.title, "text": self.text}

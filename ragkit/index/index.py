@@ -21,7 +21,7 @@ from ragkit import __version__
 from ragkit.errors import InputError, Location, ResourceError, UsageError
 from ragkit.index import layout
 from ragkit.index import vectors as fv
-from ragkit.index.builder import SegmentWriter
+from ragkit.index.builder import SegmentWriter, check_vectors
 from ragkit.index.draft import (  # noqa: F401  (the thresholds are part of this module's documented surface)
     COMPACT_TOMBSTONE_FRACTION,
     FORMAT_VERSION,
@@ -61,14 +61,6 @@ def _check_unique(passages: Sequence[Passage]) -> None:
         seen.add(p.id)
 
 
-def _check_vectors(passages: Sequence[Passage], vectors: np.ndarray, dim: int) -> None:
-    if vectors.ndim != 2 or vectors.shape[0] != len(passages):
-        raise UsageError(f"expected {len(passages)} vectors, got an array of shape {tuple(vectors.shape)}")
-    if vectors.shape[1] != dim:
-        raise ResourceError(f"vectors have dimension {vectors.shape[1]}, the index holds dimension {dim}")
-
-
-
 
 class Index:
     """Open with `Index.open(dir)`, create with `Index.build(...)` (or stream with `Index.create(...)`);
@@ -88,10 +80,11 @@ class Index:
         live = [s for s in segments if s.rows]
         self._vid_starts = np.asarray([s.meta.vid_min for s in live], dtype=np.int64)
         self._by_start = live
+        params = self.spec.search_params()
         for segment in live:
             lo, hi = np.searchsorted(dead, [segment.meta.vid_min, int(segment.meta.vid_max) + 1])
             segment.set_dead(dead[lo:hi])
-            segment.set_search_params(self.spec.search_params())
+            segment.set_search_params(params)
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -260,7 +253,7 @@ class Index:
         if not passages:
             raise InputError(Location("<passages>"), "empty corpus: no passages to index")
         _check_unique(passages)
-        _check_vectors(passages, vectors, encoder.dim)
+        check_vectors(len(passages), vectors, encoder.dim)
         with cls.create(root, encoder, **options) as build:
             build.add(passages, vectors)
         assert build.index is not None
@@ -351,7 +344,7 @@ class Index:
         else:
             self.check_encoder(encoder)
         _check_unique(passages)
-        _check_vectors(passages, vectors, self.dim)
+        check_vectors(len(passages), vectors, self.dim)
 
         def edit(draft: Draft, report: ChangeReport) -> None:
             existing = self._live_vids_for([p.id for p in passages])
@@ -474,10 +467,10 @@ class Index:
         delta. HNSW deltas up to 5% of the base are inserted into the loaded graph (once per open, about
         the cost of adding them to an HNSW index); flat deltas are searched on their own."""
         if self._searcher_cache is None:
-            self._searcher_cache = self._merge_ivf_deltas()
+            self._searcher_cache = self._merge_deltas_into_base()
         return self._searcher_cache
 
-    def _merge_ivf_deltas(self) -> list[Segment]:
+    def _merge_deltas_into_base(self) -> list[Segment]:
         import faiss
 
         segments = [s for s in self._by_start if s.meta.vectors]

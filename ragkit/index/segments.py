@@ -5,10 +5,11 @@ the vids that change removed from earlier segments (`seg-NNNNNN.deletes.npy`). A
 in the staging folder of the version that creates it, and later versions take it over as a hard link: a
 change of k passages writes O(k) bytes, and every version folder still holds every file it needs.
 
-Search runs on each segment and merges the top k by score. A dead vid is filtered inside Faiss with an
-IDSelector where the index type takes search parameters (flat, HNSW, IVF, SQ), or by over-fetching
-k + (dead vids in the segment) candidates where it does not (e.g. PQ), so every segment returns its k
-best live hits, and the merge returns what one index holding the live passages would.
+Search runs on each segment and merges the top k by score. A dead vid is dropped by over-fetching
+k + (dead vids in the segment) candidates for flat codes with few dead vids (a selector would send flat
+search off its BLAS path), and filtered inside Faiss with an IDSelector otherwise (HNSW, IVF, many dead)
+where the index type takes search parameters (PQ does not: it always over-fetches), so every segment
+returns its k best live hits, and the merge returns what one index holding the live passages would.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import numpy as np
 from ragkit.index import vectors as fv
 from ragkit.index.store import PassageStore
 
-TEMPLATE = "template.faiss"
-OVERFETCH_MAX = 1024  # dead vids in a segment up to which search over-fetches rather than filters in Faiss  # the trained, empty Faiss index every new delta segment starts from
+TEMPLATE = "template.faiss"  # the trained, empty Faiss index every new delta segment starts from
+OVERFETCH_MAX = 1024  # dead vids in a segment up to which flat search over-fetches rather than filters in Faiss
 
 
 @dataclass(frozen=True)
