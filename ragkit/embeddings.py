@@ -22,8 +22,7 @@ import numpy as np
 
 from ragkit.errors import InputError, Location, ResourceError, UsageError
 from ragkit.io.atomic import write_json
-from ragkit.io.corpus import Passage
-from ragkit.io.jsonl import read_jsonl
+from ragkit.io.corpus import Passage, iter_passages_with_lines, resolve_corpus_path
 from ragkit.io.mapped import drop_pages
 from ragkit.models.encoder import Encoder, EncoderInfo
 
@@ -60,16 +59,12 @@ CHECKPOINT_ROWS = 4096  # passages embedded between two checkpoints of `ragkit e
 
 def count_passages(corpus: str | Path) -> int:
     """Rows of a corpus file, read once without keeping them (a shard needs N to know its range)."""
-    from ragkit.io.corpus import iter_passages_with_lines
-
     return sum(1 for _ in iter_passages_with_lines(corpus))
 
 
 def _identity(corpus: str | Path, encoder: Encoder, shard: tuple[int, int], dtype: str, block: int,
               n: int) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one for its output to be the same bytes."""
-    from ragkit.io.corpus import resolve_corpus_path
-
     path = Path(resolve_corpus_path(corpus))
     stat = path.stat()
     return {"corpus": str(path.resolve()), "corpus_bytes": stat.st_size, "corpus_mtime_ns": stat.st_mtime_ns,
@@ -96,8 +91,6 @@ def embed_shard(
     started again with the same arguments continues from its last checkpoint and writes the same bytes
     as an uninterrupted run (blocks start at the same rows, so the encoder sees the same batches)."""
     import time
-
-    from ragkit.io.corpus import iter_passages_with_lines
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
@@ -208,11 +201,8 @@ class ShardSet:
             row = 0
             block: list[Passage] = []
             lines: list[int] = []
-            for lineno, obj in read_jsonl(psg_path):
-                if "id" not in obj or "text" not in obj:
-                    raise InputError(Location(str(psg_path), lineno, "id" if "id" not in obj else "text"),
-                                     f"field '{'id' if 'id' not in obj else 'text'}' is missing")
-                block.append(Passage(str(obj.pop("id")), obj.pop("text"), obj.pop("title", ""), obj))
+            for lineno, passage in iter_passages_with_lines(psg_path, allow_empty=True):
+                block.append(passage)
                 lines.append(lineno)
                 if len(block) == size:
                     if row + size > vectors.shape[0]:

@@ -110,16 +110,17 @@ def iter_passages(path: str | Path, *, check_duplicates: bool = True) -> Iterato
         raise InputError(Location(name), "empty corpus: no passages found")
 
 
-def iter_passages_with_lines(path: str | Path) -> Iterator[tuple[int, Passage]]:
+def iter_passages_with_lines(path: str | Path, *, allow_empty: bool = False) -> Iterator[tuple[int, Passage]]:
     """(line number, passage) from any supported corpus file, without remembering ids (the index's
-    passage store refuses a duplicate, naming its line): memory stays flat on any corpus size."""
+    passage store refuses a duplicate, naming its line): memory stays flat on any corpus size.
+    allow_empty: a file with no passages is fine (an embedding shard past the corpus's end)."""
     path = resolve_corpus_path(path)
     rows = _read_tsv_passages(Path(path)) if str(path).endswith(".tsv") else _read_jsonl_passages(path)
     count = 0
     for lineno, passage in rows:
         count += 1
         yield lineno, passage
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise InputError(Location(display_name(path)), "empty corpus: no passages found")
 
 
