@@ -65,6 +65,10 @@ app.command("env")(env_cmd.env)
 
 
 def main() -> None:
+    """The `ragkit` program itself (console script, `python -m ragkit.cli`), as opposed to `app` run in-process."""
+    from ragkit.retrieval import loopback
+
+    loopback.allow_reexec()
     app()
 
 

@@ -22,7 +22,7 @@ def embed(
     max_seq_length: Annotated[int, typer.Option("--max-seq-length", min=0, help="Truncate texts to this many tokens (0 = the model's own).")] = 0,
     device: DeviceOpt = "auto",
     backend: EncoderBackendOpt = "torch",
-    ray: Annotated[bool, typer.Option("--ray", help="Embed every one of --num-shards shards on a pool of Ray actors (a private local Ray unless --ray-address; its node address is 127.0.0.1, but Ray 2.60 still listens on every interface, behind its token authentication: run it on a trusted network).")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Embed every one of --num-shards shards on a pool of Ray actors (a private local Ray unless --ray-address: every listener bound to 127.0.0.1 and its processes ended with the command; see docs/security.md).")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="An existing Ray cluster for --ray (default: $RAY_ADDRESS, else a private local Ray).")] = None,
     ray_actors: Annotated[int, typer.Option("--ray-actors", min=1, help="Actors in the --ray pool (one model each; one per GPU when the cluster has GPUs).")] = 2,
     checkpoint_rows: Annotated[int, typer.Option("--checkpoint-rows", min=1, help="Passages embedded between checkpoints; a killed run started again with the same arguments continues from the last one.")] = 4096,
@@ -51,6 +51,11 @@ def embed(
         if ray:
             if shard_id:
                 raise UsageError("--ray embeds every shard: leave out --shard-id")
+            from ragkit.retrieval.loopback import reexec_with_loopback
+            from ragkit.retrieval.ray_retriever import uses_private_ray
+
+            if uses_private_ray(ray_address):
+                reexec_with_loopback()  # the driver's own Ray listener on 127.0.0.1 too
             from ragkit.embeddings_ray import embed_shards_on_ray
 
             results = embed_shards_on_ray(

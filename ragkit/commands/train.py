@@ -135,6 +135,12 @@ def _run(flags: dict[str, Any], config: Path | None, resume: bool, as_json: bool
         resolved = resolve_config(config, flags)
         arch = arch_for(resolved.arch)
         resolved.require_paths()
+        if resolved.distributed_retriever == "ray":
+            from ragkit.retrieval.loopback import reexec_with_loopback
+            from ragkit.retrieval.ray_retriever import uses_private_ray
+
+            if uses_private_ray(resolved.ray_address):
+                reexec_with_loopback()  # before any model loads: the driver's Ray listener on 127.0.0.1 too
         with stdout_to_stderr():  # stdout is for the --json report alone
             report = run_training(resolved, arch, resume=resume)
         if int(os.environ.get("RANK", "0")) != 0:

@@ -36,8 +36,15 @@ class _Worker:
         return [[h.to_json() for h in row] for row in hits], vecs
 
 
+def uses_private_ray(address: str | None) -> bool:
+    """Whether `start_ray(address)` would start a private local Ray (no address given, none in $RAY_ADDRESS)."""
+    import os
+
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
-    """Connect to `address` (or $RAY_ADDRESS), else start a private local Ray bound to 127.0.0.1."""
+    """Connect to `address` (or $RAY_ADDRESS), else start a private local Ray on 127.0.0.1 (`loopback`)."""
     import os
 
     try:
@@ -47,10 +54,14 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         if address:
+            from ragkit.retrieval.loopback import prepare_connect
+
+            prepare_connect(address)
             ray.init(address=address, namespace="ragkit", ignore_reinit_error=True)
-        else:  # a private local Ray bound to this machine only
-            ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="ragkit", _node_ip_address="127.0.0.1",
-                     ignore_reinit_error=True, log_to_driver=False)
+        else:
+            from ragkit.retrieval.loopback import init_private_ray
+
+            init_private_ray(ray, num_cpus)
     return ray
 
 

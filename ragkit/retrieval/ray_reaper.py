@@ -1,0 +1,90 @@
+"""Kill a private Ray session once the process that started it is gone: `python -m ragkit.retrieval.ray_reaper`.
+
+Started by `loopback.init_private_ray` with a pipe on stdin whose other end only the driver holds, so
+end-of-file means the driver exited, however it died. Ray's gcs_server and raylet share the driver's
+fate already; its agents (dashboard and runtime-env agents, reparented to init) wait 60 s trying to
+report to the dead GCS, and this kills them at once. While the driver lives, the reaper keeps a list of
+the session's processes (those the driver started, their descendants, anything naming the session
+folder), each with its start time, so that a pid reused by another program is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+Process = tuple[int, int]  # pid, start time in clock ticks since boot
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) from /proc/PID/stat, or None when the process is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    return int(fields[1]), int(fields[19])
+
+
+def _names_session(pid: int, session: str) -> bool:
+    try:
+        return session.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def track(session: str, known: set[Process]) -> set[Process]:
+    """`known` plus every live process whose parent is known or whose command line names `session`."""
+    me = os.getpid()
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != me:
+            stat = _stat(int(entry.name))
+            if stat is not None:
+                stats[int(entry.name)] = stat
+    found = set(known)
+    grew = True
+    while grew:  # descendants of descendants
+        pids = {pid for pid, _ in found}
+        new = {(pid, start) for pid, (ppid, start) in stats.items()
+               if (pid, start) not in found and (ppid in pids or _names_session(pid, session))}
+        found |= new
+        grew = bool(new)
+    return found
+
+
+def alive(processes: set[Process]) -> set[Process]:
+    return {(pid, start) for pid, start in processes if (_stat(pid) or (0, -1))[1] == start}
+
+
+def reap(processes: set[Process], grace_s: float = 2.0) -> None:
+    """SIGTERM the processes still alive (same pid and start time), SIGKILL what is left after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid, _ in alive(processes):
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while sig == signal.SIGTERM and alive(processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def main(argv: list[str]) -> None:
+    session = argv[0]
+    known = {(int(p), stat[1]) for p in argv[1:] if (stat := _stat(int(p))) is not None}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is for the driver
+    stdin = sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
+    while True:
+        known = alive(track(session, known))
+        ready, _, _ = select.select([stdin], [], [], 1.0)
+        if ready and not os.read(stdin.fileno(), 65536):
+            break  # end of file: the driver is gone
+    reap(track(session, known))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
