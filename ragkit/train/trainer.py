@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import resource
 import time
 from collections.abc import Iterator
@@ -21,7 +22,9 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from ragkit.errors import RagkitError, ResourceError
 from ragkit.io.atomic import write_json
+from ragkit.train.checkpoints import mark_complete, resume_checkpoint, rotate
 from ragkit.train.config import TrainConfig
 
 CONFIG_FILE = "ragkit_train_config.json"
@@ -88,8 +91,40 @@ class RagkitTrainer(Trainer):
         write_json(directory / CONFIG_FILE, self.train_config.to_json())
         torch.save(self.args, directory / "training_args.bin")
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Trainer writes checkpoint-N; once every rank has, rank 0 marks it complete, then rotates."""
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            mark_complete(folder, self.state.global_step)
+            rotate(Path(self.args.output_dir), self.train_config.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        self.arch.load(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint))
+        with _unreadable_checkpoint(resume_from_checkpoint, "weights"):
+            self.arch.load(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        with _unreadable_checkpoint(checkpoint, "optimizer or scheduler state"):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        with _unreadable_checkpoint(checkpoint, "RNG state"):
+            super()._load_rng_state(checkpoint)
+
+
+@contextlib.contextmanager
+def _unreadable_checkpoint(checkpoint: str | None, part: str) -> Iterator[None]:
+    """A checkpoint that passed its manifest but still does not load is exit 4 naming it, not a traceback."""
+    try:
+        yield
+    except RagkitError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        raise ResourceError(f"cannot load the {part} of checkpoint {checkpoint}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "),
+                            hint="move the folder aside to resume from the checkpoint before it") from exc
 
 
 @contextlib.contextmanager
@@ -200,7 +235,7 @@ def training_arguments(config: TrainConfig, use_cpu: bool) -> TrainingArguments:
         data_seed=config.seed,
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
+        save_total_limit=None,  # ragkit rotates, after the new checkpoint is marked complete (checkpoints.py)
         save_strategy="steps",
         report_to=[] if config.report_to == "none" else [config.report_to],
         remove_unused_columns=False,
@@ -247,6 +282,11 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / CONFIG_FILE, config.to_json())
     _tracker_location(config.report_to, output)
+    start = None
+    if resume:  # chosen (and checked) before any model loads
+        from ragkit.console import info
+
+        start = str(resume_checkpoint(output, info))
     args = training_arguments(config, use_cpu=device == "cpu")
     # Under torchrun / accelerate, rank 0 builds first (GGUF conversion, RETRO's work folder, index copies)
     # while the other ranks wait, then finds its caches current; the filesystem is assumed shared.
@@ -267,7 +307,7 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    result = trainer.train(resume_from_checkpoint=start)
     wall = time.perf_counter() - began
     trainer.save_model(str(output / "final"))
     steps = result.global_step
