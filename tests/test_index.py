@@ -245,3 +245,21 @@ def test_search_with_vectors_returns_each_hits_stored_vector(tmp_path: Path) -> 
         for hit, vector in zip(row, row_vectors):
             np.testing.assert_allclose(vector, x[int(hit.id[1:])], atol=1e-6)
             assert hit.score == pytest.approx(float(query @ vector), abs=1e-5)
+
+
+def test_a_folder_of_killed_first_build_leftovers_is_an_empty_index_folder(tmp_path: Path) -> None:
+    """Issue 17.6: a first build killed before publishing left .lock, staging and an unlinked version
+    folder; the retry (no --overwrite) builds there and clears them. Someone's own files still stop it."""
+    root = tmp_path / "idx"
+    (root / ".staging-v000001-4242").mkdir(parents=True)
+    (root / ".staging-v000001-4242" / "seg.faiss").write_bytes(os.urandom(1 << 20))
+    (root / "v000001").mkdir()
+    (root / ".lock").touch()
+    x = unit_vectors(40, DIM, seed=1)
+    index = Index.build(root, passages(40), x, ENC)
+    assert len(index) == 40
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".staging")) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UsageError, match="is not a ragkit index"):
+        Index.build(tmp_path / "mine", passages(40), x, ENC)

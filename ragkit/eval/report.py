@@ -13,6 +13,7 @@ from typing import Any
 from ragkit import __version__
 from ragkit.errors import InputError, Location, ResourceError
 from ragkit.io.atomic import write_json
+from ragkit.io.jsonl import read_text
 
 Z95 = 1.959963984540054
 
@@ -86,7 +87,7 @@ def load_report(path: str | Path) -> dict[str, Any]:
     if not p.exists():
         raise ResourceError(f"{p}: no such report")
     try:
-        report = json.loads(p.read_text(encoding="utf-8"))
+        report = json.loads(read_text(p))
     except json.JSONDecodeError as exc:
         raise InputError(Location(str(p), exc.lineno), f"malformed JSON ({exc.msg})") from None
     if not isinstance(report, dict) or "metrics" not in report or "task" not in report:

@@ -11,7 +11,7 @@ from ragkit.errors import InputError, Location, ResourceError
 from ragkit.eval.report import aggregate
 from ragkit.eval.retrieval_metrics import mrr_at_k, ndcg_at_k, recall_at_k
 from ragkit.eval.tasks import Example, Task
-from ragkit.io.jsonl import display_name, read_jsonl
+from ragkit.io.jsonl import display_name, open_text, read_jsonl
 
 PREDICTION_FIELDS = ("output", "prediction", "pred", "answer")
 
@@ -69,7 +69,7 @@ def load_beir(folder: str | Path, split: str = "test") -> tuple[dict[str, str], 
         if not p.exists():
             raise ResourceError(f"{p}: missing (a BEIR folder has queries.jsonl and qrels/{split}.tsv)")
     qrels: dict[str, dict[str, int]] = {}
-    with qrels_path.open(encoding="utf-8") as handle:
+    with open_text(qrels_path) as handle:
         reader = csv.reader(handle, delimiter="\t")
         for lineno, row in enumerate(reader, start=1):
             if lineno == 1 and row and row[0] == "query-id":

@@ -15,7 +15,7 @@ from typing import Any
 
 from ragkit.errors import InputError, Location, UsageError
 from ragkit.eval import qa_metrics as qm
-from ragkit.io.jsonl import display_name, read_jsonl
+from ragkit.io.jsonl import display_name, read_jsonl, read_text
 
 # Self-RAG retrieval_lm/utils.py TASK_INST, for the tasks ragkit formats the same way
 ARC_INSTRUCTION = "Given four answer candidates, A, B, C and D, choose the best answer choice."
@@ -235,7 +235,7 @@ def get_task(name: str) -> Task:
 def iter_examples(task: Task, path: str | Path) -> Iterator[Example]:
     name = display_name(path)
     if str(path).endswith(".json"):  # ALCE ships ASQA as one JSON list (or {"data": [...]})
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
         rows = data["data"] if isinstance(data, dict) and "data" in data else data
         source: Iterator[tuple[int, dict[str, Any]]] = ((i, r) for i, r in enumerate(rows, start=1))
     else:

@@ -201,7 +201,7 @@ class Index:
             raise UsageError(f"--metric {metric}: expected one of {', '.join(fv.METRICS)}")
         if root.exists() and not root.is_dir():
             raise UsageError(f"{root}: exists and is not a directory")
-        if root.is_dir() and any(root.iterdir()) and not cls.exists(root):
+        if root.is_dir() and not cls.exists(root) and not layout.only_leftovers(root):
             raise UsageError(f"{root}: exists, is not empty and is not a ragkit index; refusing to write into it")
         if cls.exists(root) and not overwrite:
             raise UsageError(f"{root}: an index is already there", hint="Use --overwrite, or `ragkit index add`.")

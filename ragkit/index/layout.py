@@ -91,6 +91,15 @@ def publish(root: Path, staging: Path, version: int) -> Path:
     return final
 
 
+def only_leftovers(root: Path) -> bool:
+    """Whether `root` holds nothing but what killed ragkit writers leave (the lock, staging folders, a
+    version folder never made current): such a folder is an empty index folder, not someone's data."""
+    if (root / CURRENT).exists() or (root / CURRENT).is_symlink():
+        return False
+    return all(item.name == LOCK or _VERSION_RE.match(item.name) or item.name.startswith((".staging-", ".current-"))
+               for item in root.iterdir())
+
+
 def remove_stale(root: Path) -> None:
     """Delete every version and staging folder except the live one."""
     live = current_version_dir(root)

@@ -70,8 +70,35 @@ def _read_jsonl_passages(path: str | Path) -> Iterator[tuple[int, Passage]]:
         yield lineno, _passage_from_json(obj, Location(name, lineno))
 
 
+# Header names of the TSV corpora in use (DPR's psgs_w100: id/text/title; Pyserini/MS MARCO: docid/contents,
+# pid/passage), mapped to ragkit's fields.
+TSV_COLUMNS = {"id": "id", "_id": "id", "docid": "id", "doc_id": "id", "pid": "id",
+               "text": "text", "contents": "text", "passage": "text", "body": "text", "title": "title"}
+
+
+def _tsv_header(row: list[str], where: Location) -> list[str] | None:
+    """Column names when `row` is a header, else None (a data row: DPR files come with or without one).
+
+    A first row whose first cell is an id column name is a header; it must name a text column too, and a
+    column that is neither is kept under its own name (metadata), never mapped by position."""
+    names = [cell.strip().lower() for cell in row]
+    if not names or TSV_COLUMNS.get(names[0]) != "id":
+        if len(names) >= 2 and all(name in TSV_COLUMNS for name in names[1:]):  # "key\ttext\ttitle"
+            raise InputError(where, f"the header's first column '{row[0]}' is not an id column "
+                                    f"({', '.join(k for k, v in TSV_COLUMNS.items() if v == 'id')})")
+        return None
+    mapped = [TSV_COLUMNS.get(name, cell.strip()) for name, cell in zip(names, row)]
+    if "text" not in mapped:
+        raise InputError(where, f"the header names no text column (one of {', '.join(k for k, v in TSV_COLUMNS.items() if v == 'text')})",
+                         hint="name the columns id, text, title (DPR's psgs_w100 layout)")
+    if len(set(mapped)) != len(mapped):
+        raise InputError(where, f"the header maps two columns to one field: {row}")
+    return mapped
+
+
 def _read_tsv_passages(path: Path) -> Iterator[tuple[int, Passage]]:
-    """DPR `psgs_w100.tsv`: columns id, text, title, with or without that header row."""
+    """DPR `psgs_w100.tsv`: columns id, text, title, with or without that header row (or a header of
+    known names in any order: docid/contents, pid/passage, ...)."""
     name = str(path)
     csv.field_size_limit(sys.maxsize)
     with open_text(path) as handle:
@@ -80,8 +107,8 @@ def _read_tsv_passages(path: Path) -> Iterator[tuple[int, Passage]]:
         for lineno, row in enumerate(reader, start=1):
             if not row or all(not cell.strip() for cell in row):
                 continue
-            if lineno == 1 and "id" in row and "text" in row:
-                columns = row
+            if lineno == 1 and (header := _tsv_header(row, Location(name, 1))) is not None:
+                columns = header
                 continue
             if len(row) < 2:
                 raise InputError(Location(name, lineno), f"expected at least 2 tab-separated columns (id, text), got {len(row)}")

@@ -11,16 +11,84 @@ from typing import IO, Any
 from ragkit.errors import InputError, Location, ResourceError
 
 
-def open_text(path: str | Path) -> IO[str]:
-    """Open a text file, or stdin for '-'."""
-    if str(path) == "-":
-        return sys.stdin
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_UTF8_BOM = b"\xef\xbb\xbf"
+_CONVERT = "convert it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8 FILE > FILE.utf8)"
+
+
+def _decode_line(raw: bytes, name: str, lineno: int) -> str:
+    """One line of UTF-8 (a BOM on line 1 dropped); anything else is an InputError at that file and line."""
+    if lineno == 1:
+        if raw.startswith(_UTF16_BOMS):
+            raise InputError(Location(name, 1), "the file is UTF-16, expected UTF-8",
+                             hint="convert it: iconv -f UTF-16 -t UTF-8 FILE > FILE.utf8")
+        raw = raw.removeprefix(_UTF8_BOM)
+    if b"\0" in raw:
+        column = raw.index(b"\0") + 1
+        raise InputError(Location(name, lineno), f"NUL byte at column {column}: a binary file, "
+                                                 "or UTF-16 text without its byte-order mark?", hint=_CONVERT)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(Location(name, lineno), f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                                 f"{exc.start + 1})", hint=_CONVERT) from None
+
+
+class Utf8Lines:
+    """A text file read as checked UTF-8 lines: iterate it (csv.reader can), close it.
+
+    Python's text mode raises a bare UnicodeDecodeError with a byte offset and no line, from deep inside
+    whatever reads the file (a tokenizer, for stdin); decoding line by line here names the file and line."""
+
+    def __init__(self, raw: IO[bytes], name: str, *, owned: bool) -> None:
+        self.raw, self.name, self.owned = raw, name, owned
+
+    def __iter__(self) -> Iterator[str]:
+        for lineno, line in enumerate(self.raw, start=1):
+            yield _decode_line(line, self.name, lineno)
+
+    def close(self) -> None:
+        if self.owned:
+            self.raw.close()
+
+    def __enter__(self) -> Utf8Lines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _existing_file(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise ResourceError(f"{p}: no such file", hint="Check the path.")
     if p.is_dir():
         raise ResourceError(f"{p}: is a directory, expected a file")
-    return open(p, encoding="utf-8")
+    return p
+
+
+def open_text(path: str | Path) -> Utf8Lines:
+    """A text file, or stdin for '-', as checked UTF-8 lines."""
+    if str(path) == "-":
+        return Utf8Lines(sys.stdin.buffer, "<stdin>", owned=False)
+    return Utf8Lines(open(_existing_file(path), "rb"), str(path), owned=True)
+
+
+def read_text(path: str | Path) -> str:
+    """A whole text file (JSON, YAML, plain lines) as checked UTF-8: an error names the file and line."""
+    p = _existing_file(path)
+    raw = p.read_bytes()
+    if raw.startswith(_UTF16_BOMS) or b"\0" in raw:
+        for lineno, line in enumerate(raw.split(b"\n"), start=1):
+            _decode_line(line, str(p), lineno)  # raises, naming the line
+    body = raw.removeprefix(_UTF8_BOM)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        line_start = body.rfind(b"\n", 0, bad.start) + 1
+        raise InputError(Location(str(p), body.count(b"\n", 0, bad.start) + 1),
+                         f"not UTF-8 text (byte 0x{body[bad.start]:02x} at column {bad.start - line_start + 1})",
+                         hint=_CONVERT) from None
 
 
 def display_name(path: str | Path) -> str:
@@ -42,8 +110,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]
     Queries, questions and id lists accept both, so a plain `echo "question" | ragkit ...` works.
     """
     name = display_name(path)
-    handle = open_text(path)
-    try:
+    with open_text(path) as handle:
         for lineno, line in enumerate(handle, start=1):
             text = line.strip()
             if not text:
@@ -56,9 +123,6 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]
             except json.JSONDecodeError as exc:
                 raise InputError(Location(name, lineno), f"malformed JSON ({exc.msg} at column {exc.colno})") from None
             yield lineno, obj
-    finally:
-        if handle is not sys.stdin:
-            handle.close()
 
 
 def write_jsonl_line(obj: dict[str, Any], out: IO[str] | None = None) -> None:

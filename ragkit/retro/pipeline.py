@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ragkit.io.jsonl import open_text, read_text
 from ragkit.console import progress
 from ragkit.errors import InputError, Location, ResourceError, UsageError
 from ragkit.io.atomic import atomic_open, write_json
@@ -82,7 +83,7 @@ def read_documents(files: list[Path]) -> Iterator[Document]:
     """One document per text file, or per JSONL line (its `text` field)."""
     for path in files:
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as handle:
+            with open_text(path) as handle:
                 for number, line in enumerate(handle, 1):
                     if not line.strip():
                         continue
@@ -94,10 +95,7 @@ def read_documents(files: list[Path]) -> Iterator[Document]:
                         raise InputError(Location(str(path), number, "text"), "missing or not a string")
                     yield Document(f"{path}:{number}", row["text"])
         else:
-            try:
-                yield Document(str(path), path.read_text(encoding="utf-8"))
-            except UnicodeDecodeError as exc:
-                raise InputError(Location(str(path)), f"not UTF-8 text (byte {exc.start})") from None
+            yield Document(str(path), read_text(path))
 
 
 def files_digest(files: list[Path]) -> str:

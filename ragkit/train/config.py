@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ragkit.io.jsonl import read_text
 from ragkit.errors import InputError, Location, ResourceError, UsageError
 
 ARCHS = ("rag", "selfrag-critic", "selfrag", "retro", "embedder")
@@ -158,7 +159,7 @@ def _check_deepspeed_config(path: Path) -> None:
     """A DeepSpeed config must be a JSON object; every ZeRO stage works (tested on two CPU ranks for each
     architecture: stage 2 and 3 reach the weights plain DDP reaches)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except (OSError, ValueError) as exc:
         raise InputError(Location(str(path)), f"not a DeepSpeed JSON config: {exc}") from None
     if not isinstance(data, dict):
@@ -169,7 +170,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise ResourceError(f"{p}: no such config file")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p)
     try:
         if p.suffix == ".toml":
             import tomllib

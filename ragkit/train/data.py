@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ragkit.errors import InputError, Location, ResourceError
-from ragkit.io.jsonl import read_jsonl
+from ragkit.io.jsonl import read_jsonl, read_text
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ def _read_source_target(folder: Path, split: str) -> list[Pair]:
     for f in (source, target):
         if not f.exists():
             raise ResourceError(f"{f}: missing (the HF RAG layout has {split}.source and {split}.target)")
-    questions = source.read_text(encoding="utf-8").split("\n")
-    answers = target.read_text(encoding="utf-8").split("\n")
+    questions = read_text(source).split("\n")
+    answers = read_text(target).split("\n")
     if questions and questions[-1] == "":
         questions.pop()
     if answers and answers[-1] == "":

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ragkit.errors import InputError, Location, ResourceError, UsageError
-from ragkit.io.jsonl import read_jsonl
+from ragkit.io.jsonl import open_text, read_jsonl
 from ragkit.train.config import TrainConfig
 from ragkit.train.trainer import ListDataset
 
@@ -68,7 +68,7 @@ def _read_beir_pairs(folder: Path, split: str) -> list[TrainingPair]:
         if not f.exists():
             raise ResourceError(f"{f}: missing (a BEIR folder has corpus.jsonl, queries.jsonl and qrels/{split}.tsv)")
     relevant: dict[str, list[str]] = {}
-    with qrels_path.open(encoding="utf-8") as handle:
+    with open_text(qrels_path) as handle:
         for lineno, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
             if lineno == 1 and row and row[0] == "query-id":
                 continue

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ragkit.errors import InputError, Location, ResourceError
-from ragkit.io.jsonl import read_jsonl
+from ragkit.io.jsonl import read_jsonl, read_text
 from ragkit.models.selfrag.tokens import CRITIC_PROMPT, PARAGRAPH_CLOSE, PARAGRAPH_OPEN, generator_prompt
 
 IGNORE = -100
@@ -31,7 +31,7 @@ def read_instruction_data(path: str | Path) -> list[InstructionExample]:
         raise ResourceError(f"{p}: no such file")
     if p.suffix == ".json":
         try:
-            items = json.loads(p.read_text(encoding="utf-8"))
+            items = json.loads(read_text(p))
         except ValueError as exc:
             raise InputError(Location(str(p)), f"not valid JSON ({exc})") from None
         if not isinstance(items, list):
