@@ -63,6 +63,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or a
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per encoder forward pass.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="Faiss CPU threads (0 = Faiss default).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="If another process is changing the index, queue behind it instead of exiting 4 at once.")]
 RetrievalModeOpt = Annotated[str, typer.Option("--retrieval-mode", help="dense (embedder + Faiss), sparse (BM25 side of the index) or hybrid (both, fused).")]
 FusionOpt = Annotated[str, typer.Option("--fusion", help="Hybrid fusion: rrf (reciprocal rank, k=60) or score (min-max normalised scores).")]
 DenseWeightOpt = Annotated[float, typer.Option("--dense-weight", min=0.0, max=1.0, help="Hybrid: the dense side's share (0 = BM25 only, 1 = dense only).")]

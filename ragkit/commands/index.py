@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ragkit.commands._common import DenseWeightOpt, EncoderBackendOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, handle_errors
+from ragkit.commands._common import DenseWeightOpt, EncoderBackendOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, WaitOpt, handle_errors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -99,6 +99,7 @@ def build(
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
+    wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Build an index from a corpus (embedding it) or from precomputed embedding shards.
@@ -125,8 +126,12 @@ def build(
         from ragkit.io.jsonl import display_name
         from ragkit.models.encoder import Encoder, resolve_device
 
+        from ragkit.index.layout import refuse_if_busy
+
         parsed = parse_spec(spec)
         budget = parse_memory(max_memory)
+        Index.check_target(output, metric=metric, overwrite=overwrite)  # before a model loads or a line is read
+        refuse_if_busy(output, wait)
         from ragkit.index.released import import_released, released_files
 
         released = embeddings is not None and bool(released_files(embeddings))
@@ -170,6 +175,7 @@ def add(
     corpus: Annotated[str, typer.Argument(help="Passages to add; an existing id is replaced (upsert). - for stdin.")],
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
+    wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Add or replace passages by id, embedding them with the index's own model.
@@ -185,7 +191,10 @@ def add(
         from ragkit.io.corpus import read_passages
         from ragkit.models.encoder import Encoder
 
+        from ragkit.index.layout import refuse_if_busy
+
         index = Index.open(index_dir)
+        refuse_if_busy(index.root, wait)  # before reading and embedding; a writer that sneaks in after is rebased over
         passages = read_passages(corpus)
         built = index.encoder
         encoder = Encoder(built.name, device=device, normalize=built.normalize, max_seq_length=built.max_seq_length)
@@ -203,6 +212,7 @@ def remove(
     index_dir: IndexDir,
     ids: Annotated[str | None, typer.Option("--ids", help="Comma-separated passage ids.")] = None,
     ids_file: Annotated[str | None, typer.Option("--ids-file", help="File with one id per line (or JSONL with `id`); - for stdin.")] = None,
+    wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove passages by id (ids that are not there are reported, not an error).
@@ -225,7 +235,10 @@ def remove(
             wanted += _read_ids(ids_file)
         if not wanted:
             raise UsageError("give --ids a,b,c or --ids-file FILE")
+        from ragkit.index.layout import refuse_if_busy
+
         index = Index.open(index_dir)
+        refuse_if_busy(index.root, wait)
         report = index.remove(wanted)
         if report.missing:
             shown = ", ".join(report.missing[:5]) + (" ..." if len(report.missing) > 5 else "")
@@ -342,6 +355,7 @@ def refresh(
     backend: EncoderBackendOpt = "torch",
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
+    wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-embed every passage with a new embedder and swap the vectors in place (same spec, same ids).
@@ -357,7 +371,10 @@ def refresh(
         from ragkit.index import Index
         from ragkit.models.encoder import Encoder, Throughput, resolve_device
 
+        from ragkit.index.layout import refuse_if_busy
+
         index = Index.open(index_dir)
+        refuse_if_busy(index.root, wait)
         encoder = Encoder(model, device=resolve_device(device), normalize=index.encoder.normalize, backend=backend)
         meter = Throughput()
         with progress() as bar:
@@ -379,6 +396,7 @@ def sparse_cmd(
     index_dir: IndexDir,
     bm25_k1: Annotated[float, typer.Option("--bm25-k1", min=0.0, help="BM25 k1.")] = 1.5,
     bm25_b: Annotated[float, typer.Option("--bm25-b", min=0.0, max=1.0, help="BM25 b.")] = 0.75,
+    wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Give an existing index a BM25 side (or rebuild it with new parameters), as a new atomic version.
@@ -393,13 +411,16 @@ def sparse_cmd(
         from ragkit.index import Index
         from ragkit.index.sparse import SparseConfig
 
+        from ragkit.index.layout import refuse_if_busy
+
         index = Index.open(index_dir)
+        refuse_if_busy(index.root, wait)
         index.add_sparse(SparseConfig(k1=bm25_k1, b=bm25_b))
         _print_summary({k: index.info()[k] for k in ("path", "version", "passages", "sparse", "bytes_on_disk")}, as_json)
 
 
 @app.command("compact")
-def compact_cmd(index_dir: IndexDir, as_json: JsonOpt = False) -> None:
+def compact_cmd(index_dir: IndexDir, wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
     """Fold the delta segments back into one base and drop tombstones (a new atomic version).
 
     Changes (add, remove) write small delta segments; ragkit folds them by itself past 8 deltas (the base
@@ -414,7 +435,10 @@ def compact_cmd(index_dir: IndexDir, as_json: JsonOpt = False) -> None:
 
         from ragkit.index import Index
 
+        from ragkit.index.layout import refuse_if_busy
+
         index = Index.open(index_dir)
+        refuse_if_busy(index.root, wait)
         before = index.info()
         began = time.perf_counter()
         index.compact()

@@ -197,14 +197,7 @@ class Index:
         often as needed; the index is published when the block ends (`build.index` opens it). Nothing
         is published if the block raises."""
         root = Path(root)
-        if metric not in fv.METRICS:
-            raise UsageError(f"--metric {metric}: expected one of {', '.join(fv.METRICS)}")
-        if root.exists() and not root.is_dir():
-            raise UsageError(f"{root}: exists and is not a directory")
-        if root.is_dir() and not cls.exists(root) and not layout.only_leftovers(root):
-            raise UsageError(f"{root}: exists, is not empty and is not a ragkit index; refusing to write into it")
-        if cls.exists(root) and not overwrite:
-            raise UsageError(f"{root}: an index is already there", hint="Use --overwrite, or `ragkit index add`.")
+        cls.check_target(root, metric=metric, overwrite=overwrite)
         parsed = parse_spec(spec) if isinstance(spec, str) else spec
         fv.set_threads(threads)
         with layout.writer_lock(root):
@@ -240,6 +233,20 @@ class Index:
         build.index = cls.open(root, device=device)
 
     @classmethod
+    def check_target(cls, root: str | Path, *, metric: str = "ip", overwrite: bool = False) -> None:
+        """What `create` refuses about where it writes, checked alone so that a command can refuse before it
+        loads a model or reads the corpus."""
+        root = Path(root)
+        if metric not in fv.METRICS:
+            raise UsageError(f"--metric {metric}: expected one of {', '.join(fv.METRICS)}")
+        if root.exists() and not root.is_dir():
+            raise UsageError(f"{root}: exists and is not a directory")
+        if root.is_dir() and not cls.exists(root) and not layout.only_leftovers(root):
+            raise UsageError(f"{root}: exists, is not empty and is not a ragkit index; refusing to write into it")
+        if cls.exists(root) and not overwrite:
+            raise UsageError(f"{root}: an index is already there", hint="Use --overwrite, or `ragkit index add`.")
+
+    @classmethod
     def build(
         cls,
         root: str | Path,
@@ -263,11 +270,19 @@ class Index:
     def _change(self, edit: Callable[["Draft", ChangeReport], None], *, manifest: dict[str, Any] | None = None,
                 auto_compact: bool = True) -> ChangeReport:
         """Stage a new version from this one (its segments linked over), let `edit` add to it, compact when
-        the thresholds say so, and publish it."""
+        the thresholds say so, and publish it.
+
+        A change that only adds, replaces or removes passages (no manifest of its own) is rebased when
+        another writer published meanwhile: `edit` reads the index it is given, so it applies as well to
+        the newer version, and nothing either writer did is lost."""
+        rebase = manifest is None
         manifest = dict(self.manifest if manifest is None else manifest)
         with layout.writer_lock(self.root):
             if layout.current_version_dir(self.root) != self.version_dir:
-                raise ResourceError(f"{self.root}: changed by another writer since it was opened; open it again")
+                if not rebase:
+                    raise ResourceError(f"{self.root}: changed by another writer since it was opened; open it again")
+                self._rebase()
+                manifest = dict(self.manifest)
             layout.remove_stale(self.root)
             version = layout.next_version(self.root)
             staging = layout.new_staging_dir(self.root, version)
@@ -288,6 +303,15 @@ class Index:
                 raise
         self._reopen()
         return report
+
+    def _rebase(self) -> None:
+        """Move this handle to the version another writer published; refused when that writer changed the
+        embedder (a refresh): vectors made for the old model cannot join the new one."""
+        encoder = self.manifest["encoder"]
+        self._reopen()
+        if self.manifest["encoder"] != encoder:
+            raise ResourceError(f"{self.root}: re-embedded by another writer (a refresh) since it was opened",
+                                hint="run the command again: it embeds with the index's new model")
 
     def _ensure_template(self, draft: "Draft") -> None:
         """A format-1 index has no template: take the base's trained state, emptied."""

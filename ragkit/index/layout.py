@@ -114,24 +114,72 @@ def remove_stale(root: Path) -> None:
                     item.unlink()
 
 
-@contextlib.contextmanager
-def writer_lock(root: Path) -> Iterator[None]:
-    """One writer at a time per index directory (readers never lock). The lock file is opened without
-    following a symlink and without truncation: a crafted `.lock` cannot make a writer touch another file."""
+def _open_lock(root: Path, flags: int) -> int:
+    """The lock file, opened without following a symlink; refused when it is not a regular file."""
     import stat
 
     from ragkit.errors import ResourceError
 
-    root.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(root / LOCK, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as exc:
         raise ResourceError(f"{root / LOCK}: cannot be used as the writer lock ({exc.strerror}; a symlink?)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ResourceError(f"{root / LOCK}: the writer lock is not a regular file")
+    return fd
+
+
+def _holder(fd: int) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(os.pread(fd, 32, 0).decode().strip() or 0)
+        if pid:
+            return f" (pid {pid})"
+    return ""
+
+
+def busy_writer(root: Path) -> str | None:
+    """None when no writer holds `root`'s lock, else who does ("pid N" when known). Commands ask this
+    before the expensive part (embedding), so that a second writer fails or queues before doing work."""
+    if not (root / LOCK).is_file() or (root / LOCK).is_symlink():
+        return None
+    fd = _open_lock(root, os.O_RDONLY)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ResourceError(f"{root / LOCK}: the writer lock is not a regular file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f"another ragkit process{_holder(fd)}"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def refuse_if_busy(root: Path, wait: bool) -> None:
+    """Exit 4 at once when another writer holds the index, unless `wait` (then the write queues)."""
+    from ragkit.console import info
+    from ragkit.errors import ResourceError
+
+    who = busy_writer(root) if root.is_dir() else None
+    if who is None:
+        return
+    if not wait:
+        raise ResourceError(f"{root}: {who} is changing this index", hint="rerun with --wait to queue behind it")
+    info(f"{root}: {who} is changing this index; waiting for it (--wait)")
+
+
+@contextlib.contextmanager
+def writer_lock(root: Path) -> Iterator[None]:
+    """One writer at a time per index directory (readers never lock); a second writer waits here. The lock
+    file is opened without following a symlink and without truncation: a crafted `.lock` cannot make a
+    writer touch another file. The holder's pid is written into it for the messages of other writers."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = _open_lock(root, os.O_RDWR | os.O_CREAT)
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ragkit.errors import ResourceError, UsageError
-from ragkit.models.registry import ModelRef, missing_model_error, quiet_transformers, resolve
+from ragkit.models.registry import ALIASES, ModelRef, materialize, missing_model_error, quiet_transformers, resolve
 
 
 @dataclass(frozen=True)
@@ -108,13 +108,15 @@ class Encoder:
         self.ref: ModelRef = resolve(name)
         self.device = resolve_device(device)
         try:
-            self.model = _load_sentence_transformer(self.ref.location, self.device, trust_remote_code)
+            self.model = _load_sentence_transformer(materialize(self.ref), self.device, trust_remote_code)
         except (OSError, ValueError, RuntimeError) as exc:
             raise missing_model_error(self.ref, exc) from exc
         if max_seq_length is not None:
             self.model.max_seq_length = max_seq_length
         self.normalize = normalize
-        self.name = name
+        # what an index records: a folder by its absolute path, so that `index add`/`search` from another
+        # directory finds it; hub ids and the shipped aliases as typed (they resolve anywhere)
+        self.name = self.ref.location if self.ref.kind == "local" and name.lower() not in ALIASES else name
         self.backend = backend
         if backend == "int8":
             from ragkit.models.quantize import quantize_int8_dynamic

