@@ -99,3 +99,37 @@ def test_an_index_built_with_a_relative_model_path_works_from_another_directory(
     assert result.exit_code == 0, result.stderr
     assert run("index", "add", tmp_path / "idx", write_jsonl(tmp_path / "n.jsonl", [{"id": "n", "text": "x"}]),
                "--device", "cpu").exit_code == 0
+
+
+def test_memory_follows_the_index_not_k_or_the_query_length(tmp_path: Path, tiny_encoder_path: Path) -> None:
+    """17.11: --k 10^9 on a 30-passage index (dense and BM25) answers with the 30; a 4 MB query is cut to
+    what the embedder reads instead of being tokenised whole."""
+    import resource
+
+    from ragkit.index.sparse import SparseConfig
+    from ragkit.models.encoder import Encoder
+
+    index = Index.build(tmp_path / "idx", passages(30), unit_vectors(30, 16, seed=0), ENC)
+    index.add_sparse(SparseConfig())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert len(index.search(unit_vectors(2, 16, seed=1), 10**9)[0]) == 30
+    assert len(index.search_sparse(["text p 3", "text"], 10**9)[1]) == 30
+    encoder = Encoder(str(tiny_encoder_path), device="cpu")
+    said: list[str] = []
+    import ragkit.console
+
+    original = ragkit.console.info
+    ragkit.console.info = said.append
+    try:
+        began = time.monotonic()
+        long = encoder.encode_queries(["river " * 700_000])
+        assert time.monotonic() - began < 10
+    finally:
+        ragkit.console.info = original
+    import numpy as np
+
+    # the cut changes nothing the embedder reads: it truncates "river " x 100 to the same tokens
+    assert len("river " * 100) < 64 * encoder.CHARS_PER_TOKEN_BOUND and encoder.model.max_seq_length <= 64
+    np.testing.assert_allclose(long, encoder.encode_queries(["river " * 100]), atol=1e-5)
+    assert said and "was cut to" in said[0]
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 < 600 * 2**20

@@ -473,6 +473,7 @@ class Index:
         queries = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         if queries.shape[1] != self.dim:
             raise ResourceError(f"query vectors have dimension {queries.shape[1]}, the index holds {self.dim}")
+        k = min(k, max(1, sum(segment.rows for segment in self.segments)))  # memory follows the index, not --k
         parts = [segment.search(queries, k) for segment in self._searchers()]
         parts = [p for p in parts if p[1].shape[1]]
         if not parts:

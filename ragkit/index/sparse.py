@@ -86,6 +86,8 @@ class SparseSide:
     def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         import bm25s
 
+        k = min(k, max(1, len(self.vids)))  # memory follows the corpus, not --k
+        queries = [q[:MAX_QUERY_CHARS] for q in queries]
         scores = np.zeros((len(queries), k), dtype=np.float32)
         vids = np.full((len(queries), k), -1, dtype=np.int64)
         if self.retriever is None or not queries:
@@ -100,6 +102,9 @@ class SparseSide:
             scores[q, :n] = found[q][keep]
             vids[q, :n] = self.vids[rows[q][keep]]
         return scores, vids
+
+
+MAX_QUERY_CHARS = 65536  # a BM25 query longer than this is a document, not a query; cut to bound its cost
 
 
 def sparse_files(version_dir: Path) -> list[str]:

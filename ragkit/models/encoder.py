@@ -149,7 +149,7 @@ class Encoder:
         dim = self.info.dim
         out = np.empty((len(texts), dim), dtype=np.float32)
         for start in range(0, len(texts), block_size):
-            block = list(texts[start : start + block_size])
+            block = [self._bounded(t) for t in texts[start : start + block_size]]
             out[start : start + len(block)] = self.model.encode(
                 block,
                 batch_size=batch_size,
@@ -160,6 +160,22 @@ class Encoder:
             if on_block is not None:
                 on_block(len(block))
         return out
+
+    CHARS_PER_TOKEN_BOUND = 32  # no tokenizer in use makes tokens this long on average
+
+    def _bounded(self, text: str) -> str:
+        """The text cut to what the model can read: it truncates to max_seq_length tokens anyway, but the
+        tokenizer would first tokenise all of it (a 10 MB query took 2.1 GB). Says so, once."""
+        limit = (self.model.max_seq_length or 512) * self.CHARS_PER_TOKEN_BOUND
+        if len(text) <= limit:
+            return text
+        if not getattr(self, "_said_truncated", False):
+            from ragkit.console import info
+
+            info(f"warning: a text of {len(text):,} characters was cut to {limit:,}: the embedder reads "
+                 f"{self.model.max_seq_length} tokens")
+            self._said_truncated = True
+        return text[:limit]
 
     def encode_queries(self, queries: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
         return self.encode(queries, batch_size=batch_size)
