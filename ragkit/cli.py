@@ -66,10 +66,30 @@ app.command("env")(env_cmd.env)
 
 def main() -> None:
     """The `ragkit` program itself (console script, `python -m ragkit.cli`), as opposed to `app` run in-process."""
+    import sys
+
+    # typer >= 0.2x vendors click; its exception classes live there (typer re-exports only Exit and Abort)
+    from typer._click import exceptions as click
+
     from ragkit.retrieval import loopback
 
     loopback.allow_reexec()
-    app()
+    try:
+        code = app(standalone_mode=False, prog_name="ragkit")
+    except click.NoArgsIsHelpError as exc:  # `ragkit index`: the help, as click would print it
+        click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+        code = 2
+    except click.UsageError as exc:  # a bad option value: one line, like every other ragkit error
+        where = exc.ctx.command_path if exc.ctx else "ragkit"
+        sys.stderr.write(f"Error: {exc.format_message()}\nHint: see `{where} --help`.\n")
+        code = 2
+    except typer.Abort:
+        sys.stderr.write("Error: interrupted\n")
+        code = 130
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

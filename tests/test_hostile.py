@@ -133,3 +133,129 @@ def test_memory_follows_the_index_not_k_or_the_query_length(tmp_path: Path, tiny
     np.testing.assert_allclose(long, encoder.encode_queries(["river " * 100]), atol=1e-5)
     assert said and "was cut to" in said[0]
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 < 600 * 2**20
+
+
+def _corrupt(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(bytes(raw))  # same size: only a checksum (or a plausibility check) can tell
+
+
+def test_a_same_size_bit_flip_in_a_large_vectors_file_is_refused_at_search(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """17.4: above the hashed-on-open size only sizes are checked; the scores give the corruption away."""
+    import numpy as np
+
+    import ragkit.index.index as index_module
+    from ragkit.errors import ResourceError
+
+    monkeypatch.setattr(index_module, "VERIFY_ON_OPEN_BYTES", 0)  # as if the base were larger than 16 MiB
+    x = unit_vectors(40, 16, seed=0)
+    index = Index.build(tmp_path / "idx", passages(40), x, ENC)
+    vectors = index.version_dir / index.segments[0].meta.vectors
+    stored = np.ascontiguousarray(x[-1], dtype=np.float32).tobytes()
+    offset = vectors.read_bytes().find(stored)  # the last passage's vector inside the Faiss file
+    assert offset > 0
+    _corrupt(vectors, offset, np.full(16, 100.0, np.float32).tobytes())
+    reopened = Index.open(tmp_path / "idx")
+    with pytest.raises(ResourceError, match="impossible score .* a vectors file is corrupted"):
+        reopened.search(np.full((1, 16), 0.25, np.float32), 5)
+    assert Index.open(tmp_path / "idx").verify() == [vectors.name]
+
+
+def test_damaged_index_files_are_exit_4_naming_the_file(tmp_path: Path, tiny_encoder_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """17.12: a manifest without its keys, a Faiss file with an impossible ntotal, a corrupt passage store."""
+    import json
+
+    import ragkit.index.index as index_module
+
+    monkeypatch.setattr(index_module, "VERIFY_ON_OPEN_BYTES", 0)
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_passages(30))
+    assert run("index", "build", corpus, "-o", tmp_path / "good", "-m", tiny_encoder_path, "--device", "cpu").exit_code == 0
+    import shutil
+
+    def damaged(name: str, change) -> Path:
+        root = tmp_path / name
+        shutil.copytree(tmp_path / "good", root, symlinks=True)
+        change((root / "current").resolve())
+        return root
+
+    def drop_segments(v: Path) -> None:
+        manifest = json.loads((v / "manifest.json").read_text())
+        del manifest["segments"]
+        (v / "manifest.json").write_text(json.dumps(manifest))
+
+    def impossible_ntotal(v: Path) -> None:  # every Faiss header: d (int32), then ntotal (int64)
+        path = v / "seg-000001.faiss"
+        header = (32).to_bytes(4, "little") + (30).to_bytes(8, "little")
+        raw = path.read_bytes()
+        assert header in raw
+        path.write_bytes(raw.replace(header, (32).to_bytes(4, "little") + (10**12).to_bytes(8, "little")))
+
+    cases = {
+        "manifest": (drop_segments, "malformed manifest (missing key 'segments')"),
+        "ntotal": (impossible_ntotal, "seg-000001.faiss: not a readable Faiss index"),
+        "sqlite": (lambda v: _corrupt(v / "seg-000001.sqlite", 100, b"\xff" * 3900), "passage store is unreadable"),
+    }
+    for name, (change, message) in cases.items():
+        root = damaged(name, change)
+        result = run("index", "search", root, "-q", "-", "--device", "cpu", input="river king\n")
+        assert result.exit_code == 4, (name, result.output[-800:])
+        assert message in result.stderr, (name, result.stderr)
+
+
+def test_a_bad_option_value_is_one_error_line_and_a_hint_not_a_box(tmp_path: Path) -> None:
+    out = subprocess.run([*RAGKIT, "index", "search", str(tmp_path), "--k", "abc"], capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[0].startswith("Error: Invalid value for '--k'") and lines[1] == "Hint: see `ragkit index search --help`."
+    assert len(lines) == 2 and "╭" not in out.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-steps", "-5"], "--max-steps -5: must be positive"),
+    (["--config", "BATCH0"], "--batch-size 0: must be positive"),  # a config file skips the flag's own check
+    (["--config", "DROP"], "--lora-dropout 1.5: must be between 0 and 1"),
+])
+def test_numbers_outside_their_meaning_are_refused(args: list[str], message: str, tmp_path: Path) -> None:
+    (tmp_path / "batch0.yaml").write_text("arch: rag\nbatch_size: 0\n")
+    (tmp_path / "drop.yaml").write_text("arch: rag\nlora_dropout: 1.5\n")
+    files = {"BATCH0": str(tmp_path / "batch0.yaml"), "DROP": str(tmp_path / "drop.yaml")}
+    args = [files.get(a, a) for a in args]
+    result = run("train", "--arch", "rag", "--data", tmp_path / "none.jsonl", "-o", tmp_path / "r", *args)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_config_files_with_syntax_errors_name_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "run.yaml"
+    bad.write_text("arch: rag\n  bad: [\n")
+    result = run("train", "--config", bad, "-o", tmp_path / "r")
+    assert result.exit_code == 3 and f"{bad}:2:" in result.stderr
+
+
+def test_nan_in_input_is_refused_and_never_written(tmp_path: Path) -> None:
+    path = tmp_path / "nan.jsonl"
+    path.write_text('{"id": "1", "text": "x", "score": NaN}\n')
+    result = run("index", "build", path, "-o", tmp_path / "idx", "-m", "minilm")
+    assert result.exit_code == 3 and "NaN is not JSON" in result.stderr
+
+
+def test_qrels_scores_written_as_integral_floats_are_read(tmp_path: Path) -> None:
+    from ragkit.errors import InputError
+    from ragkit.io.qrels import read_qrels
+
+    path = tmp_path / "test.tsv"
+    path.write_text("query-id\tcorpus-id\tscore\nq1\tp1\t1.0\nq1\tp2\t0\n")
+    assert read_qrels(path) == {"q1": {"p1": 1, "p2": 0}}
+    path.write_text("q1\tp1\t0.5\n")
+    with pytest.raises(InputError, match=r"test\.tsv:1: field 'score'"):
+        read_qrels(path)
+
+
+def test_outputs_of_the_wrong_kind_are_refused_before_any_work(tmp_path: Path) -> None:
+    target = write_jsonl(tmp_path / "c.jsonl", make_passages(3))
+    result = run("embed", target, "-o", target, "-m", "no-such/model")
+    assert result.exit_code == 2 and "is not a folder" in result.stderr
+    result = run("eval", "--task", "qa", "--data", target, "-o", tmp_path, input="")
+    assert result.exit_code == 2 and "is a directory" in result.stderr

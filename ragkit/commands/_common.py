@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import sys
 import traceback
 from collections.abc import Iterator
@@ -46,6 +47,13 @@ def handle_errors() -> Iterator[None]:
         raise typer.Exit(0) from None
     except typer.Exit:
         raise
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.IntegrityError):  # ragkit handles these itself: reaching here is a bug
+            raise fail(f"internal error: {type(exc).__name__}: {exc}", None, int(ExitCode.INTERNAL)) from None
+        # only an index's passage store is SQLite: a damaged one is a bad resource, not a bug
+        raise fail(f"an index's passage store is unreadable (SQLite: {exc})",
+                   "Check it with `ragkit index info DIR --verify`; restore it or rebuild.",
+                   int(ExitCode.MISSING_RESOURCE)) from None
     except Exception as exc:  # anything else is a bug: say so in one line, traceback on request
         if debug_enabled():
             traceback.print_exc()

@@ -48,6 +48,8 @@ def embed(
         from ragkit.errors import UsageError
         from ragkit.models.encoder import Encoder
 
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"-o {output}: exists and is not a folder (embed writes one .npy and .json per shard)")
         if ray:
             if shard_id:
                 raise UsageError("--ray embeds every shard: leave out --shard-id")

@@ -118,6 +118,8 @@ def evaluate(
             raise UsageError("--task is required", hint=f"One of {', '.join(ALL_TASKS)}.")
         if data is None:
             raise UsageError("--data is required")
+        if output is not None and output.is_dir():
+            raise UsageError(f"-o {output}: is a directory; give the report's file name (e.g. {output}/report.json)")
         began = time.perf_counter()
         config: dict[str, Any] = {"task": task, "data": str(data), "label": label, "limit": limit}
         if task == "lm":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,8 @@ from ragkit.errors import InputError, Location, ResourceError
 from ragkit.eval.report import aggregate
 from ragkit.eval.retrieval_metrics import mrr_at_k, ndcg_at_k, recall_at_k
 from ragkit.eval.tasks import Example, Task
-from ragkit.io.jsonl import display_name, open_text, read_jsonl
+from ragkit.io.jsonl import display_name, read_jsonl
+from ragkit.io.qrels import read_qrels
 
 PREDICTION_FIELDS = ("output", "prediction", "pred", "answer")
 
@@ -68,18 +68,7 @@ def load_beir(folder: str | Path, split: str = "test") -> tuple[dict[str, str], 
     for p in (queries_path, qrels_path):
         if not p.exists():
             raise ResourceError(f"{p}: missing (a BEIR folder has queries.jsonl and qrels/{split}.tsv)")
-    qrels: dict[str, dict[str, int]] = {}
-    with open_text(qrels_path) as handle:
-        reader = csv.reader(handle, delimiter="\t")
-        for lineno, row in enumerate(reader, start=1):
-            if lineno == 1 and row and row[0] == "query-id":
-                continue
-            if len(row) < 3:
-                raise InputError(Location(str(qrels_path), lineno), "expected query-id, corpus-id, score")
-            try:
-                qrels.setdefault(row[0], {})[row[1]] = int(row[2])
-            except ValueError:
-                raise InputError(Location(str(qrels_path), lineno, "score"), "score must be an integer") from None
+    qrels = read_qrels(qrels_path)
     queries = {}
     for lineno, obj in read_jsonl(queries_path):
         qid = str(obj.get("_id", obj.get("id")))

@@ -134,7 +134,20 @@ class Index:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ResourceError(f"{manifest_path}: unreadable manifest ({exc.msg})") from None
-        if manifest.get("format") != FORMAT or int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ResourceError(f"{manifest_path}: not a ragkit index manifest")
+        try:
+            return cls._open_manifest(root, version_dir, manifest, device=device, threads=threads)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            what = f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise ResourceError(f"{manifest_path}: malformed manifest ({what})",
+                                hint="Restore the index folder, or rebuild it.") from None
+
+    @classmethod
+    def _open_manifest(cls, root: Path, version_dir: Path, manifest: dict[str, Any], *, device: str,
+                       threads: int | None) -> "Index":
+        manifest_path = version_dir / layout.MANIFEST
+        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
             raise ResourceError(f"{manifest_path}: unsupported index format {manifest.get('format_version')}")
         for segment in manifest.get("segments", []):
             for key in ("vectors", "passages", "deletes"):
@@ -479,11 +492,30 @@ class Index:
         if not parts:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         if len(parts) == 1:
-            return parts[0]
+            return self._plausible(queries, *parts[0])
         scores = np.concatenate([p[0] for p in parts], axis=1)
         vids = np.concatenate([p[1] for p in parts], axis=1)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, 1), np.take_along_axis(vids, order, 1)
+        return self._plausible(queries, np.take_along_axis(scores, order, 1), np.take_along_axis(vids, order, 1))
+
+    def _plausible(self, queries: np.ndarray, scores: np.ndarray, vids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Refuse scores no stored vector can give: a bit flip in a large vectors file (only sizes are checked
+        on open above 16 MiB) otherwise serves cosine scores of 100 (seen). With unit-length passages,
+        |q.x| <= |q| and |q - x|^2 <= (|q| + 1)^2; PQ/SQ codes approximate, hence the 1.5x slack."""
+        live = vids >= 0
+        if not live.any():
+            return scores, vids
+        bad = live & ~np.isfinite(scores)
+        if self.encoder.normalize:
+            norms = np.linalg.norm(queries, axis=1, keepdims=True)
+            bound = 1.5 * norms + 1e-3 if self.metric == "ip" else 1.5 * (norms + 1.0) ** 2 + 1e-3
+            bad |= live & (np.abs(scores) > bound)
+        if bad.any():
+            q, j = map(int, np.argwhere(bad)[0])
+            raise ResourceError(f"{self.root}: impossible score {scores[q, j]:.4g} for a stored vector (vid "
+                                f"{int(vids[q, j])}): a vectors file is corrupted",
+                                hint="Find it with `ragkit index info DIR --verify`; restore it or rebuild.")
+        return scores, vids
 
     def _searchers(self) -> list[Segment]:
         """The segments a search runs on. IVF deltas share the base's coarse quantiser (they are clones of

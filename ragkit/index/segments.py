@@ -117,7 +117,15 @@ class Segment:
 
             assert self.meta.vectors
             by_fd = f"/proc/self/fd/{self._fd}"
-            index = faiss.read_index(by_fd if self._fd is not None and os.path.exists(by_fd) else str(self.dir / self.meta.vectors))
+            try:
+                index = faiss.read_index(by_fd if self._fd is not None and os.path.exists(by_fd)
+                                         else str(self.dir / self.meta.vectors))
+            except RuntimeError as exc:  # Faiss says what it could not read (an impossible ntotal, a bad header)
+                from ragkit.errors import ResourceError
+
+                detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+                raise ResourceError(f"{self.dir / self.meta.vectors}: not a readable Faiss index ({detail[:200]})",
+                                    hint="Check it with `ragkit index info DIR --verify`; restore it or rebuild.") from None
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None

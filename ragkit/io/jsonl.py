@@ -104,6 +104,16 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield lineno, record
 
 
+class _NotJson(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> None:
+    """NaN / Infinity are accepted by Python's json but by no other JSON reader: refused, so they are never
+    stored and written back out as bare NaN."""
+    raise _NotJson(name)
+
+
 def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """Non-blank lines as (line number, JSON object) when they start with '{', else (line number, text).
 
@@ -119,17 +129,20 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]
                 yield lineno, text
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, parse_constant=_refuse_constant)
             except json.JSONDecodeError as exc:
                 raise InputError(Location(name, lineno), f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+            except _NotJson as exc:
+                raise InputError(Location(name, lineno), f"{exc} is not JSON (Python writes it for a float NaN "
+                                                         "or infinity); use null") from None
             yield lineno, obj
 
 
 def write_jsonl_line(obj: dict[str, Any], out: IO[str] | None = None) -> None:
     out = out or sys.stdout
-    out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    out.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def dump_jsonl(rows: Iterable[dict[str, Any]], out: IO[str]) -> None:
     for row in rows:
-        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        out.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")

@@ -91,6 +91,7 @@ class TrainConfig:
     fsdp_config: str = field(default="", metadata={"help": "FSDP JSON config file for transformers.Trainer (version, reshard_after_forward, cpu_offload, ...)"})
 
     def validate(self) -> None:
+        self._check_ranges()
         if self.arch not in ARCHS:
             raise UsageError(f"--arch {self.arch}: expected one of {', '.join(ARCHS)}")
         if self.scheduler not in SCHEDULERS:
@@ -126,6 +127,35 @@ class TrainConfig:
             raise UsageError("--fsdp-config needs --fsdp")
         if self.shard_index and self.distributed_retriever != "ray":
             raise UsageError("--shard-index needs --distributed-retriever ray")
+
+    def _check_ranges(self) -> None:
+        """Numbers a config file or a flag may set outside what they mean (`--max-steps -5` trained a full
+        epoch): refused, naming the flag, wherever they came from."""
+        positive = ("n_docs", "refresh_steps", "refresh_shards", "max_source_tokens", "max_target_tokens",
+                    "max_passage_words", "max_seq_length", "chunk_size", "seq_len", "num_neighbors", "retro_dim",
+                    "retro_dec_depth", "retro_enc_depth", "retro_heads", "retro_dim_head", "batch_size", "grad_accum",
+                    "save_steps", "save_total_limit", "logging_steps", "num_retrieval_workers", "mini_batch_size",
+                    "epochs", "lora_alpha")
+        non_negative = ("hard_negatives", "extra_neighbors", "label_smoothing", "weight_decay", "warmup_steps",
+                        "max_grad_norm", "gpu_hour_price", "attn_dropout", "ff_dropout", "lora_dropout",
+                        "distill_temperature")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} {value}: must be positive")
+        for name in non_negative:
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                raise UsageError(f"--{name.replace('_', '-')} {value}: must be 0 or more")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise UsageError(f"--max-steps {self.max_steps}: must be positive (or -1: from --epochs)")
+        if self.lora_r < -1:
+            raise UsageError(f"--lora-r {self.lora_r}: expected a rank > 0, 0 (full fine-tuning) or -1 (default)")
+        if self.lr is not None and self.lr <= 0:
+            raise UsageError(f"--lr {self.lr}: must be positive")
+        for name in ("label_smoothing", "attn_dropout", "ff_dropout", "lora_dropout", "distill_alpha"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be between 0 and 1")
 
     @property
     def learning_rate(self) -> float:
@@ -184,8 +214,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             data = json.loads(text)
         else:
             raise UsageError(f"--config {p}: expected a .toml, .yaml or .json file")
-    except (ValueError, ImportError) as exc:  # tomllib/yaml/json parse errors are ValueError subclasses
-        raise InputError(Location(str(p)), f"unreadable config ({exc})") from None
+    except (ValueError, ImportError) as exc:  # tomllib and json parse errors are ValueError subclasses
+        line = getattr(exc, "lineno", None)
+        raise InputError(Location(str(p), line), f"unreadable config ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # yaml.YAMLError (not a ValueError), with the line in its problem mark
+        mark = getattr(exc, "problem_mark", None)
+        if mark is None or type(exc).__module__.split(".")[0] != "yaml":
+            raise
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise InputError(Location(str(p), mark.line + 1), f"unreadable YAML config ({problem})") from None
     if not isinstance(data, dict):
         raise InputError(Location(str(p)), "a config file must be a table of key = value")
     for key in data:

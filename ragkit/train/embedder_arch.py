@@ -12,7 +12,6 @@ qrels/train.tsv). Hard negatives are mined from a ragkit index before training (
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from typing import Any
 import torch
 
 from ragkit.errors import InputError, Location, ResourceError, UsageError
-from ragkit.io.jsonl import open_text, read_jsonl
+from ragkit.io.jsonl import read_jsonl
+from ragkit.io.qrels import read_qrels
 from ragkit.train.config import TrainConfig
 from ragkit.train.trainer import ListDataset
 
@@ -67,15 +67,8 @@ def _read_beir_pairs(folder: Path, split: str) -> list[TrainingPair]:
     for f in (qrels_path, queries_path, corpus_path):
         if not f.exists():
             raise ResourceError(f"{f}: missing (a BEIR folder has corpus.jsonl, queries.jsonl and qrels/{split}.tsv)")
-    relevant: dict[str, list[str]] = {}
-    with open_text(qrels_path) as handle:
-        for lineno, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
-            if lineno == 1 and row and row[0] == "query-id":
-                continue
-            if len(row) < 3:
-                raise InputError(Location(str(qrels_path), lineno), "expected query-id, corpus-id, score")
-            if int(row[2]) > 0:
-                relevant.setdefault(row[0], []).append(row[1])
+    relevant = {q: [d for d, score in docs.items() if score > 0] for q, docs in read_qrels(qrels_path).items()}
+    relevant = {q: docs for q, docs in relevant.items() if docs}
     queries = {str(o.get("_id")): o.get("text", "") for _, o in read_jsonl(queries_path)}
     wanted = {d for docs in relevant.values() for d in docs}
     docs = {}
