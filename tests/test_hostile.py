@@ -259,3 +259,37 @@ def test_outputs_of_the_wrong_kind_are_refused_before_any_work(tmp_path: Path) -
     assert result.exit_code == 2 and "is not a folder" in result.stderr
     result = run("eval", "--task", "qa", "--data", target, "-o", tmp_path, input="")
     assert result.exit_code == 2 and "is a directory" in result.stderr
+
+
+def test_search_answers_a_query_while_its_input_is_still_open(tmp_path: Path, tiny_encoder_path: Path) -> None:
+    """17.12: an interactive pipe gets its answer at once, not after 256 queries or the end of input."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_passages(20))
+    assert run("index", "build", corpus, "-o", tmp_path / "idx", "-m", tiny_encoder_path, "--device", "cpu").exit_code == 0
+    proc = subprocess.Popen([*RAGKIT, "index", "search", str(tmp_path / "idx"), "--device", "cpu", "--k", "2"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for query in ("river king", "city music"):
+            proc.stdin.write(query + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()  # would block until stdin closed before
+            assert '"query": "' + query + '"' in line
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, proc.stderr.read()
+
+
+def test_blocks_keep_order_and_raise_a_bad_line_after_the_good_ones() -> None:
+    from ragkit.errors import InputError, Location
+    from ragkit.io.jsonl import batches_as_ready
+
+    def items():
+        yield from range(600)
+        raise InputError(Location("q.jsonl", 601), "bad")
+
+    seen: list[int] = []
+    with pytest.raises(InputError, match="q.jsonl:601"):
+        for block in batches_as_ready(items(), 256):
+            assert len(block) <= 256
+            seen += block
+    assert seen == list(range(600))

@@ -297,6 +297,7 @@ def search(
     with handle_errors():
         from ragkit.errors import UsageError
         from ragkit.index import Index
+        from ragkit.io.jsonl import batches_as_ready
         from ragkit.io.queries import iter_queries
         from ragkit.models.encoder import resolve_device
         from ragkit.retrieval.retriever import RetrievalMode, Retriever
@@ -310,9 +311,8 @@ def search(
                               mode=RetrievalMode(mode, fusion, dense_weight), backend=backend)
 
         count = 0
-        block: list[Any] = []
 
-        def flush() -> None:
+        def flush(block: list[Any]) -> None:
             nonlocal count
             for query, hits in zip(block, retriever.retrieve([q.text for q in block], k)):
                 count += 1
@@ -323,14 +323,9 @@ def search(
                 else:
                     _print_table(row)
             sys.stdout.flush()
-            block.clear()
 
-        for query in iter_queries(queries):
-            block.append(query)
-            if len(block) >= 256:
-                flush()
-        if block:
-            flush()
+        for block in batches_as_ready(iter_queries(queries), 256):  # a pause in the input answers at once
+            flush(block)
 
 
 def _print_table(row: dict[str, Any]) -> None:

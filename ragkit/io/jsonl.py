@@ -146,3 +146,49 @@ def write_jsonl_line(obj: dict[str, Any], out: IO[str] | None = None) -> None:
 def dump_jsonl(rows: Iterable[dict[str, Any]], out: IO[str]) -> None:
     for row in rows:
         out.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+_END = object()
+
+
+def batches_as_ready(items: Iterable[Any], size: int, wait_s: float = 0.05) -> Iterator[list[Any]]:
+    """Blocks of up to `size` items, a short block as soon as the input pauses for `wait_s`.
+
+    Batching makes a file of queries fast; waiting for a full block made an interactive
+    `echo q | ragkit index search` (or a slow producer upstream in a pipe) answer nothing until 256 lines or
+    the end. A reader thread feeds a bounded queue (memory stays at a few blocks), and errors it meets
+    (a bad line) are raised here, in order, after the items before them."""
+    import queue
+    import threading
+
+    pending: queue.Queue[Any] = queue.Queue(maxsize=4 * size)
+
+    def read() -> None:
+        try:
+            for item in items:
+                pending.put(item)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            pending.put(exc)
+        pending.put(_END)
+
+    threading.Thread(target=read, name="ragkit-reader", daemon=True).start()
+    block: list[Any] = []
+    while True:
+        try:
+            item = pending.get(timeout=wait_s) if block else pending.get()
+        except queue.Empty:
+            yield block
+            block = []
+            continue
+        if item is _END:
+            break
+        if isinstance(item, BaseException):
+            if block:
+                yield block
+            raise item
+        block.append(item)
+        if len(block) >= size:
+            yield block
+            block = []
+    if block:
+        yield block
