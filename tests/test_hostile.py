@@ -293,3 +293,11 @@ def test_blocks_keep_order_and_raise_a_bad_line_after_the_good_ones() -> None:
             assert len(block) <= 256
             seen += block
     assert seen == list(range(600))
+
+
+def test_ivf_pq_on_too_few_passages_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_passages(50))
+    began = time.monotonic()
+    result = run("index", "build", corpus, "-o", tmp_path / "idx", "--spec", "ivf-pq", "-m", "no-such-org/model")
+    assert result.exit_code == 2 and "needs at least 256 vectors" in result.stderr
+    assert time.monotonic() - began < 5

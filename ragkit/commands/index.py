@@ -158,6 +158,7 @@ def build(
                     build.add(block, vectors, lines=lines, source=source)
         else:
             assert corpus is not None
+            _refuse_too_small_for(parsed, corpus)  # before the model loads and the corpus is embedded
             encoder = Encoder(model, device=faiss_device, normalize=normalize, backend=backend)
             with Index.create(output, encoder.info, source=display_name(resolve_corpus_path(corpus)), **options) as build:
                 _embed_into(build, encoder, corpus, batch_size)
@@ -167,6 +168,19 @@ def build(
         if index.manifest.get("auto_reason"):
             summary["auto"] = index.manifest["auto_reason"]
         _print_summary(summary, as_json)
+
+
+def _refuse_too_small_for(spec: Any, corpus: str) -> None:
+    """IVF-PQ trains on at least MIN_PQ_TRAIN vectors: look at that many passages (not the whole corpus) first."""
+    import itertools
+
+    from ragkit.index.spec import MIN_PQ_TRAIN, check_trainable
+    from ragkit.io.corpus import iter_passages_with_lines
+
+    if spec.kind != "ivf-pq" or corpus == "-":
+        return
+    seen = sum(1 for _ in itertools.islice(iter_passages_with_lines(corpus, allow_empty=True), MIN_PQ_TRAIN))
+    check_trainable(spec, seen)
 
 
 @app.command("add")
@@ -196,9 +210,7 @@ def add(
         index = Index.open(index_dir)
         refuse_if_busy(index.root, wait)  # before reading and embedding; a writer that sneaks in after is rebased over
         passages = read_passages(corpus)
-        built = index.encoder
-        encoder = Encoder(built.name, device=device, normalize=built.normalize, max_seq_length=built.max_seq_length)
-        index.check_encoder(encoder.info)
+        encoder = Encoder.for_index(index, device=device)
         vectors = _encode_passages(encoder, passages, batch_size)
         report = index.upsert(passages, vectors, encoder.info)
         _print_summary(

@@ -223,6 +223,13 @@ def choose_auto(n: int, dim: int, max_memory: int | None = None) -> AutoChoice:
     )
 
 
+def check_trainable(spec: IndexSpec, n: int) -> None:
+    """IVF-PQ learns its codebooks from the vectors: refuse a corpus too small to train on."""
+    if spec.kind == "ivf-pq" and n < MIN_PQ_TRAIN:
+        raise UsageError(f"index spec ivf-pq needs at least {MIN_PQ_TRAIN} vectors to train, the corpus has {n}",
+                         hint="Use --spec flat for small corpora.")
+
+
 def resolve_spec(spec: IndexSpec, n: int, dim: int, max_memory: int | None) -> tuple[IndexSpec, str | None]:
     """Turn `auto` into a concrete spec and pin data-dependent defaults (nlist, m) for the manifest."""
     reason = None
@@ -235,11 +242,7 @@ def resolve_spec(spec: IndexSpec, n: int, dim: int, max_memory: int | None) -> t
         params.setdefault("m", default_pq_m(dim))
         if dim % params["m"]:
             raise UsageError(f"index spec ivf-pq: m={params['m']} must divide the dimension {dim}")
-        if n < MIN_PQ_TRAIN:
-            raise UsageError(
-                f"index spec ivf-pq needs at least {MIN_PQ_TRAIN} vectors to train, the corpus has {n}",
-                hint="Use --spec flat for small corpora.",
-            )
+        check_trainable(spec, n)
         params.setdefault("nprobe", min(params["nlist"], 16))
         spec = replace(spec, params=params)
     if max_memory is not None and estimate_memory(spec, n, dim) > max_memory:

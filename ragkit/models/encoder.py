@@ -124,6 +124,23 @@ class Encoder:
             _ = self.info  # fingerprint the float weights first
             self.model = quantize_int8_dynamic(self.model, self.device)  # a copy: the cached float model stays
 
+    @classmethod
+    def for_index(cls, index: Any, *, model: str | None = None, device: str | None = None,
+                  backend: str = "torch") -> "Encoder":
+        """The query/passage encoder of `index`: its own model (or `model`, which must have the same
+        weights), with its normalisation and length; a model that is gone is named with the index."""
+        built = index.encoder
+        try:
+            encoder = cls(model or built.name, device=device, normalize=built.normalize,
+                          max_seq_length=built.max_seq_length, backend=backend)
+        except ResourceError as exc:
+            if model is not None:
+                raise
+            raise ResourceError(f"{exc.message} (the embedder {index.root} was built with)",
+                                hint="Restore it there, or pass --model with a copy of it.") from None
+        index.check_encoder(encoder.info)
+        return encoder
+
     @functools.cached_property
     def info(self) -> EncoderInfo:
         # sentence-transformers >= 6 renamed get_sentence_embedding_dimension

@@ -48,10 +48,7 @@ class Retriever:
                                 hint=f"Add one with `ragkit index sparse {self.index.root}`.")
         self.encoder: Encoder | None = None
         if mode.mode != "sparse":
-            built = self.index.encoder
-            self.encoder = Encoder(model or built.name, device=device, normalize=built.normalize,
-                                   max_seq_length=built.max_seq_length, backend=backend)
-            self.index.check_encoder(self.encoder.info)
+            self.encoder = Encoder.for_index(self.index, model=model, device=device, backend=backend)
         self.batch_size = batch_size
 
     def retrieve(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
