@@ -21,7 +21,7 @@ RAG_PROMPT = (
     "{passages}\n\nQuestion: {question}"
 )
 ARCHS = ("none", "rag")
-SOURCES = ("auto", "index", "ctxs")
+SOURCES = ("auto", "index", "ctxs", "hits")  # hits: the same as ctxs, named as `index search` writes them
 
 
 @dataclass(frozen=True)
@@ -42,18 +42,24 @@ class Question:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+PASSAGE_FIELDS = ("ctxs", "hits")  # Self-RAG / DPR files carry `ctxs`; `ragkit index search` writes `hits`
+
+
 def question_from_json(obj: dict[str, Any], where: Location) -> Question:
-    for key in ("question", "instruction", "query", "text"):
-        if isinstance(obj.get(key), str) and obj[key].strip():
-            text = obj[key]
-            break
-    else:
-        raise InputError(Location(where.path, where.line, "question"), "field 'question' is missing")
+    from ragkit.io.queries import QUERY_FIELDS, query_field
+
+    key = query_field(obj)
+    if key is None:
+        raise InputError(Location(where.path, where.line, "question"),
+                         f"field 'question' is missing (or one of {', '.join(QUERY_FIELDS[1:])})")
+    text = obj[key]
     qid = obj.get("id", obj.get("_id"))
-    ctxs = obj.get("ctxs") or []
+    carried = next((name for name in PASSAGE_FIELDS if obj.get(name)), "ctxs")
+    ctxs = obj.get(carried) or []
     if not isinstance(ctxs, list) or not all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in ctxs):
-        raise InputError(Location(where.path, where.line, "ctxs"), "field 'ctxs' must be a list of {title, text} objects")
-    extra = {k: v for k, v in obj.items() if k not in ("id", "_id", "ctxs", key)}
+        raise InputError(Location(where.path, where.line, carried),
+                         f"field '{carried}' must be a list of {{title, text}} objects")
+    extra = {k: v for k, v in obj.items() if k not in ("id", "_id", *PASSAGE_FIELDS, key)}
     return Question(str(qid) if qid is not None else str(where.line), text, ctxs, extra)
 
 
@@ -132,8 +138,8 @@ def answer(questions: Sequence[Question], generator: Any, gen_config: Generation
                 if not q.ctxs:
                     raise InputError(
                         Location("<input>", None, "ctxs"),
-                        f"question '{q.id}' has no 'ctxs' and no --index was given for --arch rag",
-                        hint="Pass --index DIR, or input rows with ctxs.",
+                        f"question '{q.id}' has no passages ('ctxs' or 'hits') and no --index was given for --arch rag",
+                        hint="Pass --index DIR, or input rows with ctxs (or `ragkit index search` output, with hits).",
                     )
                 passages[i] = q.ctxs[: config.k]
     prompts = [generator.render(user_message(q.text, p, config), template=config.template, system=config.system)

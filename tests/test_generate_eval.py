@@ -73,7 +73,7 @@ def test_rag_with_ctxs_and_with_an_index(tiny_lm_path: Path, tiny_encoder_path: 
 
 def test_rag_without_passages_is_an_input_error(tiny_lm_path: Path) -> None:
     result = run("generate", "--model", tiny_lm_path, "--arch", "rag", "--device", "cpu", input="a plain question\n")
-    assert result.exit_code == 3 and "has no 'ctxs'" in result.stderr
+    assert result.exit_code == 3 and "has no passages ('ctxs' or 'hits')" in result.stderr
 
 
 def test_generate_errors(tmp_path: Path, tiny_lm_path: Path) -> None:

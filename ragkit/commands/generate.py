@@ -17,7 +17,7 @@ WorkdirOpt = Annotated[Path | None, typer.Option("--workdir", help="RETRO: the w
 NoRetrievalOpt = Annotated[bool, typer.Option("--no-retrieval", help="RETRO: run the decoder without neighbours.")]
 IndexOpt = Annotated[Path | None, typer.Option("--index", help="ragkit index to retrieve from (--arch rag).")]
 KOpt = Annotated[int, typer.Option("--k", "-k", min=1, help="Passages per question.")]
-PassagesOpt = Annotated[str, typer.Option("--passages", help="Where passages come from: auto (index if given, else ctxs), index, ctxs.")]
+PassagesOpt = Annotated[str, typer.Option("--passages", help="Where passages come from: auto (index if given, else the input's own), index, ctxs or hits (the input's own: Self-RAG files carry ctxs, `ragkit index search` output carries hits; either field is read).")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate per answer.")]
 SampleOpt = Annotated[bool, typer.Option("--do-sample/--greedy", help="Sample (with --temperature/--top-p/--top-k) or decode greedily.")]
 TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature.")]
@@ -229,6 +229,8 @@ def generate(
       ragkit generate questions.jsonl --arch rag --index idx/ --k 5 > answers.jsonl
 
       ragkit generate popqa_longtail_w_gs.jsonl --arch rag --passages ctxs | ragkit eval --task popqa --data popqa_longtail_w_gs.jsonl
+
+      ragkit index search idx/ -q q.jsonl | ragkit generate --arch rag --passages hits | ragkit eval --task popqa --data q.jsonl
 
       ragkit generate popqa_longtail_w_gs.jsonl -m selfrag/selfrag_llama2_7b --arch selfrag --mode adaptive_retrieval --k 10
 
