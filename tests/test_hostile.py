@@ -301,3 +301,18 @@ def test_ivf_pq_on_too_few_passages_is_refused_before_the_model_loads(tmp_path: 
     result = run("index", "build", corpus, "-o", tmp_path / "idx", "--spec", "ivf-pq", "-m", "no-such-org/model")
     assert result.exit_code == 2 and "needs at least 256 vectors" in result.stderr
     assert time.monotonic() - began < 5
+
+
+@pytest.mark.parametrize(("command", "flag"), [
+    (["index", "search", "IDX", "--mode", "fuzzy"], "--mode fuzzy"),
+    (["generate", "Q", "--arch", "rag", "--retrieval-mode", "fuzzy"], "--retrieval-mode fuzzy"),
+    (["eval", "--task", "qa", "--data", "Q", "--retrieval-mode", "fuzzy"], "--retrieval-mode fuzzy"),
+    (["index", "search", "IDX", "--mode", "hybrid", "--fusion", "max"], "--fusion max"),
+])
+def test_errors_name_the_flag_the_user_typed(command: list[str], flag: str, tmp_path: Path) -> None:
+    """14.8: RetrievalMode said --mode/--weight whatever the command called them."""
+    Index.build(tmp_path / "idx", passages(5), unit_vectors(5, 16, seed=0), ENC)
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question": "x", "answers": ["y"]}])
+    args = [str(tmp_path / "idx") if a == "IDX" else str(q) if a == "Q" else a for a in command]
+    result = run(*args, input="")
+    assert result.exit_code == 2 and result.stderr.startswith(f"Error: {flag}:"), result.stderr

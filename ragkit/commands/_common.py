@@ -8,7 +8,7 @@ import sqlite3
 import sys
 import traceback
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -76,3 +76,20 @@ RetrievalModeOpt = Annotated[str, typer.Option("--retrieval-mode", help="dense (
 FusionOpt = Annotated[str, typer.Option("--fusion", help="Hybrid fusion: rrf (reciprocal rank, k=60) or score (min-max normalised scores).")]
 DenseWeightOpt = Annotated[float, typer.Option("--dense-weight", min=0.0, max=1.0, help="Hybrid: the dense side's share (0 = BM25 only, 1 = dense only).")]
 EncoderBackendOpt = Annotated[str, typer.Option("--backend", help="Encoder compute path: torch (float) or int8 (dynamic int8 Linear layers, faster on CPU, approximate vectors).")]
+
+
+def mode_from_flags(mode: str, fusion: str, dense_weight: float, *, mode_flag: str = "--retrieval-mode") -> Any:
+    """The RetrievalMode of a command's flags, refused in the flags' own names (`index search` says --mode,
+    generate and eval --retrieval-mode)."""
+    from ragkit.errors import UsageError
+    from ragkit.retrieval.fusion import FUSIONS
+    from ragkit.retrieval.retriever import MODES, RetrievalMode
+
+    if mode not in MODES:
+        raise UsageError(f"{mode_flag} {mode}: expected one of {', '.join(MODES)}")
+    if fusion not in FUSIONS:
+        raise UsageError(f"--fusion {fusion}: expected one of {', '.join(FUSIONS)}")
+    if not 0.0 <= dense_weight <= 1.0:
+        raise UsageError(f"--dense-weight {dense_weight}: expected a number in [0, 1]")
+    return RetrievalMode(mode, fusion, dense_weight)
+

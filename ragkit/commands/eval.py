@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionOpt, JsonOpt, RetrievalModeOpt, handle_errors
+from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionOpt, JsonOpt, RetrievalModeOpt, handle_errors, mode_from_flags
 from ragkit.commands.generate import (
     ArchOpt, BackendOpt, DtypeOpt, IndexOpt, KOpt, LimitOpt, MaxNewOpt, PassagesOpt, PassageWordsOpt, QuantizeOpt,
     RemoteOpt,
@@ -110,9 +110,8 @@ def evaluate(
         from ragkit.eval import report as rep
         from ragkit.eval import runner
         from ragkit.eval.tasks import ALL_TASKS, get_task, load_examples
-        from ragkit.retrieval.retriever import RetrievalMode
 
-        retrieval = RetrievalMode(retrieval_mode, fusion, dense_weight)
+        retrieval = mode_from_flags(retrieval_mode, fusion, dense_weight)
 
         if task is None:
             raise UsageError("--task is required", hint=f"One of {', '.join(ALL_TASKS)}.")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionOpt, RetrievalModeOpt, handle_errors
+from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionOpt, RetrievalModeOpt, handle_errors, mode_from_flags
 
 ModelGen = Annotated[str, typer.Option("--model", "-m", help="Generator: hub id, local folder, .gguf file, alias (smollm2-135m = shipped SmolLM2-135M-Instruct), or a `ragkit train --arch rag` checkpoint.")]
 ArchOpt = Annotated[str, typer.Option("--arch", help="none (closed book), rag (retrieve with --index, or use the input's ctxs, then read), selfrag (a model with Self-RAG reflection tokens; see the --mode options) or retro (a `ragkit train --arch retro` checkpoint continuing each prompt).")]
@@ -253,7 +253,6 @@ def generate(
     with handle_errors():
         from ragkit.models.registry import resolve
         from ragkit.reader import read_questions
-        from ragkit.retrieval.retriever import RetrievalMode
 
         resolve(model)  # a missing local model fails before any input is read
         questions = read_questions(input_file, limit=limit, task=task)
@@ -263,7 +262,7 @@ def generate(
             device=device, dtype=dtype, backend=backend, template=template, max_passage_words=max_passage_words,
             seed=seed, trust_remote_code=trust_remote_code, rag_decoding=rag_decoding, num_beams=num_beams,
             selfrag=selfrag_config(options) if arch == "selfrag" else None,
-            retrieval=RetrievalMode(retrieval_mode, fusion, dense_weight), quantize=quantize,
+            retrieval=mode_from_flags(retrieval_mode, fusion, dense_weight), quantize=quantize,
         )
         shown = []
         for row in run_blocks(questions, generator, gen_config, reader, retriever, f"generate ({arch})"):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ragkit.commands._common import DenseWeightOpt, EncoderBackendOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, WaitOpt, handle_errors
+from ragkit.commands._common import DenseWeightOpt, EncoderBackendOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, WaitOpt, handle_errors, mode_from_flags
 
 if TYPE_CHECKING:
     import numpy as np
@@ -312,7 +312,7 @@ def search(
         from ragkit.io.jsonl import batches_as_ready
         from ragkit.io.queries import iter_queries
         from ragkit.models.encoder import resolve_device
-        from ragkit.retrieval.retriever import RetrievalMode, Retriever
+        from ragkit.retrieval.retriever import Retriever
 
         if output_format not in ("jsonl", "table"):
             raise UsageError(f"--format {output_format}: expected jsonl or table")
@@ -320,7 +320,7 @@ def search(
         index = Index.open(index_dir, device=torch_device, threads=threads or None)
         index.set_search_params(ef_search=ef_search or None, nprobe=nprobe or None)
         retriever = Retriever(index, model=model, device=torch_device, batch_size=batch_size,
-                              mode=RetrievalMode(mode, fusion, dense_weight), backend=backend)
+                              mode=mode_from_flags(mode, fusion, dense_weight, mode_flag="--mode"), backend=backend)
 
         count = 0
 

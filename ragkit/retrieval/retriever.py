@@ -26,11 +26,11 @@ class RetrievalMode:
 
     def validate(self) -> None:
         if self.mode not in MODES:
-            raise UsageError(f"--mode {self.mode}: expected one of {', '.join(MODES)}")
+            raise UsageError(f"retrieval mode {self.mode!r}: expected one of {', '.join(MODES)}")
         if self.fusion not in FUSIONS:
-            raise UsageError(f"--fusion {self.fusion}: expected one of {', '.join(FUSIONS)}")
+            raise UsageError(f"fusion {self.fusion!r}: expected one of {', '.join(FUSIONS)}")
         if not 0.0 <= self.weight <= 1.0:
-            raise UsageError(f"--weight {self.weight}: expected a number in [0, 1]")
+            raise UsageError(f"dense weight {self.weight}: expected a number in [0, 1]")
 
 
 class Retriever:
