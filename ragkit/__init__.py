@@ -25,6 +25,7 @@ _EXPORTS = {
     "Passage": "ragkit.io.corpus",
     "read_passages": "ragkit.io.corpus",
     "iter_passages": "ragkit.io.corpus",
+    "build_index": "ragkit.embeddings",
     "Retriever": "ragkit.retrieval.retriever",
     "RetrievalMode": "ragkit.retrieval.retriever",
     "RagkitError": "ragkit.errors",
@@ -36,6 +37,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from ragkit.embeddings import build_index
     from ragkit.errors import InputError, RagkitError, ResourceError, UsageError
     from ragkit.index.hits import Hit
     from ragkit.index.index import ChangeReport, Index

@@ -55,6 +55,46 @@ class ShardResult:
 
 
 CHECKPOINT_ROWS = 4096  # passages embedded between two checkpoints of `ragkit embed`
+EMBED_BLOCK = 4096  # passages read, embedded and stored at a time by `build_index` (`index build CORPUS`)
+
+
+def embed_corpus_into(build: Any, encoder: Encoder, corpus: str | Path, *, batch_size: int = 64,
+                      on_block: Callable[[int], None] | None = None) -> int:
+    """Stream a corpus into an open `Index.create` build: read a block, embed it, store it, so the corpus
+    is never held whole. `on_block(n)` after each block; returns the passages added."""
+    block: list[Passage] = []
+    lines: list[int] = []
+    added = 0
+
+    def flush() -> None:
+        nonlocal added
+        build.add(block, encoder.encode([p.embedding_text() for p in block], batch_size=batch_size), lines=lines)
+        added += len(block)
+        if on_block is not None:
+            on_block(len(block))
+        block.clear()
+        lines.clear()
+
+    for lineno, passage in iter_passages_with_lines(corpus):
+        block.append(passage)
+        lines.append(lineno)
+        if len(block) >= EMBED_BLOCK:
+            flush()
+    if block:
+        flush()
+    return added
+
+
+def build_index(output: str | Path, corpus: str | Path, encoder: Encoder, *, batch_size: int = 64,
+                on_block: Callable[[int], None] | None = None, **options: Any) -> Any:
+    """`ragkit index build CORPUS`: an index of a corpus file (JSONL, BEIR folder, DPR TSV, or '-'), embedded
+    with `encoder` as it streams; options as `Index.create` (spec, metric, max_memory, overwrite, sparse, ...)."""
+    from ragkit.index import Index
+    from ragkit.io.jsonl import display_name
+
+    with Index.create(output, encoder.info, source=display_name(resolve_corpus_path(corpus)), **options) as build:
+        embed_corpus_into(build, encoder, corpus, batch_size=batch_size, on_block=on_block)
+    return build.index
 
 
 def count_passages(corpus: str | Path) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -12,9 +14,6 @@ import typer
 from ragkit.commands._common import DenseWeightOpt, EncoderBackendOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, WaitOpt, handle_errors, mode_from_flags
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from ragkit.io.corpus import Passage
     from ragkit.models.encoder import Encoder
 
 app = typer.Typer(help="Build, change, search and inspect a ragkit index (one directory).", no_args_is_help=True)
@@ -22,53 +21,21 @@ app = typer.Typer(help="Build, change, search and inspect a ragkit index (one di
 IndexDir = Annotated[Path, typer.Argument(help="Index directory.")]
 
 
-def _encode_passages(encoder: "Encoder", passages: "list[Passage]", batch_size: int) -> "np.ndarray":
+@contextlib.contextmanager
+def _embedding_progress(encoder: "Encoder", total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr fed by `on_block(n)` callbacks, and the throughput line after it."""
     from ragkit.console import info, progress
     from ragkit.models.encoder import Throughput
 
     meter = Throughput()
     with progress() as bar:
-        task = bar.add_task("embed", total=len(passages), rate="")
+        task = bar.add_task("embed", total=total, rate="")
 
         def step(n: int) -> None:
             meter.add(n)
             bar.update(task, advance=n, rate=f"{meter.rate:.0f}/s")
 
-        vectors = encoder.encode([p.embedding_text() for p in passages], batch_size=batch_size, on_block=step)
-    info(f"embedded {meter.count} passages in {meter.seconds:.1f}s ({meter.rate:.1f} passages/s, {encoder.device})")
-    return vectors
-
-
-EMBED_BLOCK = 4096  # passages read, embedded and stored at a time by `index build CORPUS`
-
-
-def _embed_into(build: Any, encoder: "Encoder", corpus: str, batch_size: int) -> None:
-    """Stream the corpus into a build: read a block, embed it, store it; the corpus is never held whole."""
-    from ragkit.console import info, progress
-    from ragkit.io.corpus import iter_passages_with_lines
-    from ragkit.models.encoder import Throughput
-
-    meter = Throughput()
-    with progress() as bar:
-        task = bar.add_task("embed", total=None, rate="")
-        block: list[Passage] = []
-        lines: list[int] = []
-
-        def flush() -> None:
-            vectors = encoder.encode([p.embedding_text() for p in block], batch_size=batch_size)
-            build.add(block, vectors, lines=lines)
-            meter.add(len(block))
-            bar.update(task, advance=len(block), rate=f"{meter.rate:.0f}/s")
-            block.clear()
-            lines.clear()
-
-        for lineno, passage in iter_passages_with_lines(corpus):
-            block.append(passage)
-            lines.append(lineno)
-            if len(block) >= EMBED_BLOCK:
-                flush()
-        if block:
-            flush()
+        yield step
     info(f"embedded {meter.count} passages in {meter.seconds:.1f}s ({meter.rate:.1f} passages/s, {encoder.device})")
 
 
@@ -124,6 +91,7 @@ def build(
         from ragkit.index.sparse import SparseConfig
         from ragkit.io.corpus import resolve_corpus_path
         from ragkit.io.jsonl import display_name
+        from ragkit.embeddings import build_index
         from ragkit.models.encoder import Encoder, resolve_device
 
         from ragkit.index.layout import refuse_if_busy
@@ -149,6 +117,7 @@ def build(
             encoder_info = Encoder(model, device=faiss_device, normalize=normalize, backend=backend).info
             with Index.create(output, encoder_info, source=display_name(resolve_corpus_path(corpus)), **options) as build:
                 import_released(build, corpus, embeddings)
+            index = build.index
         elif embeddings is not None:
             from ragkit.embeddings import open_shards
 
@@ -156,13 +125,13 @@ def build(
             with Index.create(output, shards.encoder, source=str(embeddings), **options) as build:
                 for block, vectors, lines, source in shards.blocks():
                     build.add(block, vectors, lines=lines, source=source)
+            index = build.index
         else:
             assert corpus is not None
             _refuse_too_small_for(parsed, corpus)  # before the model loads and the corpus is embedded
             encoder = Encoder(model, device=faiss_device, normalize=normalize, backend=backend)
-            with Index.create(output, encoder.info, source=display_name(resolve_corpus_path(corpus)), **options) as build:
-                _embed_into(build, encoder, corpus, batch_size)
-        index = build.index
+            with _embedding_progress(encoder, None) as step:
+                index = build_index(output, corpus, encoder, batch_size=batch_size, on_block=step, **options)
         assert index is not None
         summary = {k: index.info()[k] for k in ("path", "passages", "spec", "factory", "dim", "embedder", "bytes_on_disk")}
         if index.manifest.get("auto_reason"):
@@ -211,7 +180,8 @@ def add(
         refuse_if_busy(index.root, wait)  # before reading and embedding; a writer that sneaks in after is rebased over
         passages = read_passages(corpus)
         encoder = Encoder.for_index(index, device=device)
-        vectors = _encode_passages(encoder, passages, batch_size)
+        with _embedding_progress(encoder, len(passages)) as step:
+            vectors = encoder.encode([p.embedding_text() for p in passages], batch_size=batch_size, on_block=step)
         report = index.upsert(passages, vectors, encoder.info)
         _print_summary(
             {"added": report.added, "replaced": report.replaced, "passages": len(index), "compacted": report.compacted},
