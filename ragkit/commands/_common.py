@@ -79,17 +79,10 @@ EncoderBackendOpt = Annotated[str, typer.Option("--backend", help="Encoder compu
 
 
 def mode_from_flags(mode: str, fusion: str, dense_weight: float, *, mode_flag: str = "--retrieval-mode") -> Any:
-    """The RetrievalMode of a command's flags, refused in the flags' own names (`index search` says --mode,
-    generate and eval --retrieval-mode)."""
-    from ragkit.errors import UsageError
-    from ragkit.retrieval.fusion import FUSIONS
-    from ragkit.retrieval.retriever import MODES, RetrievalMode
+    """The RetrievalMode of a command's flags, checked now (before any model loads) in the flags' own names
+    (`index search` says --mode, generate and eval --retrieval-mode)."""
+    from ragkit.retrieval.retriever import RetrievalMode
 
-    if mode not in MODES:
-        raise UsageError(f"{mode_flag} {mode}: expected one of {', '.join(MODES)}")
-    if fusion not in FUSIONS:
-        raise UsageError(f"--fusion {fusion}: expected one of {', '.join(FUSIONS)}")
-    if not 0.0 <= dense_weight <= 1.0:
-        raise UsageError(f"--dense-weight {dense_weight}: expected a number in [0, 1]")
-    return RetrievalMode(mode, fusion, dense_weight)
-
+    chosen = RetrievalMode(mode, fusion, dense_weight)
+    chosen.validate(mode_flag)
+    return chosen

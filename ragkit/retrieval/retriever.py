@@ -24,13 +24,15 @@ class RetrievalMode:
     weight: float = 0.5  # the dense side's share in hybrid fusion
     depth: int = 100  # hits fetched from each side before fusing
 
-    def validate(self) -> None:
+    def validate(self, mode_flag: str = "retrieval mode") -> None:
+        """Refused in the caller's words: a command passes the flag its users typed (`--mode` for
+        `index search`, `--retrieval-mode` for generate and eval)."""
         if self.mode not in MODES:
-            raise UsageError(f"retrieval mode {self.mode!r}: expected one of {', '.join(MODES)}")
+            raise UsageError(f"{mode_flag} {self.mode}: expected one of {', '.join(MODES)}")
         if self.fusion not in FUSIONS:
-            raise UsageError(f"fusion {self.fusion!r}: expected one of {', '.join(FUSIONS)}")
+            raise UsageError(f"--fusion {self.fusion}: expected one of {', '.join(FUSIONS)}")
         if not 0.0 <= self.weight <= 1.0:
-            raise UsageError(f"dense weight {self.weight}: expected a number in [0, 1]")
+            raise UsageError(f"--dense-weight {self.weight}: expected a number in [0, 1]")
 
 
 class Retriever:
