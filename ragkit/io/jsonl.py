@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -78,17 +79,11 @@ def read_text(path: str | Path) -> str:
     """A whole text file (JSON, YAML, plain lines) as checked UTF-8: an error names the file and line."""
     p = _existing_file(path)
     raw = p.read_bytes()
-    if raw.startswith(_UTF16_BOMS) or b"\0" in raw:
-        for lineno, line in enumerate(raw.split(b"\n"), start=1):
-            _decode_line(line, str(p), lineno)  # raises, naming the line
-    body = raw.removeprefix(_UTF8_BOM)
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError as bad:
-        line_start = body.rfind(b"\n", 0, bad.start) + 1
-        raise InputError(Location(str(p), body.count(b"\n", 0, bad.start) + 1),
-                         f"not UTF-8 text (byte 0x{body[bad.start]:02x} at column {bad.start - line_start + 1})",
-                         hint=_CONVERT) from None
+    if b"\0" not in raw:  # NUL is valid UTF-8 but never text: it takes the line-by-line path below
+        with contextlib.suppress(UnicodeDecodeError):
+            return raw.removeprefix(_UTF8_BOM).decode("utf-8")
+    # only a file that is not clean UTF-8 is decoded line by line, for the error to name its line
+    return "\n".join(_decode_line(line, str(p), lineno) for lineno, line in enumerate(raw.split(b"\n"), start=1))
 
 
 def display_name(path: str | Path) -> str:
