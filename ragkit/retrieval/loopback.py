@@ -101,10 +101,6 @@ def shim_path() -> Path | None:
     return target
 
 
-def _preloaded(shim: Path) -> bool:
-    return str(shim) in os.environ.get("LD_PRELOAD", "").split(":")
-
-
 def _with_preload(env: dict[str, str], shim: Path) -> dict[str, str]:
     env = dict(env)
     env["LD_PRELOAD"] = ":".join([str(shim), *[p for p in env.get("LD_PRELOAD", "").split(":") if p]])
@@ -131,7 +127,7 @@ def reexec_with_loopback() -> None:
     if shim is None:
         _warn_unbound("no C compiler to build the bind wrapper")
         return
-    if _preloaded(shim) or os.environ.get(_MARKER) == "1":
+    if _preloaded_in_this_process(shim) or os.environ.get(_MARKER) == "1":  # the marker: never loop
         return
     env = _with_preload(os.environ, shim)  # type: ignore[arg-type]
     env[_MARKER] = "1"
@@ -210,6 +206,6 @@ def _start_reaper() -> None:
         return
     session = node.get_session_dir_path()
     pids = [str(info.process.pid) for infos in node.all_processes.values() for info in infos if info.process]
-    _reapers[session] = subprocess.Popen([sys.executable, "-m", "ragkit.retrieval.ray_reaper", session, *pids],
-                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         start_new_session=True, close_fds=True)
+    _reapers[session] = subprocess.Popen(
+        [sys.executable, "-m", "ragkit.retrieval.ray_reaper", session, *pids], stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)

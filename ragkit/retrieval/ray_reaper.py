@@ -77,11 +77,10 @@ def main(argv: list[str]) -> None:
     session = argv[0]
     known = {(int(p), stat[1]) for p in argv[1:] if (stat := _stat(int(p))) is not None}
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is for the driver
-    stdin = sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
     while True:
         known = alive(track(session, known))
-        ready, _, _ = select.select([stdin], [], [], 1.0)
-        if ready and not os.read(stdin.fileno(), 65536):
+        ready, _, _ = select.select([0], [], [], 1.0)  # fd 0: the pipe from the driver
+        if ready and not os.read(0, 65536):
             break  # end of file: the driver is gone
     reap(track(session, known))
 
