@@ -150,20 +150,21 @@ def check_hub(ref: ModelRef) -> None:
     be reached; a cached one is then loaded offline (huggingface_hub's own switch) without retries."""
     import huggingface_hub.constants as hub
 
-    if ref.kind != "hub" or hub.is_offline_mode() and _cached_on_disk(ref.location):
+    if ref.kind != "hub":
         return
-    cached = _cached_on_disk(ref.location)
-    if not hub.is_offline_mode() and hub_reachable():
+    offline = hub.is_offline_mode()
+    if not offline and hub_reachable():
         return
-    if cached:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        hub.HF_HUB_OFFLINE = True
+    if _cached_on_disk(ref.location):
+        if not offline:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            hub.HF_HUB_OFFLINE = True
         return
     host, port = _hub_address()
-    where = "offline mode is on (HF_HUB_OFFLINE)" if hub.is_offline_mode() else f"{host}:{port} cannot be reached"
-    raise ResourceError(f"cannot load model '{ref.name}': not in the Hugging Face cache and {where}",
-                        hint=ref.install_hint and f"Install the shipped model with `{ref.install_hint}`."
-                        or "Download it where there is a network (`hf download ID`) or pass a local folder.")
+    where = "offline mode is on (HF_HUB_OFFLINE)" if offline else f"{host}:{port} cannot be reached"
+    hint = (f"Install the shipped model with `{ref.install_hint}`." if ref.install_hint
+            else "Download it where there is a network (`hf download ID`) or pass a local folder.")
+    raise ResourceError(f"cannot load model '{ref.name}': not in the Hugging Face cache and {where}", hint=hint)
 
 
 def materialize(ref: ModelRef) -> str:
