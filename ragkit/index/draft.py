@@ -3,7 +3,6 @@ its tombstones, compaction, the BM25 side, the manifest and the atomic publicati
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -20,6 +19,7 @@ from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, link_into, mer
 from ragkit.index.sparse import SparseConfig, build_sparse, sparse_files
 from ragkit.index.spec import IndexSpec
 from ragkit.index.store import PassageStore, copy_live_rows
+from ragkit.io.atomic import sha256_file
 from ragkit.io.corpus import Passage
 
 FORMAT_VERSION = 2
@@ -29,14 +29,6 @@ MAX_DELTAS = 8  # fold the deltas into one past this many (the base is left alon
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_base(writer: SegmentWriter, spec: IndexSpec, dim: int, metric: str, device: str) -> SegmentMeta:

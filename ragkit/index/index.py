@@ -27,7 +27,6 @@ from ragkit.index.draft import (  # noqa: F401  (the thresholds are part of this
     FORMAT_VERSION,
     MAX_DELTAS,
     Draft,
-    sha256_file,
     utc_now,
     write_base,
 )
@@ -36,11 +35,12 @@ from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, segment_name
 from ragkit.index.sparse import SparseConfig, SparseSide
 from ragkit.index.spec import IndexSpec, parse_spec, resolve_spec
 from ragkit.index.store import PassageStore
+from ragkit.io.atomic import HASH_ON_READ_BYTES, sha256_file
 from ragkit.io.corpus import Passage
 from ragkit.models.encoder import EncoderInfo
 
 FORMAT = "ragkit-index"
-VERIFY_ON_OPEN_BYTES = 16 * 2**20  # files up to this size are checksummed whenever an index opens
+VERIFY_ON_OPEN_BYTES = HASH_ON_READ_BYTES  # files up to this size are checksummed whenever an index opens
 HNSW_INSERT_FRACTION = 0.05  # HNSW deltas up to this share of the base are inserted into the loaded graph
 
 

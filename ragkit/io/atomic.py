@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -47,3 +48,16 @@ def write_json(path: str | Path, obj: Any) -> None:
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+
+
+# Files up to this size are checksummed every time they are read back (an index's deltas, deletes and
+# template on open; a training checkpoint's states on resume); larger ones by size, and by `--verify`.
+HASH_ON_READ_BYTES = 16 * 2**20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

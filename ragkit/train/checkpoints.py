@@ -21,17 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ragkit.errors import ResourceError
-from ragkit.io.atomic import fsync_dir, fsync_file, write_json
+from ragkit.io.atomic import HASH_ON_READ_BYTES, fsync_dir, fsync_file, sha256_file, write_json
 
 MANIFEST = "ragkit-checkpoint.json"
-HASHED_UP_TO = 16 * 2**20  # the same bound as an index's small files
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _sha256(path: Path) -> str:
-    from ragkit.index.draft import sha256_file
-
-    return sha256_file(path)
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -44,15 +37,16 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 def mark_complete(folder: Path, step: int) -> None:
     """Flush every file of `folder` and write its manifest last (atomically): from then on it is a checkpoint."""
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in paths:
         fsync_file(path)
         size = path.stat().st_size
         entry: dict[str, object] = {"size": size}
-        if size <= HASHED_UP_TO:
-            entry["sha256"] = _sha256(path)
+        if size <= HASH_ON_READ_BYTES:
+            entry["sha256"] = sha256_file(path)
         files[path.relative_to(folder).as_posix()] = entry
-    for sub in {folder, *(p.parent for p in folder.rglob("*") if p.is_file())}:
+    for sub in {folder, *(p.parent for p in paths)}:
         fsync_dir(sub)
     write_json(folder / MANIFEST, {"format": 1, "step": step, "files": files})
 
@@ -67,7 +61,7 @@ def problems(folder: Path) -> list[str]:
             found.append(f"{name} is missing")
         elif path.stat().st_size != entry["size"]:
             found.append(f"{name} is {path.stat().st_size} bytes, expected {entry['size']} (truncated?)")
-        elif "sha256" in entry and _sha256(path) != entry["sha256"]:
+        elif "sha256" in entry and sha256_file(path) != entry["sha256"]:
             found.append(f"{name} does not match its checksum")
     return found
 
@@ -79,6 +73,11 @@ def _legacy_complete(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def _complete(folder: Path, run_has_manifests: bool) -> bool:
+    """Marked complete; or, in a run of a ragkit before manifests (none has one), whole by its state file."""
+    return (folder / MANIFEST).is_file() or (not run_has_manifests and _legacy_complete(folder))
 
 
 def resume_checkpoint(run: Path, warn: Callable[[str], None]) -> Path:
@@ -97,7 +96,7 @@ def resume_checkpoint(run: Path, warn: Callable[[str], None]) -> Path:
                 raise ResourceError(f"checkpoint {folder} is corrupted: {'; '.join(damage[:3])}",
                                     hint=f"move {folder.name} aside to resume from the checkpoint before it")
             chosen = folder
-        elif not marked and _legacy_complete(folder):
+        elif _complete(folder, marked):
             chosen = folder
         else:
             skipped.append(folder.name)
@@ -122,13 +121,14 @@ def rotate(run: Path, keep: int | None) -> None:
         return
     found = checkpoints(run)
     marked = any((p / MANIFEST).is_file() for _, p in found)
-    complete = [(step, p) for step, p in found if (p / MANIFEST).is_file() or (not marked and _legacy_complete(p))]
+    complete = [(step, p) for step, p in found if _complete(p, marked)]
     if not complete:
         return
     kept = {p for _, p in complete[:keep]}
-    oldest_kept = min(step for step, p in complete[:keep])
+    oldest_kept = min(step for step, _ in complete[:keep])
+    whole = {p for _, p in complete}
     for step, folder in found:
-        if folder not in kept and (step < oldest_kept or folder in {p for _, p in complete}):
+        if folder not in kept and (step < oldest_kept or folder in whole):
             doomed = run / f".deleting-{folder.name}"
             with contextlib.suppress(OSError):
                 os.replace(folder, doomed)
