@@ -136,9 +136,8 @@ class TrainConfig:
                     "retro_dec_depth", "retro_enc_depth", "retro_heads", "retro_dim_head", "batch_size", "grad_accum",
                     "save_steps", "save_total_limit", "logging_steps", "num_retrieval_workers", "mini_batch_size",
                     "epochs", "lora_alpha")
-        non_negative = ("hard_negatives", "extra_neighbors", "label_smoothing", "weight_decay", "warmup_steps",
-                        "max_grad_norm", "gpu_hour_price", "attn_dropout", "ff_dropout", "lora_dropout",
-                        "distill_temperature")
+        non_negative = ("hard_negatives", "extra_neighbors", "weight_decay", "warmup_steps", "max_grad_norm",
+                        "gpu_hour_price", "distill_temperature")  # rates in [0, 1] are checked below
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
@@ -209,7 +208,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         elif p.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:  # not a ValueError; its problem mark holds the line
+                mark = getattr(exc, "problem_mark", None)
+                problem = getattr(exc, "problem", None) or type(exc).__name__
+                raise InputError(Location(str(p), mark.line + 1 if mark else None),
+                                 f"unreadable YAML config ({problem})") from None
         elif p.suffix == ".json":
             data = json.loads(text)
         else:
@@ -217,12 +222,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except (ValueError, ImportError) as exc:  # tomllib and json parse errors are ValueError subclasses
         line = getattr(exc, "lineno", None)
         raise InputError(Location(str(p), line), f"unreadable config ({str(exc).splitlines()[0]})") from None
-    except Exception as exc:  # yaml.YAMLError (not a ValueError), with the line in its problem mark
-        mark = getattr(exc, "problem_mark", None)
-        if mark is None or type(exc).__module__.split(".")[0] != "yaml":
-            raise
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise InputError(Location(str(p), mark.line + 1), f"unreadable YAML config ({problem})") from None
     if not isinstance(data, dict):
         raise InputError(Location(str(p)), "a config file must be a table of key = value")
     for key in data:
