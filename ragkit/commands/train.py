@@ -143,6 +143,7 @@ def _run(flags: dict[str, Any], config: Path | None, resume: bool, as_json: bool
                 reexec_with_loopback()  # before any model loads: the driver's Ray listener on 127.0.0.1 too
         with stdout_to_stderr():  # stdout is for the --json report alone
             report = run_training(resolved, arch, resume=resume)
+        _leave_process_group()
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun / accelerate, rank 0 alone reports (its report covers every rank)
         table = Table(title=f"cost report: {resolved.output}", show_header=False, title_justify="left")
@@ -151,6 +152,17 @@ def _run(flags: dict[str, Any], config: Path | None, resume: bool, as_json: bool
         stderr.print(table)
         if as_json:
             sys.stdout.write(json.dumps(report.to_json()) + "\n")
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate, tear the process group down before the command exits. A rank that
+    exited with it alive (rank 1 returns at once; rank 0 still prints) was seen aborting in C++
+    ("terminate called without an active exception", exit -6) after DeepSpeed ZeRO-3 runs."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _alias(arch: str, doc: str) -> Any:
