@@ -48,7 +48,7 @@ def teacher_folder() -> Path:
     """The teacher merged into a plain folder (the students are cut from it)."""
     import torch
 
-    from ragkit.models.selfrag.loading import load_causal_lm
+    from ragkit.archs.selfrag.loading import load_causal_lm
 
     target = WORK / "teacher"
     if not (target / "config.json").exists():
@@ -100,8 +100,8 @@ def score(folder: Path | str, teacher_model, heldout: Path) -> dict:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ragkit.models.selfrag.tokens import REFLECTION_TOKENS
-    from ragkit.train.selfrag_data import collate, encode, read_instruction_data
+    from ragkit.archs.selfrag.tokens import REFLECTION_TOKENS
+    from ragkit.archs.selfrag.data import collate, encode, read_instruction_data
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -32,7 +32,8 @@ def main() -> None:
 
     from ragkit.models.encoder import resolve_device
     from ragkit.models.generator import GenerationConfig, Generator
-    from ragkit.reader import Question, ReaderConfig, answer, user_message
+    from ragkit.archs.reader.answer import ReaderConfig, answer, user_message
+    from ragkit.io.queries import Question
 
     rows = [json.loads(line) for line in (SHARED_DATA / "popqa" / "popqa_longtail_w_gs.first100.jsonl").open()][: args.n]
     questions = [Question(str(r["id"]), r["question"], r["ctxs"]) for r in rows]

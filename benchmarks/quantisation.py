@@ -118,7 +118,8 @@ def bench_generator(results: dict[str, Any], args: argparse.Namespace, title: st
     """SmolLM2-135M in float32 against each quantisation this machine can run, on PopQA with passages."""
     from ragkit.eval.tasks import get_task, load_examples
     from ragkit.models.generator import GenerationConfig, Generator
-    from ragkit.reader import ReaderConfig, answer, questions_from_examples
+    from ragkit.archs.reader.answer import ReaderConfig, answer
+    from ragkit.io.queries import questions_from_examples
 
     task = get_task("popqa")
     examples = load_examples(task, SHARED_DATA / "popqa" / "popqa_longtail_w_gs.first100.jsonl", args.n)

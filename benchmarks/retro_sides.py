@@ -36,7 +36,7 @@ def peak_mib() -> float:
 def ragkit_model():
     import torch
 
-    from ragkit.models.retro import RetroConfig, RetroModel
+    from ragkit.archs.retro.model import RetroConfig, RetroModel
 
     torch.manual_seed(SEED)
     return RetroModel(RetroConfig(vocab_size=VOCAB, dim=DIM, dec_depth=DEC_DEPTH, enc_depth=ENC_DEPTH, heads=HEADS,
@@ -45,7 +45,7 @@ def ragkit_model():
 
 
 def ragkit_data_config(a):
-    from ragkit.retro.pipeline import RetroDataConfig
+    from ragkit.archs.retro.pipeline import RetroDataConfig
 
     return RetroDataConfig(data=a.data, workdir=str(a.work), tokenizer=a.bert, embedder=a.bert, index_spec="flat",
                            chunk_size=CHUNK, seq_len=SEQ, num_neighbors=K, extra_neighbors=EXTRA, device="cpu",
@@ -56,7 +56,7 @@ def ragkit_phase(a) -> dict:
     import numpy as np
     import torch
 
-    from ragkit.retro.corpus import RetroSequences, collate, prepare
+    from ragkit.archs.retro.corpus import RetroSequences, collate, prepare
 
     if a.phase == "precompute":
         began = time.perf_counter()
@@ -71,7 +71,7 @@ def ragkit_phase(a) -> dict:
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
         return train_loop(model, loader, optimizer, a.steps,
                           lambda b: model(b["input_ids"], retrieved=b["retrieved"], labels=b["labels"]).loss)
-    from ragkit.retro.generate import ChunkRetriever, SamplingConfig, sample
+    from ragkit.archs.retro.generate import ChunkRetriever, SamplingConfig, sample
     from ragkit.index import Index
 
     model.eval()

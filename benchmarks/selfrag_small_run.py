@@ -40,7 +40,7 @@ def run(args: list[str], stdout: Path | None = None) -> float:
 
 
 def critic_data(seed: int = 0) -> tuple[list[dict], list[dict]]:
-    from ragkit.models.selfrag.critic import critic_example
+    from ragkit.archs.selfrag.critic import critic_example
 
     rng = random.Random(seed)
     corpus = {}
@@ -84,8 +84,8 @@ def critic_data(seed: int = 0) -> tuple[list[dict], list[dict]]:
 
 
 def critic_accuracy(critic_dir: Path, held_out: list[dict]) -> dict[str, dict[str, float]]:
-    from ragkit.models.selfrag.critic import TASKS, Critic
-    from ragkit.models.selfrag.loading import load_causal_lm
+    from ragkit.archs.selfrag.critic import TASKS, Critic
+    from ragkit.archs.selfrag.loading import load_causal_lm
 
     model, tok = load_causal_lm(str(critic_dir), device="cpu", merge_lora=True)
     critic = Critic(model, tok, batch_size=8)

@@ -29,8 +29,8 @@ def main() -> None:
     import torch
 
     from ragkit.models.generator import Generator
-    from ragkit.models.selfrag.decoding import SelfRagConfig, SelfRagDecoder, SelfRagQuestion
-    from ragkit.models.selfrag.tokens import add_reflection_tokens
+    from ragkit.archs.selfrag.decoding import SelfRagConfig, SelfRagDecoder, SelfRagQuestion
+    from ragkit.archs.selfrag.tokens import add_reflection_tokens
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = [json.loads(line) for line in (SHARED_DATA / "popqa" / "popqa_longtail_w_gs.first100.jsonl").open()][: args.n]

@@ -3,6 +3,8 @@
 The Python API is what the `ragkit` commands call (docs/python-api.md):
 
     from ragkit import Encoder, Index, Passage, Retriever
+    answerer = ragkit.load("rag", "smollm2-135m", index="idx", k=3)   # any --arch, its options as keywords
+    ragkit.fit(ragkit.TrainConfig(arch="embedder", data="pairs.jsonl", output="runs/emb"))
 
 Names are imported on first use, so `import ragkit` (and `ragkit --help`) loads neither torch nor faiss.
 """
@@ -28,6 +30,18 @@ _EXPORTS = {
     "build_index": "ragkit.embeddings",
     "Retriever": "ragkit.retrieval.retriever",
     "RetrievalMode": "ragkit.retrieval.retriever",
+    "load": "ragkit.archs.registry",
+    "fit": "ragkit.archs.registry",
+    "ARCHITECTURES": "ragkit.archs.registry",
+    "TrainConfig": "ragkit.train.config",
+    "Question": "ragkit.io.queries",
+    "ClosedBookOptions": "ragkit.archs.reader.inference",
+    "RetrieveReadOptions": "ragkit.archs.reader.inference",
+    "RagCheckpointOptions": "ragkit.archs.rag.inference",
+    "SelfRagOptions": "ragkit.archs.selfrag.inference",
+    "RetroOptions": "ragkit.archs.retro.inference",
+    "RetroModel": "ragkit.archs.retro.model",
+    "RetroConfig": "ragkit.archs.retro.model",
     "RagkitError": "ragkit.errors",
     "InputError": "ragkit.errors",
     "ResourceError": "ragkit.errors",
@@ -37,6 +51,14 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from ragkit.archs.rag.inference import RagCheckpointOptions
+    from ragkit.archs.reader.inference import ClosedBookOptions, RetrieveReadOptions
+    from ragkit.archs.registry import ARCHITECTURES, fit, load
+    from ragkit.archs.retro.inference import RetroOptions
+    from ragkit.archs.retro.model import RetroConfig, RetroModel
+    from ragkit.archs.selfrag.inference import SelfRagOptions
+    from ragkit.io.queries import Question
+    from ragkit.train.config import TrainConfig
     from ragkit.embeddings import build_index
     from ragkit.errors import InputError, RagkitError, ResourceError, UsageError
     from ragkit.index.hits import Hit

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-
 from typing import Annotated
 
 import typer
 
 from ragkit import __version__
 
-# bitsandbytes' CPU backend tries an optional kernel download (the `kernels` package) when it is imported
-# and warns on every command without it; its built-in CPU kernels, which ragkit uses, still work
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-# LLM.int8 (--quantize 8bit) logs on every matmul that it computes in float16 (docs/evaluation.md says so once)
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-    lambda record: not str(record.msg).startswith("MatMul8bitLt: inputs will be cast"))
+
 from ragkit.commands import embed as embed_cmd
 from ragkit.commands import env as env_cmd
 from ragkit.commands import eval as eval_cmd

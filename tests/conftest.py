@@ -132,7 +132,7 @@ def build_tiny_selfrag_lm(directory: Path, *, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ragkit.models.selfrag.tokens import add_reflection_tokens
+    from ragkit.archs.selfrag.tokens import add_reflection_tokens
 
     base = build_tiny_causal_lm(directory / "base", seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(base)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import make_passages, write_jsonl
 from ragkit.cli import app
-from ragkit.train.embedder_arch import TrainingPair, mine_hard_negatives, read_training_pairs
+from ragkit.archs.embedder.training import TrainingPair, mine_hard_negatives, read_training_pairs
 
 
 def run(*args: object, input: str | None = None):

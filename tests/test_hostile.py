@@ -306,7 +306,8 @@ def test_ivf_pq_on_too_few_passages_is_refused_before_the_model_loads(tmp_path: 
 @pytest.mark.parametrize(("command", "flag"), [
     (["index", "search", "IDX", "--mode", "fuzzy"], "--mode fuzzy"),
     (["generate", "Q", "--arch", "rag", "--retrieval-mode", "fuzzy"], "--retrieval-mode fuzzy"),
-    (["eval", "--task", "qa", "--data", "Q", "--retrieval-mode", "fuzzy"], "--retrieval-mode fuzzy"),
+    (["eval", "--task", "qa", "--data", "Q", "-m", "smollm2-135m", "--arch", "rag", "--retrieval-mode", "fuzzy"],
+     "--retrieval-mode fuzzy"),
     (["index", "search", "IDX", "--mode", "hybrid", "--fusion", "max"], "--fusion max"),
 ])
 def test_errors_name_the_flag_the_user_typed(command: list[str], flag: str, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ragkit.models.rag_losses import rag_sequence_loss, rag_token_loss, rag_token_marginal
+from ragkit.archs.rag.losses import rag_sequence_loss, rag_token_loss, rag_token_marginal
 
 B, K, T, V, PAD = 2, 3, 4, 7, 0
 

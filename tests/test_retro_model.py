@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ragkit.models.retro import RetroConfig, RetroModel
+from ragkit.archs.retro.model import RetroConfig, RetroModel
 
 M, K, R, C = 4, 2, 8, 3  # chunk size, neighbours, neighbour length, chunks
 

@@ -16,8 +16,8 @@ from conftest import WORDS
 from conftest import run_cli as _cli
 from conftest import run_torchrun
 from ragkit.errors import InputError, ResourceError
-from ragkit.retro import pipeline as P
-from ragkit.retro.corpus import RetroSequences, prepare
+from ragkit.archs.retro import pipeline as P
+from ragkit.archs.retro.corpus import RetroSequences, prepare
 
 M = 4  # chunk size
 SEQ = 16
@@ -248,7 +248,7 @@ def test_generate_from_a_prompt_and_from_nothing(trained: Path) -> None:
     assert result.exit_code == 0, result.stderr and json.loads(result.stdout)["prompt"] == ""
     # options RETRO does not honour are refused, not ignored
     result = _cli("generate", "--arch", "retro", "-m", trained / "run" / "final", "--quantize", "int8", input_="x\n")
-    assert result.exit_code == 2 and "not available for --arch retro" in result.stderr
+    assert result.exit_code == 2 and "--quantize: not used by --arch retro" in result.stderr
     for extra in (["--index", trained / "work" / "index"], ["--template", "{prompt}"], ["--k", 3]):
         result = _cli("generate", "--arch", "retro", "-m", trained / "run" / "final", *extra, input_="x\n")
         assert result.exit_code == 2 and f"{extra[0]}: not used by --arch retro" in result.stderr
@@ -263,7 +263,7 @@ def test_eval_lm_reports_both_with_and_without_retrieval(trained: Path, tmp_path
     m = report["metrics"]
     assert report["primary_metric"] == "bits_per_byte" and len(report["rows"]) == 2
     refused = _cli("eval", "--task", "lm", "--data", held, "-m", trained / "run" / "final", "--quantize", "int8")
-    assert refused.exit_code == 2 and "not available for --task lm" in refused.stderr
+    assert refused.exit_code == 2 and "--quantize: not used by --task lm" in refused.stderr
     assert m["loss"]["mean"] != m["loss_no_retrieval"]["mean"]
     assert m["perplexity"]["mean"] == pytest.approx(np.exp(m["loss"]["mean"]))
     docs = [json.loads(line) for line in next((trained / "work" / "heldout").iterdir()).joinpath("documents.jsonl").read_text().splitlines()]
@@ -325,7 +325,7 @@ class RecordingRetriever:
 
 
 def tiny_retro():
-    from ragkit.models.retro import RetroConfig, RetroModel
+    from ragkit.archs.retro.model import RetroConfig, RetroModel
 
     torch.manual_seed(0)
     return RetroModel(RetroConfig(vocab_size=40, dim=32, dec_depth=3, enc_depth=1, heads=2, dim_head=16, chunk_size=M,
@@ -334,7 +334,7 @@ def tiny_retro():
 
 @pytest.mark.parametrize("prompt_len", [1, 5, 8])
 def test_generation_retrieves_once_per_chunk_boundary(prompt_len: int) -> None:
-    from ragkit.retro.generate import SamplingConfig, sample
+    from ragkit.archs.retro.generate import SamplingConfig, sample
 
     model = tiny_retro()
     retriever = RecordingRetriever(2, 2 * M, 40)
@@ -350,7 +350,7 @@ def test_generation_retrieves_once_per_chunk_boundary(prompt_len: int) -> None:
 
 def test_cached_sampling_equals_rerunning_the_whole_model() -> None:
     """The RETRO-pytorch way (full forward per token) and the cache give the same greedy tokens."""
-    from ragkit.retro.generate import SamplingConfig, sample
+    from ragkit.archs.retro.generate import SamplingConfig, sample
 
     model = tiny_retro()
     retriever = RecordingRetriever(2, 2 * M, 40)
@@ -377,7 +377,7 @@ def test_cached_sampling_equals_rerunning_the_whole_model() -> None:
 def test_sizes_come_from_flags_or_a_config_file(tmp_path: Path) -> None:
     from ragkit.errors import UsageError
     from ragkit.train.config import resolve_config
-    from ragkit.train.retro_arch import model_config, parse_cross_attn_layers
+    from ragkit.archs.retro.training import model_config, parse_cross_attn_layers
 
     path = tmp_path / "retro.toml"
     path.write_text('arch = "retro"\nworkdir = "w"\nretro-dim = 96\nretro-dec-depth = 5\n'
@@ -405,7 +405,7 @@ def test_eval_lm_bad_invocations(trained: Path, tmp_path: Path) -> None:
 
 def test_each_sample_reports_only_its_own_retrieval_time() -> None:
     """The retriever lives across prompts (`generate --arch retro` reads many): its clock is cumulative."""
-    from ragkit.retro.generate import SamplingConfig, sample
+    from ragkit.archs.retro.generate import SamplingConfig, sample
 
     class Clocked(RecordingRetriever):
         def __call__(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

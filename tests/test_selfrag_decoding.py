@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from conftest import write_jsonl
 from ragkit.cli import app
-from ragkit.models.selfrag.decoding import SelfRagConfig, SelfRagDecoder, SelfRagQuestion
-from ragkit.models.selfrag.scoring import ScoringConfig, StepOutput
-from ragkit.models.selfrag.tokens import REFLECTION_TOKENS
+from ragkit.archs.selfrag.decoding import SelfRagConfig, SelfRagDecoder, SelfRagQuestion
+from ragkit.archs.selfrag.scoring import ScoringConfig, StepOutput
+from ragkit.archs.selfrag.tokens import REFLECTION_TOKENS
 
 PASSAGES = [{"id": f"p{i}", "title": t, "text": f"the {t} is a city in france"} for i, t in
             enumerate(["paris", "london", "rome"])]
@@ -168,7 +168,7 @@ def test_generate_and_eval_selfrag_cli(tiny_selfrag_path: Path, tmp_path: Path) 
                                  "--device", "cpu", "-o", str(report)])
     assert direct.exit_code == 0, direct.stderr
     saved = json.loads(report.read_text())
-    assert saved["config"]["arch"] == "selfrag" and saved["config"]["selfrag"]["mode"] == "no_retrieval"
+    assert saved["config"]["arch"] == "selfrag" and saved["config"]["options"]["mode"] == "no_retrieval"
     assert saved["metrics"]["retrieved"]["mean"] == 0.0
 
 
@@ -190,9 +190,9 @@ def test_vllm_completion_maps_to_the_same_scores() -> None:
     """vLLM returns top-k Logprob objects per position; the mapping must feed the same scoring."""
     from types import SimpleNamespace
 
-    from ragkit.models.selfrag.decoding import vllm_step_output
-    from ragkit.models.selfrag.scoring import score_candidate
-    from ragkit.models.selfrag.tokens import ReflectionIds
+    from ragkit.archs.selfrag.decoding import vllm_step_output
+    from ragkit.archs.selfrag.scoring import score_candidate
+    from ragkit.archs.selfrag.tokens import ReflectionIds
 
     ids = ReflectionIds({t: i for i, t in enumerate(REFLECTION_TOKENS)})
     rel, irr, full = ids.ids["[Relevant]"], ids.ids["[Irrelevant]"], ids.ids["[Fully supported]"]

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from ragkit.models.selfrag.scoring import (
+from ragkit.archs.selfrag.scoring import (
     ScoringConfig, StepOutput, aggregate, continue_retrieving, decide_retrieval, retrieve_probability,
     score_candidate,
 )
-from ragkit.models.selfrag.tokens import REFLECTION_TOKENS, ReflectionIds, clean_answer
+from ragkit.archs.selfrag.tokens import REFLECTION_TOKENS, ReflectionIds, clean_answer
 
 IDS = ReflectionIds({t: i for i, t in enumerate(REFLECTION_TOKENS)})
 I = IDS.ids

@@ -60,7 +60,7 @@ def test_loss_falls_and_checkpoints_open_with_plain_libraries(setup: dict[str, P
 
 
 def test_query_encoder_receives_gradient(setup: dict[str, Path]) -> None:
-    from ragkit.models.rag import RagModelConfig, build_rag
+    from ragkit.archs.rag.model import RagModelConfig, build_rag
 
     model = build_rag(RagModelConfig(generator=str(setup["lm"]), index=str(setup["index"]), n_docs=3))
     out = model(["river king 1", "city music 2"], ["city", "music"])
@@ -241,7 +241,7 @@ def test_sharded_training_options_pass_through_or_fail_clearly(setup: dict[str, 
 def test_json_stdout_stays_clean_when_a_library_prints(setup: dict[str, Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """DeepSpeed logs and reports op builds on stdout; `train --json` must still print only its report."""
-    from ragkit.train.rag_arch import RagArch
+    from ragkit.archs.rag.training import RagArch
 
     build = RagArch.build
 
@@ -312,8 +312,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import set_seed
 
-from ragkit.models.rag import RagModelConfig, build_rag
-from ragkit.train.rag_arch import RagArch
+from ragkit.archs.rag.model import RagModelConfig, build_rag
+from ragkit.archs.rag.training import RagArch
+from ragkit.models.lm import LoraSettings
 from ragkit.train.trainer import fsdp_full_parameters
 
 lm, index, out = sys.argv[1:4]
@@ -321,7 +322,7 @@ dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 set_seed(0)
 model = build_rag(RagModelConfig(generator=lm, index=index, n_docs=2),
-                  lora={"r": 4, "alpha": 8, "dropout": 0.0, "targets": [], "quantize": "none"})
+                  lora=LoraSettings(r=4, alpha=8, dropout=0.0))
 arch = RagArch()
 if dist.get_rank() == 0:
     arch.save(model, Path(out) / "plain")
@@ -359,10 +360,11 @@ def test_fsdp_checkpoints_hold_the_full_weights(setup: dict[str, Path], tmp_path
 
 
 def test_fsdp_wraps_the_generator_and_encoder_layers(setup: dict[str, Path]) -> None:
-    from ragkit.models.rag import RagModelConfig, build_rag
+    from ragkit.archs.rag.model import RagModelConfig, build_rag
+    from ragkit.models.lm import LoraSettings
 
     model = build_rag(RagModelConfig(generator=str(setup["lm"]), index=str(setup["index"]), n_docs=2),
-                      lora={"r": 4, "alpha": 8, "dropout": 0.0, "targets": [], "quantize": "none"})
+                      lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     assert {"LlamaDecoderLayer", "BertLayer"} <= set(model._no_split_modules)
 
 
@@ -404,7 +406,7 @@ def test_generate_loads_a_trained_checkpoint(trained: Path, mode: str) -> None:
 
 
 def test_decoding_modes_agree_with_their_definitions(trained: Path) -> None:
-    from ragkit.models.rag_decoding import decode, load_rag_checkpoint
+    from ragkit.archs.rag.decoding import decode, load_rag_checkpoint
 
     rag = load_rag_checkpoint(trained)
     thorough = decode(rag, ["river king 3"], mode="sequence-thorough", max_new_tokens=4)[0]

@@ -12,15 +12,11 @@ from typing import Annotated, Any
 
 import typer
 
-from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionOpt, JsonOpt, RetrievalModeOpt, handle_errors, mode_from_flags
+from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionOpt, JsonOpt, RetrievalModeOpt, handle_errors
 from ragkit.commands.generate import (
-    ArchOpt, BackendOpt, DtypeOpt, IndexOpt, KOpt, LimitOpt, MaxNewOpt, PassagesOpt, PassageWordsOpt, QuantizeOpt,
-    RemoteOpt,
-    SeedOpt, StopOpt, TemplateOpt, build_generation, run_blocks,
-)
-from ragkit.commands.generate import (
-    BeamOpt, CompatOpt, DepthOpt, GroundOpt, IgnoreContOpt, LongFormOpt, ModeOpt, SeqScoreOpt, ThresholdOpt,
-    UtilityOpt, WRelOpt, WSupOpt, WUseOpt, selfrag_config,
+    ArchOpt, BackendOpt, BeamOpt, CompatOpt, DepthOpt, DtypeOpt, GroundOpt, IgnoreContOpt, IndexOpt, KOpt, LimitOpt,
+    LongFormOpt, MaxNewOpt, ModeOpt, PassagesOpt, PassageWordsOpt, QuantizeOpt, RemoteOpt, SeedOpt, SeqScoreOpt,
+    StopOpt, TemplateOpt, ThresholdOpt, UtilityOpt, WRelOpt, WSupOpt, WUseOpt,
 )
 
 app = typer.Typer(no_args_is_help=False)
@@ -104,14 +100,11 @@ def evaluate(
     """
     if ctx.invoked_subcommand is not None:
         return
-    options = dict(locals())
     with handle_errors():
+        from ragkit.archs.options import refuse_unused
+        from ragkit.commands._answering import given_flags
         from ragkit.errors import UsageError
-        from ragkit.eval import report as rep
-        from ragkit.eval import runner
-        from ragkit.eval.tasks import ALL_TASKS, get_task, load_examples
-
-        retrieval = mode_from_flags(retrieval_mode, fusion, dense_weight)
+        from ragkit.eval.tasks import ALL_TASKS
 
         if task is None:
             raise UsageError("--task is required", hint=f"One of {', '.join(ALL_TASKS)}.")
@@ -119,87 +112,124 @@ def evaluate(
             raise UsageError("--data is required")
         if output is not None and output.is_dir():
             raise UsageError(f"-o {output}: is a directory; give the report's file name (e.g. {output}/report.json)")
+        given = given_flags(ctx)
         began = time.perf_counter()
         config: dict[str, Any] = {"task": task, "data": str(data), "label": label, "limit": limit}
         if task == "lm":
-            _evaluate_lm(options, config, began)
-            return
-        if task == "beir":
-            queries, qrels = runner.load_beir(data, split)
-            if index is not None:
-                from ragkit.retrieval import Retriever
-
-                retriever = Retriever(index, device=device, mode=retrieval)
-                qids = list(queries)[: limit or None]
-                hits = retriever.retrieve([queries[q] for q in qids], max(k, 10))
-                run = {q: [h.id for h in row] for q, row in zip(qids, hits)}
-                config.update(index=str(index), k=k, embedder=retriever.index.encoder.name,
-                              retrieval=dataclasses.asdict(retrieval))
-            else:
-                run = runner.read_search_run(predictions or "-", qrels)
-                config.update(predictions=predictions or "-")
-            qrels = {q: r for q, r in qrels.items() if q in run} if limit else qrels
-            rows, metrics = runner.score_retrieval(run, qrels, max(k, 10) if index is not None else 100)
-            primary = "ndcg@10"
+            refuse_unused(given, EVAL_LEVEL | LM_OPTIONS | ({"arch"} if arch == "retro" else set()),
+                          "--task lm, which scores held-out text under a RETRO checkpoint")
+            report, shown = _evaluate_lm(model, data, glob, workdir, batch_size, device, config, began)
+        elif task == "beir":
+            refuse_unused(given, EVAL_LEVEL | BEIR_OPTIONS, "--task beir, which scores a ranking (--predictions, or "
+                          "search --index here)")
+            report, shown = _evaluate_beir(data, split, predictions, index, k, limit, device,
+                                           (retrieval_mode, fusion, dense_weight), config, began)
         else:
-            the_task = get_task(task)
-            examples = load_examples(the_task, data, limit or None)
-            if model is not None:
-                from ragkit.reader import questions_from_examples
-
-                selfrag = selfrag_config(options) if arch == "selfrag" else None
-                generator, gen_config, reader, retriever = build_generation(
-                    model=model, arch=arch, index=index, k=k, passages=passages, max_new_tokens=max_new_tokens,
-                    do_sample=False, temperature=1.0, top_p=1.0, top_k=0, stop=stop, batch_size=batch_size,
-                    device=device, dtype=dtype, backend=backend, template=template,
-                    max_passage_words=max_passage_words, seed=seed, trust_remote_code=trust_remote_code,
-                    selfrag=selfrag, retrieval=retrieval, quantize=quantize,
-                )
-                questions = questions_from_examples(examples)
-                outputs = {r["id"]: (i, r) for i, r in enumerate(
-                    run_blocks(questions, generator, gen_config, reader, retriever, f"{task} ({arch})"), start=1)}
-                pairs = runner.match_predictions(examples, outputs, "<generated>", str(data))
-                config.update(model=model, arch=arch, k=k, passages=passages, index=str(index) if index else None,
-                              max_new_tokens=max_new_tokens, max_passage_words=max_passage_words, seed=seed,
-                              quantize=quantize)
-                if selfrag is not None:
-                    config["selfrag"] = dataclasses.asdict(selfrag)
-            else:
-                source = predictions or "-"
-                preds = runner.read_predictions(source)
-                pairs = runner.match_predictions(examples, preds, "<stdin>" if source == "-" else source, str(data))
-                config.update(predictions=source)
-            rows = runner.score(the_task, pairs)
-            extra = ("retrieved",) if rows and "retrieved" in rows[0]["metrics"] else ()
-            metrics = rep.aggregate(rows, the_task.metrics + extra, the_task.binary + extra)
-            primary = the_task.primary
-            if len(rows) < len(examples):
-                from ragkit.console import info
-
-                info(f"warning: scored {len(rows)} of {len(examples)} examples (the others have no prediction)")
-        report = rep.build_report(task, primary, metrics, rows, config, {"total_s": time.perf_counter() - began})
+            report, shown = _evaluate_qa(ctx, given, task, data, model, arch, predictions, limit, config, began)
         if output is not None:
+            from ragkit.eval import report as rep
+
             rep.save_report(output, report)
-        _print_metrics(f"{task}: {data} ({len(rows)} examples)", report)
+        _print_metrics(shown, report)
         if as_json:
             sys.stdout.write(json.dumps({k: v for k, v in report.items() if k != "rows"}, ensure_ascii=False) + "\n")
 
 
-def _evaluate_lm(o: dict[str, Any], config: dict[str, Any], began: float) -> None:
-    """Loss, perplexity and bits per byte of held-out text under a RETRO checkpoint, with and without
-    its neighbours; the report has one row per document and bootstrap 95% intervals over documents."""
+# options every task reads; the rest belong to one path: a task's scoring, or the architecture that answers
+EVAL_LEVEL = {"task", "data", "output", "label", "as_json"}
+LM_OPTIONS = {"model", "workdir", "glob", "batch_size", "device"}
+BEIR_OPTIONS = {"predictions", "index", "k", "limit", "split", "device", "retrieval_mode", "fusion", "dense_weight"}
+QA_OPTIONS = {"predictions", "limit", "model", "arch"}  # + the answering architecture's schema with --model
+
+
+def _evaluate_qa(ctx: typer.Context, given: dict[str, str], task: str, data: Path, model: str | None, arch: str,
+                 predictions: str | None, limit: int, config: dict[str, Any], began: float) -> tuple[dict[str, Any], str]:
+    """A QA task: score predictions read from --predictions / stdin, or answer here with --model."""
+    from ragkit.archs.options import refuse_unused
     from ragkit.errors import UsageError
     from ragkit.eval import report as rep
-    from ragkit.retro.generate import load_retro
-    from ragkit.retro.lm_eval import evaluate
+    from ragkit.eval import runner
+    from ragkit.eval.tasks import get_task, load_examples
 
-    if o["model"] is None:
+    the_task = get_task(task)
+    if model is None:
+        refuse_unused(given, EVAL_LEVEL | {"predictions", "limit"}, "scoring predictions (they are read, not made)",
+                      hint="Give --model to answer here, or drop the generation options.")
+        examples = load_examples(the_task, data, limit or None)
+        source = predictions or "-"
+        preds = runner.read_predictions(source)
+        pairs = runner.match_predictions(examples, preds, "<stdin>" if source == "-" else source, str(data))
+        config.update(predictions=source)
+    else:
+        import dataclasses
+
+        from ragkit.commands._answering import answer_in_blocks, prepare
+        from ragkit.io.queries import questions_from_examples
+
+        if predictions is not None:
+            raise UsageError("--predictions: not used by a run that answers here with --model; give one or the other")
+        if arch == "retro":
+            raise UsageError("--arch retro continues text rather than answering questions; score it with --task lm")
+        architecture, options = prepare(arch, model, ctx, EVAL_LEVEL | QA_OPTIONS)
+        examples = load_examples(the_task, data, limit or None)
+        answerer = architecture.load(model, options)
+        questions = questions_from_examples(examples)
+        outputs = {r["id"]: (i, r) for i, r in enumerate(answer_in_blocks(questions, answerer, f"{task} ({arch})"),
+                                                            start=1)}
+        pairs = runner.match_predictions(examples, outputs, "<generated>", str(data))
+        config.update(model=model, arch=arch, options=dataclasses.asdict(options))
+    rows = runner.score(the_task, pairs)
+    extra = ("retrieved",) if rows and "retrieved" in rows[0]["metrics"] else ()
+    metrics = rep.aggregate(rows, the_task.metrics + extra, the_task.binary + extra)
+    if len(rows) < len(examples):
+        from ragkit.console import info
+
+        info(f"warning: scored {len(rows)} of {len(examples)} examples (the others have no prediction)")
+    report = rep.build_report(task, the_task.primary, metrics, rows, config, {"total_s": time.perf_counter() - began})
+    return report, f"{task}: {data} ({len(rows)} examples)"
+
+
+def _evaluate_beir(data: Path, split: str, predictions: str | None, index: Path | None, k: int, limit: int,
+                   device: str, retrieval_flags: tuple[str, str, float], config: dict[str, Any],
+                   began: float) -> tuple[dict[str, Any], str]:
+    """nDCG@10 / recall / MRR of a ranking: `index search` output, or searched here over --index."""
+    from ragkit.commands._common import mode_from_flags
+    from ragkit.eval import report as rep
+    from ragkit.eval import runner
+
+    retrieval = mode_from_flags(*retrieval_flags)
+    queries, qrels = runner.load_beir(data, split)
+    if index is not None:
+        from ragkit.retrieval import Retriever
+
+        retriever = Retriever(index, device=device, mode=retrieval)
+        qids = list(queries)[: limit or None]
+        hits = retriever.retrieve([queries[q] for q in qids], max(k, 10))
+        run = {q: [h.id for h in row] for q, row in zip(qids, hits)}
+        config.update(index=str(index), k=k, embedder=retriever.index.encoder.name,
+                      retrieval=dataclasses.asdict(retrieval))
+    else:
+        run = runner.read_search_run(predictions or "-", qrels)
+        config.update(predictions=predictions or "-")
+    qrels = {q: r for q, r in qrels.items() if q in run} if limit else qrels
+    rows, metrics = runner.score_retrieval(run, qrels, max(k, 10) if index is not None else 100)
+    report = rep.build_report("beir", "ndcg@10", metrics, rows, config, {"total_s": time.perf_counter() - began})
+    return report, f"beir: {data} ({len(rows)} examples)"
+
+
+def _evaluate_lm(model: str | None, data: Path, glob: str, workdir: Path | None, batch_size: int, device: str,
+                 config: dict[str, Any], began: float) -> tuple[dict[str, Any], str]:
+    """Loss, perplexity and bits per byte of held-out text under a RETRO checkpoint, with and without
+    its neighbours; the report has one row per document and bootstrap 95% intervals over documents."""
+    from ragkit.archs.retro.generate import load_retro
+    from ragkit.archs.retro.lm_eval import evaluate
+    from ragkit.errors import UsageError
+    from ragkit.eval import report as rep
+
+    if model is None:
         raise UsageError("--task lm needs --model (a `ragkit train --arch retro` checkpoint)")
-    if o.get("quantize", "none") != "none":
-        raise UsageError(f"--quantize {o['quantize']} is not available for --task lm (RETRO checkpoints)")
-    loaded = load_retro(o["model"], workdir=o["workdir"], device=o["device"])
-    result = evaluate(loaded, str(o["data"]), o["glob"], batch_size=o["batch_size"],
-                      workdir=str(o["workdir"]) if o["workdir"] else None)
+    loaded = load_retro(model, workdir=workdir, device=device)
+    result = evaluate(loaded, str(data), glob, batch_size=batch_size, workdir=str(workdir) if workdir else None)
     # the model's own setting is unsuffixed: with neighbours when it has them, else without
     suffixes = {name: "_no_retrieval" if name == "no_retrieval" and "retrieval" in result["results"] else ""
                 for name in result["results"]}
@@ -220,16 +250,12 @@ def _evaluate_lm(o: dict[str, Any], config: dict[str, Any], began: float) -> Non
                 row["metrics"]["loss" + suffix] = scores.nll[i] / scores.tokens[i]
                 row["metrics"]["bits_per_byte" + suffix] = scores.nll[i] / math.log(2) / max(doc["bytes"], 1)
         rows.append(row)
-    config.update(model=o["model"], workdir=str(o["workdir"] or loaded.info["workdir"]), glob=o["glob"],
+    config.update(model=model, workdir=str(workdir or loaded.info["workdir"]), glob=glob,
                   seq_len=result["seq_len"], retrieval=list(result["results"]),
                   predicted_tokens=int(next(iter(result["results"].values())).tokens.sum()))
     report = rep.build_report("lm", "bits_per_byte", metrics, rows, config,
                               {**result["timings"], "total_s": time.perf_counter() - began})
-    if o["output"] is not None:
-        rep.save_report(o["output"], report)
-    _print_metrics(f"lm: {o['data']} ({len(rows)} documents, {config['predicted_tokens']} tokens)", report)
-    if o["as_json"]:
-        sys.stdout.write(json.dumps({k: v for k, v in report.items() if k != "rows"}, ensure_ascii=False) + "\n")
+    return report, f"lm: {data} ({len(rows)} documents, {config['predicted_tokens']} tokens)"
 
 
 @app.command("compare")

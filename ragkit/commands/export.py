@@ -32,7 +32,7 @@ def export(
 
         from ragkit.console import info
         from ragkit.errors import UsageError
-        from ragkit.models.selfrag.loading import load_causal_lm
+        from ragkit.archs.selfrag.loading import load_causal_lm
 
         if output.exists() and (not output.is_dir() or any(output.iterdir())):
             raise UsageError(f"{output}: exists and is not empty", hint="Choose a new --output folder.")

@@ -9,14 +9,14 @@ from typing import Annotated, Any
 
 import typer
 
-from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionOpt, RetrievalModeOpt, handle_errors, mode_from_flags
+from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionOpt, RetrievalModeOpt, handle_errors
 
 ModelGen = Annotated[str, typer.Option("--model", "-m", help="Generator: hub id, local folder, .gguf file, alias (smollm2-135m = shipped SmolLM2-135M-Instruct), or a `ragkit train --arch rag` checkpoint.")]
-ArchOpt = Annotated[str, typer.Option("--arch", help="none (closed book), rag (retrieve with --index, or use the input's ctxs, then read), selfrag (a model with Self-RAG reflection tokens; see the --mode options) or retro (a `ragkit train --arch retro` checkpoint continuing each prompt).")]
+ArchOpt = Annotated[str, typer.Option("--arch", help="none (closed book), rag (retrieve with --index, or use the input's ctxs, then read; or a `ragkit train --arch rag` checkpoint), selfrag (a model with Self-RAG reflection tokens; see the --mode options), selfrag-critic (judgements of a trained critic, --critic-task) or retro (a `ragkit train --arch retro` checkpoint continuing each prompt). Each reads its own options; any other is refused.")]
 WorkdirOpt = Annotated[Path | None, typer.Option("--workdir", help="RETRO: the work folder whose index and chunks the model retrieves from (default: the one it was trained with).")]
 NoRetrievalOpt = Annotated[bool, typer.Option("--no-retrieval", help="RETRO: run the decoder without neighbours.")]
 IndexOpt = Annotated[Path | None, typer.Option("--index", help="ragkit index to retrieve from (--arch rag).")]
-KOpt = Annotated[int, typer.Option("--k", "-k", min=1, help="Passages per question.")]
+KOpt = Annotated[int, typer.Option("--k", "-k", min=1, help="Passages per question (a trained RAG checkpoint: default its n_docs).")]
 PassagesOpt = Annotated[str, typer.Option("--passages", help="Where passages come from: auto (index if given, else the input's own), index, ctxs or hits (the input's own: Self-RAG files carry ctxs, `ragkit index search` output carries hits; either field is read).")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate per answer.")]
 SampleOpt = Annotated[bool, typer.Option("--do-sample/--greedy", help="Sample (with --temperature/--top-p/--top-k) or decode greedily.")]
@@ -46,130 +46,17 @@ LongFormOpt = Annotated[bool | None, typer.Option("--long-form/--short-form", he
 BeamOpt = Annotated[int, typer.Option("--beam-width", min=1, help="Self-RAG long form: segments kept per level.")]
 DepthOpt = Annotated[int, typer.Option("--max-depth", min=2, help="Self-RAG long form: levels of the segment tree (the root counts).")]
 IgnoreContOpt = Annotated[bool, typer.Option("--ignore-cont", help="Self-RAG long form: drop segments judged [No support / Contradictory].")]
-CLOSED_TASKS = ("arc_c", "pubhealth", "scifact")
-LONG_FORM_TASKS = ("asqa",)
-
-
-SELFRAG_OPTIONS = ("mode", "threshold", "k", "max_new_tokens", "batch_size", "w_rel", "w_sup", "w_use",
-                   "use_groundness", "use_utility", "use_seqscore", "compat_upstream", "long_form", "beam_width",
-                   "max_depth", "ignore_cont", "task")
-
-
-def selfrag_config(options: dict[str, Any]) -> Any:
-    """The Self-RAG decoding config from a command's options (`generate` and `eval` pass their locals(), so
-    both forward the same flags)."""
-    from ragkit.models.selfrag.decoding import SelfRagConfig
-    from ragkit.models.selfrag.scoring import ScoringConfig
-
-    o = {name: options[name] for name in SELFRAG_OPTIONS}
-    scoring = ScoringConfig(w_rel=o["w_rel"], w_sup=o["w_sup"], w_use=o["w_use"], use_groundness=o["use_groundness"],
-                            use_utility=o["use_utility"], use_seqscore=o["use_seqscore"],
-                            compat_upstream=o["compat_upstream"])
-    task = o["task"]
-    config = SelfRagConfig(mode=o["mode"], threshold=o["threshold"] if o["threshold"] >= 0 else None, ndocs=o["k"],
-                           max_new_tokens=o["max_new_tokens"], batch_size=o["batch_size"], closed=task in CLOSED_TASKS,
-                           long_form=o["long_form"] if o["long_form"] is not None else task in LONG_FORM_TASKS,
-                           beam_width=o["beam_width"], max_depth=o["max_depth"], ignore_cont=o["ignore_cont"],
-                           scoring=scoring)
-    config.validate()
-    return config
-
-
 RagDecodingOpt = Annotated[str | None, typer.Option("--rag-decoding", help="For a trained RAG checkpoint: token (greedy), token-beam (beam search, --num-beams), sequence-thorough or sequence-fast (default: what it was trained with).")]
 NumBeamsOpt = Annotated[int, typer.Option("--num-beams", min=1, help="Beams for --rag-decoding token-beam.")]
 
 
-def _refuse_unused(what: str, options: dict[str, bool]) -> None:
-    """Options a decoding path does not honour fail loudly instead of being silently dropped."""
-    from ragkit.errors import UsageError
-
-    given = [name for name, is_set in options.items() if is_set]
-    if given:
-        raise UsageError(f"{', '.join(given)}: not used by {what}")
-
-
-def build_generation(
-    *, model: str, arch: str, index: Path | None, k: int, passages: str, max_new_tokens: int, do_sample: bool,
-    temperature: float, top_p: float, top_k: int, stop: list[str] | None, batch_size: int, device: str, dtype: str,
-    backend: str, template: str | None, max_passage_words: int, seed: int, trust_remote_code: bool,
-    rag_decoding: str | None = None, selfrag: Any = None, retrieval: Any = None, quantize: str = "none",
-    num_beams: int = 4,
-) -> tuple[Any, Any, Any, Any]:
-    """Load what a generation run needs (shared by `generate` and `eval`)."""
-    from ragkit.errors import UsageError
-    from ragkit.models.generator import GenerationConfig, load_generator
-    from ragkit.models.rag_decoding import RagDecodingConfig, is_rag_checkpoint, load_rag_checkpoint
-    from ragkit.reader import ARCHS, ReaderConfig
-    from ragkit.retrieval.retriever import RetrievalMode, Retriever
-
-    sampling = {"--do-sample": do_sample, "--temperature": temperature != 1.0, "--top-p": top_p != 1.0,
-                "--top-k": top_k != 0, "--stop": stop is not None, "--template": template is not None}
-    if is_rag_checkpoint(model):
-        if arch != "rag":
-            raise UsageError(f"{model} is a trained RAG checkpoint: use --arch rag")
-        _refuse_unused("a trained RAG checkpoint, which decodes with --rag-decoding and --num-beams",
-                       {**sampling, "--backend vllm": backend != "transformers"})
-        from ragkit.models.encoder import resolve_device
-
-        rag = load_rag_checkpoint(model, device=resolve_device(device), index=str(index) if index else None,
-                                  quantize=quantize)
-        mode = rag_decoding or ("token" if rag.config.loss == "token" else "sequence-thorough")
-        return rag, GenerationConfig(max_new_tokens=max_new_tokens), RagDecodingConfig(mode, num_beams), None
-    if arch == "selfrag":
-        from ragkit.models.selfrag.loading import load_selfrag_decoder
-
-        _refuse_unused("--arch selfrag, which decodes greedily in the Self-RAG prompt format", sampling)
-        retriever = Retriever(index, device=device, mode=retrieval or RetrievalMode()) if index is not None else None
-        decoder = load_selfrag_decoder(model, selfrag, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                       backend=backend, quantize=quantize)
-        return decoder, None, ReaderConfig(arch="rag", k=k, source=passages, max_passage_words=0), retriever
-    if arch not in ARCHS:
-        raise UsageError(f"--arch {arch}: expected one of {', '.join(ARCHS)}, selfrag or retro")
-    if index is not None and arch != "rag":
-        raise UsageError("--index is only used with --arch rag")
-    reader = ReaderConfig(arch=arch, k=k, source=passages, max_passage_words=max_passage_words, template=template)
-    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                  top_p=top_p, top_k=top_k, stop=tuple(stop) if stop is not None else ("\n",),
-                                  batch_size=batch_size, seed=seed)
-    retriever = None
-    if arch == "rag" and index is not None:
-        retriever = Retriever(index, device=device, mode=retrieval or RetrievalMode())
-    generator = load_generator(model, backend=backend, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                               quantize=quantize)
-    return generator, gen_config, reader, retriever
-
-
-def run_blocks(questions: list[Any], generator: Any, gen_config: Any, reader: Any, retriever: Any, label: str,
-               block: int = 32) -> Any:
-    """Answer in blocks with a progress bar; yields output rows in input order.
-
-    `generator` is a Generator (retrieve-then-read) or a trained RAG model (`reader` is then its
-    decoding mode)."""
-    from ragkit.console import info, progress
-    from ragkit.models.encoder import Throughput
-    from ragkit.models.rag import RagForTraining
-    from ragkit.models.selfrag.decoding import SelfRagDecoder
-    from ragkit.reader import answer, answer_with_rag_checkpoint, answer_with_selfrag
-
-    meter = Throughput()
-    with progress() as bar:
-        task = bar.add_task(label, total=len(questions), rate="")
-        for start in range(0, len(questions), block):
-            chunk = questions[start : start + block]
-            if isinstance(generator, SelfRagDecoder):
-                rows = answer_with_selfrag(chunk, generator, reader, retriever)
-            elif isinstance(generator, RagForTraining):
-                rows = answer_with_rag_checkpoint(chunk, generator, decoding=reader, max_new_tokens=gen_config.max_new_tokens)
-            else:
-                rows = answer(chunk, generator, gen_config, reader, retriever)
-            meter.add(len(rows))
-            bar.update(task, advance=len(rows), rate=f"{meter.rate:.2f} q/s")
-            yield from rows
-    device = getattr(generator, "device", None) or next(generator.parameters()).device
-    info(f"answered {meter.count} questions in {meter.seconds:.1f}s ({meter.rate:.2f} questions/s, {device})")
+# the command's own options, used whatever the architecture; every other flag belongs to the chosen
+# architecture's options schema (ragkit.archs) and is refused where that schema has no such field
+GENERATE_LEVEL = {"input_file", "model", "arch", "task", "limit", "table"}
 
 
 def generate(
+    ctx: typer.Context,
     input_file: Annotated[str, typer.Argument(help="Questions: JSONL (question/instruction, optional id, ctxs) or plain lines; - for stdin.")] = "-",
     model: ModelGen = "smollm2-135m",
     arch: ArchOpt = "none",
@@ -215,6 +102,7 @@ def generate(
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="RETRO: continuations sampled per prompt.")] = 1,
     unconditional: Annotated[bool, typer.Option("--unconditional", help="RETRO: sample from nothing (the start-of-document token) instead of reading prompts.")] = False,
     no_retrieval: NoRetrievalOpt = False,
+    critic_task: Annotated[str, typer.Option("--critic-task", help="Self-RAG critic (--arch selfrag-critic): retrieval, relevance (the row's first passage), groundness (its output against that passage) or utility (its output).")] = "retrieval",
     table: Annotated[bool, typer.Option("--table", help="Also print question, top passage and answer as a table on stderr.")] = False,
 ) -> None:
     """Answer questions closed-book (--arch none), retrieve-then-read (--arch rag) or with Self-RAG; JSONL out.
@@ -236,36 +124,16 @@ def generate(
 
       echo '{"prompt": "ROMEO:"}' | ragkit generate --arch retro -m runs/retro/final --do-sample --top-k 40 --max-new-tokens 128
     """
-    options = dict(locals())
-    if arch == "retro":
-        with handle_errors():
-            if quantize != "none":
-                from ragkit.errors import UsageError
-
-                raise UsageError(f"--quantize {quantize} is not available for --arch retro")
-            # RETRO retrieves from its own work folder at every chunk boundary and continues raw text
-            _refuse_unused("--arch retro, which retrieves from its --workdir and continues raw text", {
-                "--index": index is not None, "--k": k != 5, "--stop": stop is not None, "--template": template is not None,
-                "--backend vllm": backend != "transformers", "--rag-decoding": rag_decoding is not None,
-                "--task": task is not None})
-        _generate_retro(options)
-        return
     with handle_errors():
+        from ragkit.commands._answering import answer_in_blocks, prepare
         from ragkit.models.registry import resolve
-        from ragkit.reader import read_questions
 
+        architecture, options = prepare(arch, model, ctx, GENERATE_LEVEL)
         resolve(model)  # a missing local model fails before any input is read
-        questions = read_questions(input_file, limit=limit, task=task)
-        generator, gen_config, reader, retriever = build_generation(
-            model=model, arch=arch, index=index, k=k, passages=passages, max_new_tokens=max_new_tokens,
-            do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, batch_size=batch_size,
-            device=device, dtype=dtype, backend=backend, template=template, max_passage_words=max_passage_words,
-            seed=seed, trust_remote_code=trust_remote_code, rag_decoding=rag_decoding, num_beams=num_beams,
-            selfrag=selfrag_config(options) if arch == "selfrag" else None,
-            retrieval=mode_from_flags(retrieval_mode, fusion, dense_weight), quantize=quantize,
-        )
+        questions = architecture.read_input(input_file, limit=limit, task=task, options=options)
+        answerer = architecture.load(model, options)
         shown = []
-        for row in run_blocks(questions, generator, gen_config, reader, retriever, f"generate ({arch})"):
+        for row in answer_in_blocks(questions, answerer, f"generate ({arch})", block=getattr(answerer, "block", 32)):
             row.pop("retrieval_query", None)
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
             sys.stdout.flush()
@@ -273,54 +141,6 @@ def generate(
                 shown.append(row)
         if table:
             _print_answers(shown)
-
-
-def _generate_retro(o: dict[str, Any]) -> None:
-    """Continue each prompt (JSONL `prompt`/`text`/`question`, or plain lines) with a trained RETRO model,
-    retrieving at every chunk boundary."""
-    with handle_errors():
-        from ragkit.console import info
-        from ragkit.errors import InputError, Location
-        from ragkit.io.jsonl import display_name, iter_records
-        from ragkit.retro.generate import SamplingConfig, load_retro, prompt_ids, sample
-        from ragkit.retro.pipeline import end_of_document_id
-
-        loaded = load_retro(o["model"], workdir=o["workdir"], device=o["device"], retrieval=not o["no_retrieval"])
-        prompts: list[tuple[str, str]] = []
-        if o["unconditional"]:
-            prompts = [("0", "")]
-        else:
-            name = display_name(o["input_file"])
-            for lineno, record in iter_records(o["input_file"]):
-                if isinstance(record, dict):
-                    text = next((record[f] for f in ("prompt", "text", "question") if isinstance(record.get(f), str)), None)
-                    if text is None:
-                        raise InputError(Location(name, lineno, "prompt"), "missing: give prompt, text or question")
-                    prompts.append((str(record.get("id", lineno)), text))
-                else:
-                    prompts.append((str(lineno), record))
-                if o["limit"] and len(prompts) >= o["limit"]:
-                    break
-        config = SamplingConfig(max_new_tokens=o["max_new_tokens"], temperature=o["temperature"] if o["do_sample"] else 0.0,
-                                top_k=o["top_k"], top_p=o["top_p"], num_samples=o["num_samples"], seed=o["seed"])
-        tokenizer = loaded.tokenizer
-        total_tokens = total_seconds = 0.0
-        for pid, text in prompts:
-            result = sample(loaded.model, prompt_ids(tokenizer, text), config, loaded.retriever,
-                            eos_id=end_of_document_id(tokenizer))
-            outputs = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
-            new = sum(len(t) for t in result.tokens)
-            total_tokens, total_seconds = total_tokens + new, total_seconds + result.seconds
-            row = {"id": pid, "prompt": text, "output": outputs[0], "new_tokens": len(result.tokens[0]),
-                   "retrieved": result.retrieved,
-                   "timings": {"generate_s": round(result.seconds, 4), "retrieval_s": round(result.retrieval_seconds, 4),
-                               "tokens_per_s": round(new / result.seconds, 2) if result.seconds else None}}
-            if len(outputs) > 1:
-                row["samples"] = outputs
-            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
-            sys.stdout.flush()
-        if total_seconds:
-            info(f"retro: {int(total_tokens)} tokens in {total_seconds:.1f}s ({total_tokens / total_seconds:.1f} tokens/s)")
 
 
 def _print_answers(rows: list[dict[str, Any]]) -> None:
@@ -335,5 +155,5 @@ def _print_answers(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         top = row["passages"][0] if row.get("passages") else None
         shown = "-" if top is None else f"{top['title']}: {top['text'][:160]}" + ("…" if len(top["text"]) > 160 else "")
-        table.add_row(row["question"], shown, row["output"])
+        table.add_row(row.get("question", row.get("prompt", "")), shown, row["output"])
     stderr.print(table)

@@ -39,8 +39,8 @@ def label(
     with handle_errors():
         from ragkit.errors import InputError, Location
         from ragkit.io.jsonl import display_name, read_jsonl
-        from ragkit.models.selfrag.critic import Critic, label_examples
-        from ragkit.models.selfrag.loading import load_causal_lm
+        from ragkit.archs.selfrag.critic import Critic, label_examples
+        from ragkit.archs.selfrag.loading import load_causal_lm
         from ragkit.retrieval import Retriever
 
         name = display_name(input_file)

@@ -129,11 +129,9 @@ def _run(flags: dict[str, Any], config: Path | None, resume: bool, as_json: bool
 
         from ragkit.console import stderr, stdout_to_stderr
         from ragkit.train.config import resolve_config
-        from ragkit.train.rag_arch import arch_for
-        from ragkit.train.trainer import train as run_training
+        from ragkit.archs.registry import fit
 
         resolved = resolve_config(config, flags)
-        arch = arch_for(resolved.arch)
         resolved.require_paths()
         if resolved.distributed_retriever == "ray":
             from ragkit.retrieval.loopback import reexec_with_loopback
@@ -142,7 +140,7 @@ def _run(flags: dict[str, Any], config: Path | None, resume: bool, as_json: bool
             if uses_private_ray(resolved.ray_address):
                 reexec_with_loopback()  # before any model loads: the driver's Ray listener on 127.0.0.1 too
         with stdout_to_stderr():  # stdout is for the --json report alone
-            report = run_training(resolved, arch, resume=resume)
+            report = fit(resolved, resume=resume)
         _leave_process_group()
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun / accelerate, rank 0 alone reports (its report covers every rank)

@@ -222,7 +222,7 @@ TASKS: dict[str, Task] = {
     "text": Task("text", "rougeL", ("rougeL", "bleu", "f1"), load_qa, score_text),
 }
 RETRIEVAL_TASKS = ("beir",)
-LM_TASKS = ("lm",)  # held-out text under a RETRO model (ragkit.retro.lm_eval)
+LM_TASKS = ("lm",)  # held-out text under a RETRO model (ragkit.archs.retro.lm_eval)
 ALL_TASKS = (*TASKS, *RETRIEVAL_TASKS, *LM_TASKS)
 
 

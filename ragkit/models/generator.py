@@ -1,4 +1,4 @@
-"""Loading a generator (causal or seq2seq, any HF model) and batched generation.
+"""A generator (causal or seq2seq, any HF model, loaded by ragkit.models.lm) and batched generation.
 
 Prompts go through the tokenizer's chat template when it has one, or a plain template otherwise.
 Causal models are left-padded so that a batch's prompts all end where generation starts.
@@ -11,12 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ragkit.errors import ResourceError, UsageError
-from ragkit.models.encoder import resolve_device
-from ragkit.models.quantize import quantize_int8_dynamic
-from ragkit.models.registry import ModelRef, materialize, missing_model_error, quiet_transformers, resolve
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZE = ("none", "int8", "8bit", "4bit")
+from ragkit.models.registry import ModelRef, materialize, resolve
 
 
 @dataclass(frozen=True)
@@ -37,19 +32,6 @@ class Generated:
     new_tokens: int
 
 
-def _torch_dtype(dtype: str, device: str) -> Any:
-    import torch
-
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    if dtype == "auto":
-        # bf16 where the GPU supports it, fp32 on the CPU (fp16/bf16 matmuls are slow or unsupported there)
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, dtype)
-
-
 class Generator:
     """A Hugging Face generator behind one `generate(prompts)` call."""
 
@@ -62,36 +44,13 @@ class Generator:
         trust_remote_code: bool = False,
         quantize: str = "none",
     ) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+        from ragkit.models.lm import load_lm
 
-        if quantize not in QUANTIZE:
-            raise UsageError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
         self.name = name
         self.ref: ModelRef = resolve(name)
-        self.device = resolve_device(device)
-        quiet_transformers()
-        try:
-            location = materialize(self.ref)
-            config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-            self.is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                location, trust_remote_code=trust_remote_code, padding_side="right" if self.is_seq2seq else "left"
-            )
-            cls = AutoModelForSeq2SeqLM if self.is_seq2seq else AutoModelForCausalLM
-            extra = _bitsandbytes_kwargs(quantize, self.device)
-            model = cls.from_pretrained(
-                location, dtype=_torch_dtype(dtype, self.device), trust_remote_code=trust_remote_code, **extra
-            )
-            self.model = model if extra else model.to(self.device)
-        except (OSError, ValueError) as exc:
-            raise missing_model_error(self.ref, exc) from exc
-        self.model.eval()
-        if quantize == "4bit" and self.device == "cpu":
-            _check_cpu_4bit_widths(self.model, name)
-        if quantize == "int8":
-            self.model = quantize_int8_dynamic(self.model, self.device)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        loaded = load_lm(name, device=device, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code)
+        self.model, self.tokenizer, self.is_seq2seq, self.device = (loaded.model, loaded.tokenizer, loaded.is_seq2seq,
+                                                                    loaded.device)
 
     @property
     def has_chat_template(self) -> bool:
@@ -145,48 +104,6 @@ class Generator:
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 outputs.append(Generated(cut_at_stop(text, config.stop).strip(), len(ids)))
         return outputs
-
-
-BNB_CPU_SINCE = "0.46"  # bitsandbytes' CPU backend (4-bit NF4 and LLM.int8 through PyTorch ops)
-
-
-def _bitsandbytes_kwargs(quantize: str, device: str) -> dict[str, Any]:
-    """from_pretrained arguments for 4-/8-bit loading with bitsandbytes: CUDA, or the CPU backend of
-    bitsandbytes >= 0.46 (the same weights and code path, so QLoRA can be tried before a GPU is rented)."""
-    if quantize not in ("8bit", "4bit"):
-        return {}
-    import importlib.metadata
-    import importlib.util
-
-    import torch
-    from packaging.version import Version
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ResourceError(f"--quantize {quantize}: bitsandbytes is not installed",
-                            hint="pip install 'bitsandbytes>=0.46', or use --quantize int8 on the CPU")
-    on_gpu = device.startswith("cuda")
-    if not on_gpu:
-        version = importlib.metadata.version("bitsandbytes")
-        if device != "cpu" or Version(version) < Version(BNB_CPU_SINCE):
-            raise UsageError(f"--quantize {quantize} (bitsandbytes {version}) runs on a CUDA GPU or, from bitsandbytes "
-                             f"0.46, on the CPU; not on {device}", hint="pip install -U bitsandbytes, or --quantize int8")
-    from transformers import BitsAndBytesConfig
-
-    # CPUs without bf16 units run float32 fastest; GPUs compute in bf16 where they have it
-    compute = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_gpu else torch.float32
-    config = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "8bit" else
-              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute))
-    return {"quantization_config": config, "device_map": {"": device}}
-
-
-def _check_cpu_4bit_widths(model: Any, name: str) -> None:
-    """bitsandbytes' CPU 4-bit kernels pack weights in blocks of 64 input features and fail mid-forward with
-    a reshape error otherwise; say so at load time (real models' widths are multiples of 64)."""
-    for layer_name, module in model.named_modules():
-        width = getattr(module, "in_features", None)
-        if type(module).__name__ == "Linear4bit" and width is not None and width % 64:
-            raise UsageError(f"--quantize 4bit on the CPU: {name} layer {layer_name} is {width} wide; bitsandbytes' CPU "
-                             "kernels need multiples of 64", hint="use --quantize 8bit or int8, or a CUDA GPU")
 
 
 def _stop_criteria(tokenizer: Any, stop: Sequence[str], prompt_len: int) -> Any:

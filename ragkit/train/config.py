@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ragkit.archs.registry import TRAINABLE as ARCHS
 from ragkit.io.jsonl import read_text
 from ragkit.errors import InputError, Location, ResourceError, UsageError
 
-ARCHS = ("rag", "selfrag-critic", "selfrag", "retro", "embedder")
 SCHEDULERS = ("linear", "cosine", "polynomial", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -183,6 +183,38 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+# The architecture sections of the schema: the fields each architecture reads. A field in no section is common
+# (the trainer's own: data, output, steps, optimiser, precision, checkpoints, tracker, device, sharding).
+# A flag or config key from another architecture's section is refused (exit 2), never silently dropped.
+_LORA = ("quantize", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+_SELFRAG = ("generator", "distill_from", "distill_alpha", "distill_temperature", "max_seq_length", *_LORA)
+ARCH_FIELDS: dict[str, tuple[str, ...]] = {
+    "rag": ("index", "generator", "query_encoder", "n_docs", "loss", "label_smoothing", "end2end", "refresh_steps",
+            "refresh_shards", "freeze_query_encoder", "max_source_tokens", "max_target_tokens", "max_passage_words",
+            "distributed_retriever", "num_retrieval_workers", "shard_index", "ray_address", *_LORA),
+    "selfrag": _SELFRAG,
+    "selfrag-critic": _SELFRAG,
+    "embedder": ("embedder", "index", "hard_negatives", "mini_batch_size", "loss"),
+    "retro": ("workdir", "glob", "reprocess", "tokenizer", "index_spec", "chunk_size", "seq_len", "num_neighbors",
+              "extra_neighbors", "embedder", "retro_dim", "retro_dec_depth", "retro_enc_depth", "retro_heads",
+              "retro_dim_head", "retro_cross_attn_layers", "retro_deepnet", "attn_dropout", "ff_dropout"),
+}
+ARCH_SPECIFIC = frozenset(name for names in ARCH_FIELDS.values() for name in names)
+
+
+def fields_of(arch: str) -> set[str]:
+    """Every field `arch` honours: the common ones and its own section."""
+    return (set(FIELDS) - ARCH_SPECIFIC) | set(ARCH_FIELDS.get(arch, ()))
+
+
+def refuse_other_sections(arch: str, given: dict[str, str]) -> None:
+    """`given`: field -> where it was set (a flag, or a config file's key)."""
+    unused = [where for name, where in given.items() if name not in fields_of(arch)]
+    if unused:
+        raise UsageError(f"{', '.join(unused)}: not used by --arch {arch}",
+                         hint=f"--arch {arch} reads: {', '.join('--' + n.replace('_', '-') for n in ARCH_FIELDS.get(arch, ()))} "
+                              "and the trainer's common options.")
+
 
 def _check_deepspeed_config(path: Path) -> None:
     """A DeepSpeed config must be a JSON object; every ZeRO stage works (tested on two CPU ranks for each
@@ -234,7 +266,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def resolve_config(file: str | Path | None, flags: dict[str, Any]) -> TrainConfig:
     """Defaults, then the file, then every flag the user actually gave (None means not given)."""
     values: dict[str, Any] = load_config_file(file) if file else {}
+    given = {name: f"{file}: key '{name}'" for name in values}
+    given.update({k: "--" + k.replace("_", "-") for k, v in flags.items() if v is not None})
     values.update({k: v for k, v in flags.items() if v is not None})
     config = TrainConfig(**values)
+    if config.arch in ARCHS:  # an unknown one is refused by validate, naming the known ones
+        refuse_other_sections(config.arch, {k: w for k, w in given.items() if k != "arch"})
     config.validate()
     return config

@@ -20,7 +20,11 @@ from typing import Any, Protocol
 
 import torch
 from torch.utils.data import Dataset
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from ragkit.models.lm import quiet_bitsandbytes
+
+quiet_bitsandbytes()  # transformers.Trainer imports peft, which imports bitsandbytes: silence it first
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 
 from ragkit.errors import RagkitError, ResourceError
 from ragkit.io.atomic import write_json

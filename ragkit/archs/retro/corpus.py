@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from ragkit.console import info
 from ragkit.errors import ResourceError
-from ragkit.retro import pipeline as P
+from ragkit.archs.retro import pipeline as P
 
 
 class RetroCorpus:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from ragkit.errors import ResourceError, UsageError
-from ragkit.retro.corpus import RetroCorpus
-from ragkit.retro.pipeline import chunk_texts, search_chunk_ids, start_of_document_id, tokenizer_fingerprint
+from ragkit.archs.retro.corpus import RetroCorpus
+from ragkit.archs.retro.pipeline import chunk_texts, search_chunk_ids, start_of_document_id, tokenizer_fingerprint
 
 
 class ChunkRetriever:
@@ -147,7 +147,7 @@ def load_retro(checkpoint: str | Path, *, workdir: str | Path | None = None, dev
     from transformers import AutoTokenizer
 
     from ragkit.models.encoder import Encoder, resolve_device
-    from ragkit.models.retro import RetroModel
+    from ragkit.archs.retro.model import RetroModel
 
     root = Path(checkpoint)
     meta_path = root / "retro.json"
@@ -163,7 +163,7 @@ def load_retro(checkpoint: str | Path, *, workdir: str | Path | None = None, dev
     corpus = retriever = None
     if retrieval and model.config.cross_attn_layers:
         from ragkit.index import Index
-        from ragkit.retro.pipeline import Manifest
+        from ragkit.archs.retro.pipeline import Manifest
 
         folder = Path(workdir or info["workdir"])
         if not (folder / "manifest.json").exists():

@@ -14,7 +14,7 @@ from typing import Any
 
 from ragkit.errors import InputError, Location, UsageError
 from ragkit.io.passages import passage_json as _passage_json
-from ragkit.models.selfrag.scoring import (
+from ragkit.archs.selfrag.scoring import (
     ScoringConfig,
     StepOutput,
     aggregate,
@@ -22,7 +22,7 @@ from ragkit.models.selfrag.scoring import (
     decide_retrieval,
     score_candidate,
 )
-from ragkit.models.selfrag.tokens import (
+from ragkit.archs.selfrag.tokens import (
     NO_RETRIEVAL,
     RETRIEVAL,
     clean_answer,

@@ -1,6 +1,6 @@
 """RETRO as a trainer architecture (`--arch retro`): a folder of text in, a RETRO model out.
 
-`build` runs the pipeline (ragkit.retro.corpus.prepare: chunks, embeddings, index, neighbours, cached in
+`build` runs the pipeline (ragkit.archs.retro.corpus.prepare: chunks, embeddings, index, neighbours, cached in
 --workdir) and creates the model from the size flags. Checkpoints:
 
     CHECKPOINT/model/       RetroModel.save_pretrained + the tokenizer (AutoModel opens it once ragkit is imported)
@@ -17,9 +17,9 @@ import torch
 
 from ragkit.errors import ResourceError, UsageError
 from ragkit.io.atomic import write_json
-from ragkit.models.retro import RetroConfig, RetroModel
-from ragkit.retro import corpus as C
-from ragkit.retro.pipeline import RetroDataConfig, end_of_document_id
+from ragkit.archs.retro.model import RetroConfig, RetroModel
+from ragkit.archs.retro import corpus as C
+from ragkit.archs.retro.pipeline import RetroDataConfig, end_of_document_id
 from ragkit.train.config import TrainConfig
 
 RETRO_FILE = "retro.json"

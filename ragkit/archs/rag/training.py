@@ -13,7 +13,8 @@ from typing import Any
 
 from ragkit.errors import ResourceError
 from ragkit.io.atomic import write_json
-from ragkit.models.rag import RagForTraining, RagModelConfig, build_rag
+from ragkit.models.lm import LoraSettings, load_trained_weights
+from ragkit.archs.rag.model import RagForTraining, RagModelConfig, build_rag
 from ragkit.train.config import TrainConfig
 from ragkit.train.data import Pair, read_pairs
 from transformers import TrainerCallback
@@ -38,11 +39,7 @@ class RagArch:
         if config.end2end:
             config.index = str(_own_index_copy(config.index, Path(config.output)))
         self.config = config
-        lora = None
-        if config.lora_r > 0:
-            targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
-            lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout, "targets": targets,
-                    "quantize": config.quantize}
+        lora = LoraSettings.from_config(config, config.lora_r) if config.lora_r > 0 else None
         searcher = None
         if config.distributed_retriever == "ray":
             from ragkit.retrieval.ray_retriever import RayIndexClient
@@ -74,18 +71,7 @@ class RagArch:
     def load(self, model: RagForTraining, directory: Path) -> None:
         from safetensors.torch import load_file
 
-        generator_dir = directory / "generator"
-        if (generator_dir / "adapter_model.safetensors").exists():
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(model.generator, load_file(generator_dir / "adapter_model.safetensors"))
-        else:
-            weights = generator_dir / "model.safetensors"
-            if not weights.exists():
-                raise ResourceError(f"{directory}: no generator weights to resume from")
-            result = model.generator.load_state_dict(load_file(weights), strict=False)
-            if result.unexpected_keys:
-                raise ResourceError(f"{weights}: unexpected weights {result.unexpected_keys[:3]}")
+        load_trained_weights(model.generator, directory / "generator", "generator")
         encoder_weights = directory / "query_encoder" / "model.safetensors"
         if not encoder_weights.exists():
             raise ResourceError(f"{directory}: no query encoder weights to resume from")
@@ -154,30 +140,3 @@ def refresh_slice(rag: RagForTraining, part: int, parts: int, *, step: int) -> i
     info = EncoderInfo(built.name, built.dim, built.normalize, built.max_seq_length, weights_fingerprint(encoder))
     index.upsert(passages, vectors, info, adopt_encoder={"step": step, "slice": f"{part + 1}/{parts}"})
     return len(passages)
-
-
-def _selfrag(critic: bool) -> Any:
-    from ragkit.train.selfrag_arch import SelfRagArch
-
-    return lambda: SelfRagArch(critic=critic)
-
-
-def _embedder() -> Any:
-    from ragkit.train.embedder_arch import EmbedderArch
-
-    return EmbedderArch()
-
-
-def _retro() -> Any:
-    from ragkit.train.retro_arch import RetroArch
-
-    return RetroArch()
-
-
-ARCH_REGISTRY: dict[str, Any] = {"rag": RagArch, "selfrag": _selfrag(False), "selfrag-critic": _selfrag(True),
-                                 "embedder": _embedder, "retro": _retro}
-
-
-def arch_for(name: str) -> Any:
-    """The architecture named by --arch (TrainConfig.validate has already checked the name)."""
-    return ARCH_REGISTRY[name]()

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from ragkit.errors import ResourceError, UsageError
-from ragkit.models.rag import RagForTraining, RagModelConfig
-from ragkit.models.rag_losses import rag_sequence_loss
+from ragkit.archs.rag.inference import MODES, is_rag_checkpoint
+from ragkit.archs.rag.model import RagForTraining, RagModelConfig
+from ragkit.archs.rag.losses import rag_sequence_loss
 
-MODES = ("token", "token-beam", "sequence-thorough", "sequence-fast")
 
 
 @dataclass(frozen=True)
@@ -40,23 +40,15 @@ class RagAnswer:
     log_prob: float
 
 
-def is_rag_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / "rag_config.json").exists()
-
-
 def load_rag_checkpoint(path: str | Path, *, device: str = "cpu", index: str | None = None,
                         quantize: str = "none") -> RagForTraining:
     """A trained checkpoint for inference, its generator loaded under --quantize (a LoRA adapter merged or
     kept on top as ready_for_inference decides)."""
     from sentence_transformers import SentenceTransformer
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from ragkit.index import Index
-    from ragkit.models.generator import QUANTIZE, Generator, _bitsandbytes_kwargs
-    from ragkit.models.quantize import ready_for_inference
+    from ragkit.models.lm import load_lm
 
-    if quantize not in QUANTIZE:
-        raise UsageError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
     root = Path(path)
     if not is_rag_checkpoint(root):
         raise ResourceError(f"{root}: not a ragkit RAG checkpoint (no rag_config.json)")
@@ -65,25 +57,10 @@ def load_rag_checkpoint(path: str | Path, *, device: str = "cpu", index: str | N
     if index:
         config.index = index
     query_encoder = SentenceTransformer(str(root / "query_encoder"), device=device)
-    tokenizer = AutoTokenizer.from_pretrained(root / "generator")
-    bitsandbytes = quantize in ("4bit", "8bit")
-    if (root / "generator" / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base = Generator(config.generator, device=device, dtype="auto" if bitsandbytes else "float32",
-                         quantize=quantize if bitsandbytes else "none")
-        model = PeftModel.from_pretrained(base.model, root / "generator")
-        is_seq2seq = base.is_seq2seq
-    else:
-        is_seq2seq = bool(getattr(AutoConfig.from_pretrained(root / "generator"), "is_encoder_decoder", False))
-        cls = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
-        extra = _bitsandbytes_kwargs(quantize, device)
-        model = cls.from_pretrained(root / "generator", **extra)
-        if not extra:
-            model = model.to(device)
-    model = ready_for_inference(model, quantize, device)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    # trained in float32; a LoRA adapter goes on the base it was trained over
+    loaded = load_lm(root / "generator", device=device, dtype="auto" if quantize in ("4bit", "8bit") else "float32",
+                     quantize=quantize, base=config.generator)
+    model, tokenizer, is_seq2seq = loaded.model, loaded.tokenizer, loaded.is_seq2seq
     renderer = _Renderer(tokenizer)
     rag = RagForTraining(config, query_encoder, model, tokenizer, Index.open(config.index), render=renderer,
                          is_seq2seq=is_seq2seq)

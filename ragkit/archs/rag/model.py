@@ -17,8 +17,9 @@ from torch import nn
 
 from ragkit.errors import UsageError
 from ragkit.index import Index
-from ragkit.models.rag_losses import rag_sequence_loss, rag_token_loss
-from ragkit.reader import RAG_PROMPT, format_passages
+from ragkit.archs.rag.losses import rag_sequence_loss, rag_token_loss
+from ragkit.archs.reader.answer import RAG_PROMPT, format_passages
+from ragkit.models.lm import LoraSettings
 
 IGNORE = -100
 LOSSES = ("sequence", "token")
@@ -177,7 +178,7 @@ class RagForTraining(nn.Module):
                 "tokens": read}
 
 
-def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: dict[str, Any] | None = None,
+def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: LoraSettings | None = None,
               searcher: Any = None) -> RagForTraining:
     """Load the index, a trainable copy of the query encoder and the generator (optionally with LoRA)."""
     from sentence_transformers import SentenceTransformer
@@ -203,18 +204,13 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: dict[str, An
         if searcher is not None:
             raise UsageError("--end2end refreshes the index in this process; it does not work with --distributed-retriever ray")
         doc_encoder = SentenceTransformer(ref.location, device=device)  # starts as the index's embedder
-    quantize = (lora or {}).get("quantize", "none")
+    quantize = lora.quantize if lora is not None else "none"
     generator = Generator(config.generator, device=device, dtype="float32" if quantize == "none" else "auto",
                           quantize=quantize)
     model = generator.model
-    if lora:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    if lora is not None:
+        from ragkit.models.lm import add_lora
 
-        if quantize != "none":  # QLoRA: frozen quantised base, float adapters
-            model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
-
-        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                                 target_modules=lora["targets"] or "all-linear",
-                                                 task_type="SEQ_2_SEQ_LM" if generator.is_seq2seq else "CAUSAL_LM"))
+        model = add_lora(model, lora, seq2seq=generator.is_seq2seq)
     return RagForTraining(config, query_encoder, model, generator.tokenizer, index, render=generator.render,
                           is_seq2seq=generator.is_seq2seq, searcher=searcher, doc_encoder=doc_encoder)

@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ragkit.models.selfrag.tokens import (
+from ragkit.archs.selfrag.tokens import (
     CONTINUE,
     FULLY,
     ISREL_GROUP,
@@ -45,7 +45,7 @@ class StepOutput:
     cumulative_logprob: float
 
 
-@dataclass(frozen=True)
+@dataclass
 class ScoringConfig:
     w_rel: float = 1.0
     w_sup: float = 1.0

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ragkit.models.selfrag.tokens import (
+from ragkit.archs.selfrag.tokens import (
     CRITIC_PROMPT, FULLY, IRRELEVANT, ISREL_GROUP, ISSUP_GROUP, ISUSE_GROUP, NO_RETRIEVAL, NO_SUPPORT, PARTIALLY,
     RELEVANT, RETRIEVAL, evidence_block, reflection_ids,
 )

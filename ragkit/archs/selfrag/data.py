@@ -12,7 +12,7 @@ from typing import Any
 
 from ragkit.errors import InputError, Location, ResourceError
 from ragkit.io.jsonl import read_jsonl, read_text
-from ragkit.models.selfrag.tokens import CRITIC_PROMPT, PARAGRAPH_CLOSE, PARAGRAPH_OPEN, generator_prompt
+from ragkit.archs.selfrag.tokens import CRITIC_PROMPT, PARAGRAPH_CLOSE, PARAGRAPH_OPEN, generator_prompt
 
 IGNORE = -100
 

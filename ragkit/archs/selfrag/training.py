@@ -18,8 +18,9 @@ import torch
 
 from ragkit.errors import ResourceError
 from ragkit.io.atomic import write_json
+from ragkit.models.lm import LoraSettings, add_lora, load_trained_weights
 from ragkit.train.config import TrainConfig
-from ragkit.train.selfrag_data import collate, encode, read_instruction_data
+from ragkit.archs.selfrag.data import collate, encode, read_instruction_data
 from ragkit.train.trainer import ListDataset
 
 DEFAULT_LORA_R = 8
@@ -68,7 +69,7 @@ class SelfRagArch:
 
     def build(self, config: TrainConfig, device: str) -> CausalLMForTraining:
         from ragkit.models.generator import Generator
-        from ragkit.models.selfrag.tokens import add_reflection_tokens
+        from ragkit.archs.selfrag.tokens import add_reflection_tokens
 
         generator = Generator(config.generator, device=device, dtype="float32" if config.quantize == "none" else "auto",
                               quantize=config.quantize)
@@ -79,16 +80,7 @@ class SelfRagArch:
         new_ids = add_reflection_tokens(tokenizer, model)
         rank = DEFAULT_LORA_R if config.lora_r < 0 else config.lora_r
         if rank > 0:
-            from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-            if config.quantize != "none":  # QLoRA: frozen quantised base, float adapters
-                model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
-
-            targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()] or "all-linear"
-            model = get_peft_model(model, LoraConfig(
-                r=rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets,
-                task_type="CAUSAL_LM", trainable_token_indices=new_ids or None,
-            ))
+            model = add_lora(model, LoraSettings.from_config(config, rank), trainable_token_indices=new_ids)
         self.tokenizer = tokenizer
         self.base = _portable_name(config.generator)
         teacher = _load_teacher(config, tokenizer, device) if config.distill_from else None
@@ -119,22 +111,20 @@ class SelfRagArch:
         write_json(directory / "selfrag.json", {"role": "critic" if self.critic else "generator", "base": self.base})
 
     def load(self, model: CausalLMForTraining, directory: Path) -> None:
-        from safetensors.torch import load_file
+        load_trained_weights(model.model, directory / "model", "model")
 
-        target = directory / "model"
-        if (target / "adapter_model.safetensors").exists():
-            from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(model.model, load_file(target / "adapter_model.safetensors"))
-        elif (target / "model.safetensors").exists():
-            model.model.load_state_dict(load_file(target / "model.safetensors"), strict=False)
-        else:
-            raise ResourceError(f"{directory}: no model weights to resume from")
+def generator_arch() -> SelfRagArch:
+    return SelfRagArch(critic=False)
+
+
+def critic_arch() -> SelfRagArch:
+    return SelfRagArch(critic=True)
 
 
 def _load_teacher(config: TrainConfig, student_tokenizer: Any, device: str) -> Any:
     """The teacher, frozen; it must share the student's vocabulary (reflection tokens included)."""
-    from ragkit.models.selfrag.loading import load_causal_lm
+    from ragkit.archs.selfrag.loading import load_causal_lm
 
     teacher, tokenizer = load_causal_lm(config.distill_from, device=device, dtype="float32", merge_lora=True)
     if tokenizer.get_vocab() != student_tokenizer.get_vocab():

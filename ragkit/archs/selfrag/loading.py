@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,48 +20,19 @@ def checkpoint_model_dir(path: str | Path) -> Path | None:
 
 def load_causal_lm(name: str, *, device: str | None = None, dtype: str = "auto",
                    trust_remote_code: bool = False, merge_lora: bool = False, quantize: str = "none") -> tuple[Any, Any]:
-    """(model, tokenizer) from a hub id, folder, GGUF or alias, or from a LoRA adapter folder whose
-    tokenizer has grown (the base is resized to it before the adapter loads).
-
-    `quantize`: 4bit/8bit load the base through bitsandbytes; merging and int8 follow ready_for_inference."""
-    from ragkit.models.encoder import resolve_device
-    from ragkit.models.generator import Generator, _bitsandbytes_kwargs, _torch_dtype
-    from ragkit.models.quantize import ready_for_inference
+    """(model, tokenizer) of a Self-RAG model: a hub id, folder, GGUF or alias, or a training checkpoint
+    (CHECKPOINT/model, a LoRA adapter whose tokenizer grew the reflection tokens), through the one LM loader."""
+    from ragkit.models.lm import load_lm
 
     folder = checkpoint_model_dir(name) if Path(name).exists() else None
-    if folder is None or not (folder / "adapter_config.json").exists():
-        generator = Generator(str(folder or name), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                              quantize=quantize)
-        return generator.model, generator.tokenizer
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ragkit.models.registry import materialize, missing_model_error, resolve
-
-    base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-    ref = resolve(base_name)
-    device = resolve_device(device)
-    bitsandbytes = _bitsandbytes_kwargs(quantize, device)
-    try:
-        base = AutoModelForCausalLM.from_pretrained(materialize(ref), dtype=_torch_dtype(dtype, device),
-                                                    trust_remote_code=trust_remote_code, **bitsandbytes)
-    except (OSError, ValueError) as exc:
-        raise missing_model_error(ref, exc) from exc
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model = PeftModel.from_pretrained(base, folder)
-    if not bitsandbytes:  # bitsandbytes placed the weights already (and refuses .to)
-        model.to(device)
-    model = ready_for_inference(model.eval(), quantize, device, merge=merge_lora)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    loaded = load_lm(folder or name, device=device, dtype=dtype, quantize=quantize,
+                     trust_remote_code=trust_remote_code, merge_lora=merge_lora)
+    return loaded.model, loaded.tokenizer
 
 
 def load_selfrag_decoder(name: str, config: Any, *, device: str | None = None, dtype: str = "auto",
                          trust_remote_code: bool = False, backend: str = "transformers", quantize: str = "none") -> Any:
-    from ragkit.models.selfrag.decoding import SelfRagDecoder, VLLMSelfRagDecoder
+    from ragkit.archs.selfrag.decoding import SelfRagDecoder, VLLMSelfRagDecoder
 
     if config is None:
         raise ResourceError("--arch selfrag needs its decoding options")

@@ -1,7 +1,7 @@
 """`ragkit eval --task lm`: loss, perplexity and bits per byte of held-out text, with retrieval on and off.
 
 Held-out files are chunked with the model's tokenizer and their chunks' neighbours searched in the work
-folder's index (ragkit.retro.corpus.prepare_heldout). Sequences tile each document, so every token but the
+folder's index (ragkit.archs.retro.corpus.prepare_heldout). Sequences tile each document, so every token but the
 document's first (the start token) is predicted exactly once. Bits per byte divide the summed negative
 log-likelihood (in bits) by the UTF-8 bytes of the documents: comparable across tokenizers.
 """
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ragkit.retro.corpus import RetroCorpus, RetroSequences, collate, prepare_heldout
-from ragkit.retro.generate import LoadedRetro
+from ragkit.archs.retro.corpus import RetroCorpus, RetroSequences, collate, prepare_heldout
+from ragkit.archs.retro.generate import LoadedRetro
 
 
 @dataclass
@@ -84,7 +84,7 @@ def evaluate(loaded: LoadedRetro, data: str, glob: str, *, batch_size: int = 8,
     with_retrieval = retriever is not None
     folder = workdir or loaded.info["workdir"]
     began = time.perf_counter()
-    from ragkit.retro.pipeline import end_of_document_id, tokenizer_fingerprint
+    from ragkit.archs.retro.pipeline import end_of_document_id, tokenizer_fingerprint
 
     heldout = prepare_heldout(data, glob, folder, loaded.tokenizer, tokenizer_fingerprint(loaded.tokenizer),
                               chunk_size=cfg.chunk_size, seq_len=seq_len, retriever=retriever)
