@@ -405,6 +405,15 @@ def test_generate_loads_a_trained_checkpoint(trained: Path, mode: str) -> None:
     assert isinstance(rows[0]["output"], str) and rows[0]["log_prob"] <= 0.0
 
 
+def test_k_decides_the_passages_a_trained_checkpoint_marginalises_over(trained: Path) -> None:
+    """14.3: `--k 1` on a trained checkpoint exited 0 and returned its 3 training passages."""
+    result = runner.invoke(app, ["generate", "--arch", "rag", "--model", str(trained), "--k", "1",
+                                 "--max-new-tokens", "2", "--device", "cpu"], input="river king 3\n")
+    assert result.exit_code == 0, result.stderr
+    [row] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(row["passages"]) == 1 and row["passages"][0]["doc_prob"] == pytest.approx(1.0)
+
+
 def test_decoding_modes_agree_with_their_definitions(trained: Path) -> None:
     from ragkit.archs.rag.decoding import decode, load_rag_checkpoint
 
