@@ -23,7 +23,7 @@ _EXPORTS = {
     "IndexSpec": "ragkit.index.spec",
     "SparseConfig": "ragkit.index.sparse",
     "Encoder": "ragkit.models.encoder",
-    "EncoderInfo": "ragkit.models.encoder",
+    "EncoderInfo": "ragkit.index.encoder_info",
     "Passage": "ragkit.io.corpus",
     "read_passages": "ragkit.io.corpus",
     "iter_passages": "ragkit.io.corpus",
@@ -66,7 +66,8 @@ if TYPE_CHECKING:
     from ragkit.index.sparse import SparseConfig
     from ragkit.index.spec import IndexSpec
     from ragkit.io.corpus import Passage, iter_passages, read_passages
-    from ragkit.models.encoder import Encoder, EncoderInfo
+    from ragkit.index.encoder_info import EncoderInfo
+    from ragkit.models.encoder import Encoder
     from ragkit.retrieval.retriever import RetrievalMode, Retriever
 
 

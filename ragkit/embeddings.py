@@ -24,7 +24,8 @@ from ragkit.errors import InputError, Location, ResourceError, UsageError
 from ragkit.io.atomic import write_json
 from ragkit.io.corpus import Passage, iter_passages_with_lines, resolve_corpus_path
 from ragkit.io.mapped import drop_pages
-from ragkit.models.encoder import Encoder, EncoderInfo
+from ragkit.index.encoder_info import EncoderInfo
+from ragkit.models.encoder import Encoder
 
 DTYPES = ("float16", "float32")
 _SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.json$")

@@ -37,7 +37,7 @@ from ragkit.index.spec import IndexSpec, parse_spec, resolve_spec
 from ragkit.index.store import PassageStore
 from ragkit.io.atomic import HASH_ON_READ_BYTES, sha256_file
 from ragkit.io.corpus import Passage
-from ragkit.models.encoder import EncoderInfo
+from ragkit.index.encoder_info import EncoderInfo
 
 FORMAT = "ragkit-index"
 VERIFY_ON_OPEN_BYTES = HASH_ON_READ_BYTES  # files up to this size are checksummed whenever an index opens

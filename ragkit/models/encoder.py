@@ -10,37 +10,13 @@ import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ragkit.errors import ResourceError, UsageError
+from ragkit.index.encoder_info import EncoderInfo
 from ragkit.models.registry import ALIASES, ModelRef, materialize, missing_model_error, quiet_transformers, resolve
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    """What an index records about the model that embedded it, to refuse mismatched queries."""
-
-    name: str
-    dim: int
-    normalize: bool
-    max_seq_length: int | None
-    fingerprint: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "dim": self.dim,
-            "normalize": self.normalize,
-            "max_seq_length": self.max_seq_length,
-            "fingerprint": self.fingerprint,
-        }
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "EncoderInfo":
-        return cls(obj["name"], int(obj["dim"]), bool(obj["normalize"]), obj.get("max_seq_length"), obj["fingerprint"])
 
 
 def resolve_device(device: str | None) -> str:

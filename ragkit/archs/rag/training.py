@@ -122,7 +122,8 @@ def refresh_slice(rag: RagForTraining, part: int, parts: int, *, step: int) -> i
     import numpy as np
     import torch
 
-    from ragkit.models.encoder import EncoderInfo, weights_fingerprint
+    from ragkit.index.encoder_info import EncoderInfo
+    from ragkit.models.encoder import weights_fingerprint
 
     index = rag.index
     passages = [p for i, (_, p) in enumerate(index.iter_passages()) if i % parts == part]

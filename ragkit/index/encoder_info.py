@@ -1,0 +1,31 @@
+"""What an index records about the embedder that made its vectors (the index owns this record; the encoder
+fills it in), so that queries from another model are refused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What an index records about the model that embedded it, to refuse mismatched queries."""
+
+    name: str
+    dim: int
+    normalize: bool
+    max_seq_length: int | None
+    fingerprint: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "normalize": self.normalize,
+            "max_seq_length": self.max_seq_length,
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "EncoderInfo":
+        return cls(obj["name"], int(obj["dim"]), bool(obj["normalize"]), obj.get("max_seq_length"), obj["fingerprint"])
