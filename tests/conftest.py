@@ -127,14 +127,14 @@ def tiny_lm64_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm-64"), hidden=64)
 
 
-def build_tiny_selfrag_lm(directory: Path, *, seed: int = 0) -> Path:
+def build_tiny_selfrag_lm(directory: Path, *, seed: int = 0, hidden: int = 32) -> Path:
     """The tiny Llama with the Self-RAG reflection vocabulary added (random, untrained rows)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ragkit.archs.selfrag.tokens import add_reflection_tokens
 
-    base = build_tiny_causal_lm(directory / "base", seed=seed)
+    base = build_tiny_causal_lm(directory / "base", seed=seed, hidden=hidden)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(seed)

@@ -223,27 +223,43 @@ def test_vllm_backend_maps_options_and_keeps_each_answer_with_its_question(tiny_
             seen.setdefault("params", []).append(kwargs)
 
     class LLM:
-        def __init__(self, model: str, dtype: str, trust_remote_code: bool) -> None:
-            seen["llm"] = (model, dtype, trust_remote_code)
+        def __init__(self, model: str, dtype: str, trust_remote_code: bool, tensor_parallel_size: int,
+                     **extra: object) -> None:
+            seen["llm"] = (model, dtype, trust_remote_code, tensor_parallel_size, extra)
 
         def get_tokenizer(self):
             return AutoTokenizer.from_pretrained(tiny_lm_path)
 
-        def generate(self, prompts, params):
+        def generate(self, prompts, params, use_tqdm=True):
             seen.setdefault("prompts", []).append(list(prompts))
             return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=" " + p.split()[-1] + " ", token_ids=[1, 2])])
                     for p in prompts]
 
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    platforms = types.SimpleNamespace(current_platform=types.SimpleNamespace(device_type="cpu"))
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams,
+                                                                  platforms=platforms))
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     questions = ["who was the king", "where is the river", "what is music"]
     result = run("generate", "--backend", "vllm", "--model", tiny_lm_path, "--max-new-tokens", 3, "--template", "{prompt}",
                  input="\n".join(questions) + "\n")
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["output"] for r in rows] == ["king", "river", "music"] and [r["new_tokens"] for r in rows] == [2, 2, 2]
-    assert seen["llm"] == (str(tiny_lm_path), "auto", False)
+    assert seen["llm"] == (str(tiny_lm_path), "auto", False, 1, {"runner": "generate", "enforce_eager": True})
     assert seen["params"][-1] == {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "stop": ["\n"], "seed": 0}
     result = run("generate", "--backend", "vllm", "--model", tiny_lm_path, "--do-sample", "--temperature", 0.7,
                  "--top-p", 0.9, "--top-k", 5, "--seed", 3, "--stop", "END", input="q\n")
     assert result.exit_code == 0, result.stderr
     assert seen["params"][-1] == {"max_tokens": 32, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "stop": ["END"], "seed": 3}
+    result = run("generate", "--backend", "vllm", "--model", tiny_lm_path, "--tensor-parallel-size", 2, input="q\n")
+    assert result.exit_code == 0 and seen["llm"][3] == 2, result.stderr
+
+
+def test_options_vllm_cannot_honour_are_refused_and_a_missing_vllm_is_exit_4(tiny_lm_path: Path) -> None:
+    result = run("generate", "--model", tiny_lm_path, "--tensor-parallel-size", 2, input="q\n")
+    assert result.exit_code == 2 and "--tensor-parallel-size splits a model over GPUs with vLLM" in result.stderr
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        result = run("generate", "--model", tiny_lm_path, "--backend", "vllm", input="q\n")
+        assert result.exit_code == 4 and "vLLM is not installed" in result.stderr and "make vllm-env" in result.stderr

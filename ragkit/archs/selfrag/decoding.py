@@ -280,13 +280,14 @@ class VLLMSelfRagDecoder(SelfRagDecoder):
     """The same decoding with vLLM generating (GPU serving throughput): each continuation comes back with the
     top `logprobs` log-probabilities per position, as the reference scripts request them."""
 
-    def __init__(self, llm: Any, config: SelfRagConfig, *, name: str = "the model", logprobs: int = 5000) -> None:
+    def __init__(self, llm: Any, config: SelfRagConfig, *, name: str = "the model", logprobs: int = 5000,
+                 device: str = "cuda") -> None:
         config.validate()
         self.llm, self.config, self.logprobs = llm, config, logprobs
         self.tokenizer = llm.get_tokenizer()
         self.ids = reflection_ids(self.tokenizer, name)
         self.tracked = sorted(set(self.ids.all_ids))
-        self.device = "cuda"
+        self.device = device
         self.calls = 0
 
     def step(self, prompts: Sequence[str], max_new_tokens: int, *, stop_at_retrieval: bool = False) -> list[StepOutput]:
@@ -296,16 +297,28 @@ class VLLMSelfRagDecoder(SelfRagDecoder):
         params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_new_tokens, logprobs=self.logprobs,
                                 skip_special_tokens=False, stop_token_ids=stop_ids or None)
         self.calls += 1
-        return [vllm_step_output(r.outputs[0], self.tokenizer.eos_token) for r in self.llm.generate(list(prompts), params)]
+        return [vllm_step_output(r.outputs[0], self.tokenizer.eos_token, tokenizer=self.tokenizer)
+                for r in self.llm.generate(list(prompts), params, use_tqdm=False)]
 
 
-def vllm_step_output(completion: Any, eos_token: str | None) -> StepOutput:
-    """A vLLM CompletionOutput as a StepOutput: per position {token id: log-prob} (Logprob objects or floats)."""
+def vllm_step_output(completion: Any, eos_token: str | None, *, tokenizer: Any = None) -> StepOutput:
+    """A vLLM CompletionOutput as a StepOutput: per position {token id: log-prob} (Logprob objects or floats).
+
+    With the tokenizer, the text is decoded from the token ids exactly as the transformers decoder does (ids up
+    to the end-of-sequence token, reflection tokens kept): vLLM's incremental detokenisation writes the text
+    as it continues the prompt (a word-level tokenizer's first word gains a space), so segments would differ
+    between backends by more than the model's choice."""
     positions = []
     for entry in completion.logprobs or []:
         positions.append({int(t): float(getattr(v, "logprob", v)) for t, v in entry.items()})
-    text = completion.text
-    if eos_token and text.endswith(eos_token):
-        text = text[: -len(eos_token)]
+    if tokenizer is not None:
+        ids = list(completion.token_ids)
+        if ids and ids[-1] == tokenizer.eos_token_id:
+            ids = ids[:-1]
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+    else:
+        text = completion.text
+        if eos_token and text.endswith(eos_token):
+            text = text[: -len(eos_token)]
     return StepOutput(text=text, token_ids=list(completion.token_ids), logprobs=positions,
                       cumulative_logprob=float(completion.cumulative_logprob or 0.0))

@@ -37,12 +37,14 @@ class SelfRagOptions(RetrievalOptions, ScoringConfig):
     backend: str = "transformers"
     quantize: str = "none"
     trust_remote_code: bool = False
+    tensor_parallel_size: int = 1  # vLLM: GPUs one model is split over (the reference scripts' --world_size)
 
     def check(self) -> None:
         from ragkit.models.lm import check_loading
 
         RetrievalOptions.check(self)
-        check_loading(dtype=self.dtype, quantize=self.quantize, backend=self.backend)
+        check_loading(dtype=self.dtype, quantize=self.quantize, backend=self.backend,
+                      tensor_parallel_size=self.tensor_parallel_size)
         self.decoding()
 
     def decoding(self) -> Any:
@@ -85,5 +87,5 @@ def load(model: str, options: SelfRagOptions) -> SelfRagAnswerer:
     retriever = options.retriever(options.device)
     decoder = load_selfrag_decoder(model, config, device=options.device, dtype=options.dtype,
                                    trust_remote_code=options.trust_remote_code, backend=options.backend,
-                                   quantize=options.quantize)
+                                   quantize=options.quantize, tensor_parallel_size=options.tensor_parallel_size)
     return SelfRagAnswerer(decoder, options, retriever)

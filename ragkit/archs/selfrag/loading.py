@@ -30,8 +30,12 @@ def load_causal_lm(name: str, *, device: str | None = None, dtype: str = "auto",
     return loaded.model, loaded.tokenizer
 
 
+SELFRAG_LOGPROBS = 5000  # run_short_form.py / run_long_form_static.py: SamplingParams(logprobs=5000)
+
+
 def load_selfrag_decoder(name: str, config: Any, *, device: str | None = None, dtype: str = "auto",
-                         trust_remote_code: bool = False, backend: str = "transformers", quantize: str = "none") -> Any:
+                         trust_remote_code: bool = False, backend: str = "transformers", quantize: str = "none",
+                         tensor_parallel_size: int = 1) -> Any:
     from ragkit.archs.selfrag.decoding import SelfRagDecoder, VLLMSelfRagDecoder
 
     if config is None:
@@ -46,8 +50,17 @@ def load_selfrag_decoder(name: str, config: Any, *, device: str | None = None, d
         if folder is not None and (folder / "adapter_config.json").exists():
             raise ResourceError(f"{name}: a LoRA checkpoint; vLLM needs a merged model",
                                 hint=f"ragkit export {name} -o MERGED, then --model MERGED.")
-        return VLLMSelfRagDecoder(VLLMGenerator(name, dtype=dtype, trust_remote_code=trust_remote_code).llm, config,
-                                  name=name)
+        from transformers import AutoTokenizer
+
+        from ragkit.models.registry import materialize, resolve
+
+        # the top-5000 log-probabilities per position that the reference scripts request, or the whole
+        # vocabulary when it is smaller: every reflection token's log-probability is then present
+        path = materialize(resolve(name))
+        logprobs = min(SELFRAG_LOGPROBS, len(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)))
+        generator = VLLMGenerator(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                  tensor_parallel_size=tensor_parallel_size, max_logprobs=logprobs)
+        return VLLMSelfRagDecoder(generator.llm, config, name=name, logprobs=logprobs, device=generator.device)
     model, tokenizer = load_causal_lm(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                       merge_lora=True, quantize=quantize)
     return SelfRagDecoder(model, tokenizer, config, name=name)
