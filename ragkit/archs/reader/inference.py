@@ -36,7 +36,7 @@ class ClosedBookOptions:
         from ragkit.models.lm import check_loading
 
         check_loading(dtype=self.dtype, quantize=self.quantize, backend=self.backend,
-                      tensor_parallel_size=self.tensor_parallel_size)
+                      tensor_parallel_size=self.tensor_parallel_size, device=self.device)
 
     def generation(self) -> Any:
         from ragkit.models.generator import GenerationConfig

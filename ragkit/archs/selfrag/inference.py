@@ -44,7 +44,7 @@ class SelfRagOptions(RetrievalOptions, ScoringConfig):
 
         RetrievalOptions.check(self)
         check_loading(dtype=self.dtype, quantize=self.quantize, backend=self.backend,
-                      tensor_parallel_size=self.tensor_parallel_size)
+                      tensor_parallel_size=self.tensor_parallel_size, device=self.device)
         self.decoding()
 
     def decoding(self) -> Any:
