@@ -250,3 +250,21 @@ def test_a_trained_rag_checkpoint_honours_k(tmp_path: Path, monkeypatch: pytest.
     assert answerer.rag.config.n_docs == 1
     default = inference.load(rag_checkpoint(tmp_path), inference.RagCheckpointOptions())
     assert default.rag.config.n_docs == 3
+
+
+def test_the_self_rag_scripts_spellings_are_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ndocs is --k, --world_size is --tensor-parallel-size (seed 001's run_short_form.py names)."""
+    seen: list[Any] = []
+
+    class Answerer:
+        device = "cpu"
+
+        def answer(self, questions: Any) -> list[dict[str, Any]]:
+            return []
+
+    monkeypatch.setattr(registry.Architecture, "load", lambda self, m, options: seen.append(options) or Answerer())
+    monkeypatch.setattr("ragkit.models.registry.resolve", lambda m: None)
+    result = runner.invoke(app, ["generate", "-", "--arch", "selfrag", "-m", "m", "--ndocs", "7", "--backend", "vllm",
+                                 "--world_size", "2"], input="q\n")
+    assert result.exit_code == 0, result.stderr
+    assert (seen[0].k, seen[0].tensor_parallel_size) == (7, 2)

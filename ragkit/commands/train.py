@@ -23,6 +23,7 @@ def _help(name: str) -> str:
 
 
 def train(
+    ctx: typer.Context,
     arch: Annotated[str | None, typer.Option("--arch", help=_help("arch"))] = None,
     data: Annotated[str | None, typer.Option("--data", help=_help("data"))] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help=_help("output"))] = None,
@@ -119,7 +120,7 @@ def train(
 
       ragkit train --config run.toml --resume
     """
-    flags: dict[str, Any] = {k: v for k, v in locals().items() if k in FIELDS}
+    flags: dict[str, Any] = {k: v for k, v in ctx.params.items() if k in FIELDS}
     _run(flags, config, resume, as_json)
 
 
