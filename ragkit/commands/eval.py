@@ -264,16 +264,24 @@ def compare(
     reports: Annotated[list[Path], typer.Argument(help="Eval reports (JSON) written with --output.")],
     metric: Annotated[str | None, typer.Option("--metric", help="Metric to plot (default: each report's primary metric).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Also draw a bar chart with 95% intervals to this PNG (needs matplotlib).")] = None,
+    paired: Annotated[bool, typer.Option("--paired", help="A/B test of two reports on the same examples: the paired difference of --metric (B - A), its 95% bootstrap interval and a permutation p-value.")] = False,
+    resamples: Annotated[int, typer.Option("--resamples", min=100, help="--paired: bootstrap and permutation resamples.")] = 10_000,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print runs side by side (every metric, mean and 95% CI); optionally plot one metric.
+    """Print runs side by side (every metric, mean and 95% CI); optionally plot one metric, or A/B test two.
 
     Examples:
 
       ragkit eval compare closed.json ctxs.json index.json
 
       ragkit eval compare k1.json k5.json k10.json --metric match --plot by_k.png
+
+      ragkit eval compare baseline.json tuned.json --paired --metric match
     """
+    if paired:
+        with handle_errors():
+            _paired(reports, metric, resamples, as_json)
+        return
     with handle_errors():
         from rich.table import Table
 
@@ -300,3 +308,30 @@ def compare(
         if as_json:
             out = {label: {name: m["mean"] for name, m in r["metrics"].items()} for label, r in loaded}
             sys.stdout.write(json.dumps(out) + "\n")
+
+
+def _paired(reports: list[Path], metric: str | None, resamples: int, as_json: bool) -> None:
+    from rich.table import Table
+
+    from ragkit.console import stderr
+    from ragkit.errors import UsageError
+    from ragkit.eval import report as rep
+    from ragkit.eval.paired import paired_test, per_example
+
+    if len(reports) != 2:
+        raise UsageError(f"--paired compares two reports (A, then B); got {len(reports)}")
+    (pa, a), (pb, b) = [(p, rep.load_report(p)) for p in reports]
+    if a["task"] != b["task"]:
+        raise UsageError(f"--paired: {pa} is task {a['task']}, {pb} is task {b['task']}")
+    name = metric or a["primary_metric"]
+    result = paired_test(per_example(a, name, str(pa)), per_example(b, name, str(pb)), name,
+                         where=(str(pa), str(pb)), resamples=resamples)
+    table = Table(title=f"paired {name}: {rep.label_of(pb, b)} - {rep.label_of(pa, a)} on {result.n} examples",
+                  title_justify="left")
+    for col in ("A", "B", "B - A", "95% CI", "p"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{result.mean_a:.4f}", f"{result.mean_b:.4f}", f"{result.difference:+.4f}",
+                  f"[{result.ci95[0]:+.4f}, {result.ci95[1]:+.4f}]", f"{result.p_value:.4f}")
+    stderr.print(table)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
