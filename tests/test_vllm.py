@@ -68,8 +68,8 @@ def test_greedy_answers_equal_the_transformers_backend(smollm_engines, arch: str
     options = (RetrieveReadOptions(k=2, passages="ctxs", max_new_tokens=16) if arch == "rag"
                else ClosedBookOptions(max_new_tokens=16))
     questions = popqa_questions(16)
-    ours = ReaderAnswerer(vllm_gen, options, None, retrieve=arch == "rag").answer(questions)
-    theirs = ReaderAnswerer(hf_gen, options, None, retrieve=arch == "rag").answer(questions)
+    ours = ReaderAnswerer(vllm_gen, options).answer(questions)
+    theirs = ReaderAnswerer(hf_gen, options).answer(questions)
     differ = [(a["question"], a["output"], b["output"]) for a, b in zip(ours, theirs) if a["output"] != b["output"]]
     # float32 kernels differ in summation order; a near-tie can flip a greedy token, nothing more
     assert len(differ) <= 1, differ

@@ -60,21 +60,23 @@ class RetrievalOptions:
     fusion: str = "rrf"
     dense_weight: float = 0.5
 
+    def search_mode(self) -> Any:
+        from ragkit.retrieval.retriever import RetrievalMode
+
+        return RetrievalMode.checked(self.retrieval_mode, self.fusion, self.dense_weight)
+
     def retriever(self, device: str) -> Any:
-        """The in-process retriever over --index (None without one); the mode is checked in the flags' names."""
+        """The in-process retriever over --index (None without one)."""
         if self.index is None:
             return None
-        from ragkit.retrieval.retriever import RetrievalMode, Retriever
+        from ragkit.retrieval.retriever import Retriever
 
-        mode = RetrievalMode(self.retrieval_mode, self.fusion, self.dense_weight)
-        mode.validate("--retrieval-mode")
-        return Retriever(self.index, device=device, mode=mode)
+        return Retriever(self.index, device=device, mode=self.search_mode())
 
     def check(self) -> None:
         from ragkit.archs.reader.answer import SOURCES
-        from ragkit.retrieval.retriever import RetrievalMode
 
-        RetrievalMode(self.retrieval_mode, self.fusion, self.dense_weight).validate("--retrieval-mode")
+        self.search_mode()
         if self.passages not in SOURCES:
             raise UsageError(f"--passages {self.passages}: expected one of {', '.join(SOURCES)}")
         if self.passages in ("ctxs", "hits") and self.index is not None:

@@ -90,13 +90,12 @@ def load(arch: str, model: str, **options: Any) -> Any:
         rows = answerer.answer(["Who wrote Hamlet?"])
 
     The same loading `ragkit generate --arch ARCH` does; unknown keywords are refused, naming the known ones."""
-    from ragkit.archs.base import as_questions
     from ragkit.archs.options import options_from_keywords
 
     architecture = get(arch, flag="arch")
     cls = architecture.options_class(model)
     answerer = architecture.load(model, options_from_keywords(cls, options, f"arch {arch!r} ({cls.__name__})"))
-    return _PythonAnswerer(answerer, as_questions)
+    return _PythonAnswerer(answerer)
 
 
 def fit(config: Any, *, resume: bool = False) -> Any:
@@ -112,12 +111,14 @@ def fit(config: Any, *, resume: bool = False) -> Any:
 class _PythonAnswerer:
     """An answerer whose `answer` also takes strings and dicts (the Python caller's rows)."""
 
-    def __init__(self, inner: Any, convert: Any) -> None:
-        self.inner, self._convert = inner, convert
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
         self.device = inner.device
 
     def answer(self, rows: Any) -> list[dict[str, Any]]:
-        return self.inner.answer(self._convert(rows))
+        from ragkit.archs.base import as_questions
+
+        return self.inner.answer(as_questions(rows))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -66,6 +66,6 @@ def answer_in_blocks(questions: Sequence[Any], answerer: Any, label: str, block:
             bar.update(task, advance=len(rows), rate=f"{meter.rate:.2f} q/s")
             yield from rows
     info(f"answered {meter.count} questions in {meter.seconds:.1f}s ({meter.rate:.2f} questions/s, {answerer.device})")
-    summary = getattr(answerer, "summary", None)
-    if summary is not None and summary():
-        info(summary())
+    summary = answerer.summary() if hasattr(answerer, "summary") else None
+    if summary:
+        info(summary)

@@ -8,7 +8,7 @@ import sqlite3
 import sys
 import traceback
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -76,13 +76,3 @@ RetrievalModeOpt = Annotated[str, typer.Option("--retrieval-mode", help="dense (
 FusionOpt = Annotated[str, typer.Option("--fusion", help="Hybrid fusion: rrf (reciprocal rank, k=60) or score (min-max normalised scores).")]
 DenseWeightOpt = Annotated[float, typer.Option("--dense-weight", min=0.0, max=1.0, help="Hybrid: the dense side's share (0 = BM25 only, 1 = dense only).")]
 EncoderBackendOpt = Annotated[str, typer.Option("--backend", help="Encoder compute path: torch (float) or int8 (dynamic int8 Linear layers, faster on CPU, approximate vectors).")]
-
-
-def mode_from_flags(mode: str, fusion: str, dense_weight: float, *, mode_flag: str = "--retrieval-mode") -> Any:
-    """The RetrievalMode of a command's flags, checked now (before any model loads) in the flags' own names
-    (`index search` says --mode, generate and eval --retrieval-mode)."""
-    from ragkit.retrieval.retriever import RetrievalMode
-
-    chosen = RetrievalMode(mode, fusion, dense_weight)
-    chosen.validate(mode_flag)
-    return chosen

@@ -194,11 +194,11 @@ def _evaluate_beir(data: Path, split: str, predictions: str | None, index: Path 
                    device: str, retrieval_flags: tuple[str, str, float], config: dict[str, Any],
                    began: float) -> tuple[dict[str, Any], str]:
     """nDCG@10 / recall / MRR of a ranking: `index search` output, or searched here over --index."""
-    from ragkit.commands._common import mode_from_flags
     from ragkit.eval import report as rep
     from ragkit.eval import runner
+    from ragkit.retrieval.retriever import RetrievalMode
 
-    retrieval = mode_from_flags(*retrieval_flags)
+    retrieval = RetrievalMode.checked(*retrieval_flags)
     queries, qrels = runner.load_beir(data, split)
     if index is not None:
         from ragkit.retrieval import Retriever

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ragkit.commands._common import DenseWeightOpt, EncoderBackendOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, WaitOpt, handle_errors, mode_from_flags
+from ragkit.commands._common import DenseWeightOpt, EncoderBackendOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, WaitOpt, handle_errors
 
 if TYPE_CHECKING:
     from ragkit.models.encoder import Encoder
@@ -282,7 +282,7 @@ def search(
         from ragkit.io.jsonl import batches_as_ready
         from ragkit.io.queries import iter_queries
         from ragkit.models.encoder import resolve_device
-        from ragkit.retrieval.retriever import Retriever
+        from ragkit.retrieval.retriever import RetrievalMode, Retriever
 
         if output_format not in ("jsonl", "table"):
             raise UsageError(f"--format {output_format}: expected jsonl or table")
@@ -290,7 +290,7 @@ def search(
         index = Index.open(index_dir, device=torch_device, threads=threads or None)
         index.set_search_params(ef_search=ef_search or None, nprobe=nprobe or None)
         retriever = Retriever(index, model=model, device=torch_device, batch_size=batch_size,
-                              mode=mode_from_flags(mode, fusion, dense_weight, mode_flag="--mode"), backend=backend)
+                              mode=RetrievalMode.checked(mode, fusion, dense_weight, mode_flag="--mode"), backend=backend)
 
         count = 0
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ragkit.errors import ResourceError, UsageError
-from ragkit.models.registry import ModelRef, materialize, resolve
+from ragkit.models.registry import materialize, resolve
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,6 @@ class Generator:
         from ragkit.models.lm import load_lm
 
         self.name = name
-        self.ref: ModelRef = resolve(name)
         loaded = load_lm(name, device=device, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code)
         self.model, self.tokenizer, self.is_seq2seq, self.device = (loaded.model, loaded.tokenizer, loaded.is_seq2seq,
                                                                     loaded.device)

@@ -24,6 +24,14 @@ class RetrievalMode:
     weight: float = 0.5  # the dense side's share in hybrid fusion
     depth: int = 100  # hits fetched from each side before fusing
 
+    @classmethod
+    def checked(cls, mode: str, fusion: str, weight: float, *, mode_flag: str = "--retrieval-mode") -> RetrievalMode:
+        """The mode of a command's flags (or an options dataclass), checked now, before any model loads, in
+        the flags' own names (`index search` says --mode, generate and eval --retrieval-mode)."""
+        chosen = cls(mode, fusion, weight)
+        chosen.validate(mode_flag)
+        return chosen
+
     def validate(self, mode_flag: str = "retrieval mode") -> None:
         """Refused in the caller's words: a command passes the flag its users typed (`--mode` for
         `index search`, `--retrieval-mode` for generate and eval)."""

@@ -25,7 +25,6 @@ from ragkit.archs.rag.model import RagForTraining, RagModelConfig
 from ragkit.archs.rag.losses import rag_sequence_loss
 
 
-
 @dataclass(frozen=True)
 class RagDecodingConfig:
     mode: str = "sequence-thorough"

@@ -59,13 +59,14 @@ class RetrieveReadOptions(RetrievalOptions, ClosedBookOptions):
 
 
 class ReaderAnswerer:
-    def __init__(self, generator: Any, options: ClosedBookOptions, retriever: Any, *, retrieve: bool) -> None:
+    """Retrieve-then-read with RetrieveReadOptions (passages from `retriever`, or the rows' own), else closed book."""
+
+    def __init__(self, generator: Any, options: ClosedBookOptions, retriever: Any = None) -> None:
         from ragkit.archs.reader.answer import ReaderConfig
 
         self.generator, self.retriever, self.options = generator, retriever, options
         self.generation = options.generation()
-        if retrieve:
-            assert isinstance(options, RetrieveReadOptions)
+        if isinstance(options, RetrieveReadOptions):
             self.reader = ReaderConfig(arch="rag", k=options.k, source=options.passages,
                                        max_passage_words=options.max_passage_words, template=options.template)
         else:
@@ -85,10 +86,8 @@ def load(model: str, options: ClosedBookOptions) -> ReaderAnswerer:
     retrieve = isinstance(options, RetrieveReadOptions)
     if is_rag_checkpoint(model) and not retrieve:
         raise UsageError(f"{model} is a trained RAG checkpoint: use --arch rag")
-    retriever = None
-    if retrieve:
-        retriever = options.retriever(options.device)
+    retriever = options.retriever(options.device) if retrieve else None
     generator = load_generator(model, backend=options.backend, device=options.device, dtype=options.dtype,
                                trust_remote_code=options.trust_remote_code, quantize=options.quantize,
                                tensor_parallel_size=options.tensor_parallel_size)
-    return ReaderAnswerer(generator, options, retriever, retrieve=retrieve)
+    return ReaderAnswerer(generator, options, retriever)

@@ -38,8 +38,6 @@ def load_selfrag_decoder(name: str, config: Any, *, device: str | None = None, d
                          tensor_parallel_size: int = 1) -> Any:
     from ragkit.archs.selfrag.decoding import SelfRagDecoder, VLLMSelfRagDecoder
 
-    if config is None:
-        raise ResourceError("--arch selfrag needs its decoding options")
     if backend == "vllm":
         from ragkit.models.generator import refuse_quantize_with_vllm
 
