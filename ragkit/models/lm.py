@@ -21,10 +21,12 @@ QUANTIZE = ("none", "int8", "8bit", "4bit")
 
 
 def quiet_bitsandbytes() -> None:
-    """bitsandbytes' log noise, silenced before it is imported (peft imports it, and transformers.Trainer
-    imports peft): its CPU backend tries an optional kernel download (the `kernels` package) and warns on every
-    import without it, while its built-in CPU kernels, which ragkit uses, still work; LLM.int8 (--quantize 8bit)
-    logs on every matmul that it computes in float16 (docs/evaluation.md says so once)."""
+    """bitsandbytes' log noise, silenced before it is imported (sentence-transformers and peft import it, and
+    transformers.Trainer imports peft). ragkit/models/__init__.py runs this, so it has run before any code here
+    loads peft or a model; the trainer runs it before importing Trainer. Its CPU backend tries an optional kernel
+    download (the `kernels` package) and warns on every import without it, while its built-in CPU kernels, which
+    ragkit uses, still work; LLM.int8 (--quantize 8bit) logs on every matmul that it computes in float16
+    (docs/evaluation.md says so once)."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     matmul = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(getattr(f, "ragkit", False) for f in matmul.filters):
@@ -138,7 +140,6 @@ def load_lm(name: str | Path, *, device: str | None = None, dtype: str = "auto",
     if folder is None or not (folder / "adapter_config.json").exists():
         loaded = _load_plain(str(name), device, dtype, quantize, trust_remote_code, padding_side)
         return _with_pad_token(loaded)
-    quiet_bitsandbytes()
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -165,7 +166,6 @@ def _load_plain(name: str, device: str, dtype: str, quantize: str, trust_remote_
 
     ref = resolve(name)
     quiet_transformers()
-    quiet_bitsandbytes()
     try:
         location = materialize(ref)
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
@@ -213,7 +213,6 @@ def add_lora(model: Any, lora: LoraSettings, *, seq2seq: bool = False,
     """A peft LoRA model over `model`; under QLoRA the quantised base is prepared for k-bit training first.
     `trainable_token_indices`: rows of new tokens (Self-RAG's reflection tokens) trained and saved with the
     adapter instead of a full embedding copy."""
-    quiet_bitsandbytes()
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if lora.quantize != "none":
@@ -229,7 +228,6 @@ def load_trained_weights(model: Any, folder: Path, what: str) -> None:
     from safetensors.torch import load_file
 
     if (folder / "adapter_model.safetensors").exists():
-        quiet_bitsandbytes()
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
