@@ -16,6 +16,7 @@ from ragkit.commands import export as export_cmd
 from ragkit.commands import generate as generate_cmd
 from ragkit.commands import index as index_cmd
 from ragkit.commands import selfrag as selfrag_cmd
+from ragkit.commands import serve as serve_cmd
 from ragkit.commands import train as train_cmd
 
 app = typer.Typer(
@@ -54,6 +55,7 @@ app.add_typer(eval_cmd.app, name="eval")
 train_cmd.register(app)
 app.command("export")(export_cmd.export)
 app.add_typer(selfrag_cmd.app, name="selfrag")
+app.command("serve")(serve_cmd.serve)
 app.command("env")(env_cmd.env)
 
 

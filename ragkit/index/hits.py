@@ -15,11 +15,12 @@ class Hit:
     store on first access, for every hit of that search at once (one batched read), so a caller that
     only needs scores pays nothing for texts."""
 
-    __slots__ = ("score", "rank", "_vid", "_lookup", "_id", "_title", "_text", "_metadata")
+    __slots__ = ("score", "rank", "ranks", "_vid", "_lookup", "_id", "_title", "_text", "_metadata")
 
     def __init__(self, id: str, score: float, rank: int, title: str = "", text: str = "",
-                 metadata: dict[str, Any] | None = None) -> None:
+                 metadata: dict[str, Any] | None = None, ranks: dict[str, int | None] | None = None) -> None:
         self.score, self.rank = score, rank
+        self.ranks = ranks  # a fused (hybrid) hit: its rank on each side, None where that side missed it
         self._id, self._title, self._text, self._metadata = id, title, text, metadata or {}
         self._lookup: PassageLookup | None = None
         self._vid = -1
@@ -27,7 +28,7 @@ class Hit:
     @classmethod
     def _lazy(cls, lookup: "PassageLookup", vid: int, score: float, rank: int) -> "Hit":
         hit = cls.__new__(cls)
-        hit.score, hit.rank, hit._vid, hit._lookup = score, rank, vid, lookup
+        hit.score, hit.rank, hit._vid, hit._lookup, hit.ranks = score, rank, vid, lookup, None
         return hit
 
     def _resolved(self) -> "Hit":
@@ -58,6 +59,8 @@ class Hit:
         out = {"id": self.id, "score": self.score, "rank": self.rank, "title": self.title, "text": self.text}
         if self.metadata:
             out["metadata"] = self.metadata
+        if self.ranks is not None:
+            out["ranks"] = dict(self.ranks)
         return out
 
     def __eq__(self, other: object) -> bool:

@@ -338,8 +338,15 @@ class Index:
         draft.new_file(TEMPLATE)
 
     def _reopen(self) -> None:
-        """Open the version just published, keeping the Faiss indexes already read for the segments it
-        shares with this one (segments are immutable: same name, same vectors)."""
+        """Move this handle to the version just published (`latest`)."""
+        self.__dict__.update(self.latest().__dict__)
+
+    def latest(self) -> "Index":
+        """The index's current version, keeping the Faiss indexes already read for the segments it shares
+        with this one (segments are immutable: same name, same vectors), so that following a change costs
+        the change. This handle must not be searched afterwards: the base's in-memory Faiss index is
+        shared with the new handle, which may merge newer deltas into it (a server switches versions
+        between requests, on the one thread that searches)."""
         device = self.device  # the old segments close when the last hit that may read them is gone
         reopened = Index.open(self.root)
         loaded = {s.meta.name: s for s in self.segments if s.loaded}
@@ -351,7 +358,15 @@ class Index:
                 segment.adopt(old)
         if device != "cpu":
             reopened._to_device(device)
-        self.__dict__.update(reopened.__dict__)
+        return reopened
+
+    def load(self) -> "Index":
+        """Read every segment's Faiss index (deltas merged) and the BM25 side now, not on the first search:
+        a server pays this before it serves the version, not inside a request."""
+        self._searchers()
+        if self.sparse_config is not None and self._sparse is None:
+            self._sparse = SparseSide(self.version_dir, self.sparse_config)
+        return self
 
     def _live_vids_for(self, ids: Sequence[str]) -> dict[str, int]:
         """id -> vid of the live passages among `ids` (newest segment first)."""

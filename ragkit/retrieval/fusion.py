@@ -20,12 +20,17 @@ def fuse(dense: Sequence[Hit], sparse: Sequence[Hit], k: int, *, method: str = "
 
     rrf:   score(d) = w / (rrf_k + rank_dense(d)) + (1 - w) / (rrf_k + rank_sparse(d))
     score: score(d) = w * minmax(dense score) + (1 - w) * minmax(sparse score), 0 where a side missed d
-    """
+
+    Each fused hit keeps its rank on both sides (`hit.ranks`, None where a side missed it): what a reader
+    of hybrid results wants to see is which side found a passage."""
     if method not in FUSIONS:
         raise ValueError(f"unknown fusion {method!r}")
     fused: dict[str, float] = {}
     by_id: dict[str, Hit] = {}
-    for hits, share in ((dense, weight), (sparse, 1.0 - weight)):
+    side_ranks: dict[str, dict[str, int | None]] = {}
+    for side, hits, share in (("dense", dense, weight), ("sparse", sparse, 1.0 - weight)):
+        for h in hits:
+            side_ranks.setdefault(h.id, {"dense": None, "sparse": None})[side] = h.rank
         if not hits:
             continue
         if method == "rrf":
@@ -38,4 +43,5 @@ def fuse(dense: Sequence[Hit], sparse: Sequence[Hit], k: int, *, method: str = "
             fused[h.id] = fused.get(h.id, 0.0) + parts[h.id]
             by_id.setdefault(h.id, h)
     ranked = sorted(fused, key=lambda i: (-fused[i], i))[:k]
-    return [Hit(i, fused[i], r, by_id[i].title, by_id[i].text, by_id[i].metadata) for r, i in enumerate(ranked, start=1)]
+    return [Hit(i, fused[i], r, by_id[i].title, by_id[i].text, by_id[i].metadata, ranks=side_ranks[i])
+            for r, i in enumerate(ranked, start=1)]

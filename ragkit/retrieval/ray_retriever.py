@@ -20,19 +20,40 @@ from ragkit.index import Hit, Index
 
 
 class _Worker:
-    """The actor body: one opened index."""
+    """The actor body: one opened index; with `follow`, moved to each version a writer publishes before
+    it answers (a server's hot reload; training keeps the version it started with)."""
 
-    def __init__(self, index_dir: str, threads: int | None) -> None:
+    def __init__(self, index_dir: str, threads: int | None, follow: bool = False) -> None:
         self.index = Index.open(index_dir, threads=threads)
+        self.follow = follow
+
+    def _followed(self) -> Index:
+        if self.follow:
+            from ragkit.index import layout
+
+            if layout.current_version_dir(self.index.root) != self.index.version_dir:
+                self.index = self.index.latest().load()
+        return self.index
 
     def info(self) -> dict[str, Any]:
-        return {"dim": self.index.dim, "encoder": self.index.encoder.to_json(), "passages": len(self.index)}
+        index = self._followed()
+        return {"dim": index.dim, "encoder": index.encoder.to_json(), "passages": len(index),
+                "version": int(index.manifest["version"]), "path": str(index.root)}
+
+    def version(self) -> int:
+        return int(self._followed().manifest["version"])
+
+    def get(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        found = self._followed().get(ids)
+        return {pid: {"id": p.id, "title": p.title, "text": p.text, **({"metadata": p.metadata} if p.metadata else {})}
+                for pid, p in found.items()}
 
     def search(self, vectors: np.ndarray, k: int, with_vectors: bool) -> tuple[list[list[dict[str, Any]]], Any]:
+        index = self._followed()
         if with_vectors:
-            hits, vecs = self.index.search_with_vectors(vectors, k)
+            hits, vecs = index.search_with_vectors(vectors, k)
         else:
-            hits, vecs = self.index.search(vectors, k), None
+            hits, vecs = index.search(vectors, k), None
         return [[h.to_json() for h in row] for row in hits], vecs
 
 
@@ -74,7 +95,7 @@ class RayIndexClient:
 
     def __init__(self, index_dirs: Sequence[str | Path], *, mode: str = "replicas", num_workers: int = 1,
                  address: str | None = None, threads: int | None = None, cpus_per_worker: float = 1.0,
-                 name: str | None = None) -> None:
+                 name: str | None = None, follow_versions: bool = False) -> None:
         if mode not in ("replicas", "shards"):
             raise UsageError(f"ray retriever mode {mode}: expected replicas or shards")
         ray = start_ray(address)
@@ -87,7 +108,7 @@ class RayIndexClient:
 
         def start(i: int, directory: str) -> Any:
             options = {} if name is None else {"name": f"{name}-{i}", "get_if_exists": True}
-            return actor.options(**options).remote(directory, threads)
+            return actor.options(**options).remote(directory, threads, follow_versions)
 
         self.workers = [start(i, d) for i, d in enumerate(dirs)]
         infos = ray.get([w.info.remote() for w in self.workers])
@@ -108,6 +129,20 @@ class RayIndexClient:
             return [[Hit(**h) for h in row] for row in rows], vecs
         parts = self._ray.get([w.search.remote(vectors, k, with_vectors) for w in self.workers])
         return merge_shards([p[0] for p in parts], [p[1] for p in parts] if with_vectors else None, k)
+
+    def infos(self) -> list[dict[str, Any]]:
+        return self._ray.get([w.info.remote() for w in self.workers])
+
+    def versions(self) -> list[int]:
+        return self._ray.get([w.version.remote() for w in self.workers])
+
+    def passages(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The passages of `ids` (a replica holds them all; each shard is asked for its own)."""
+        workers = self.workers if self.mode == "shards" else [self.workers[next(self._next)]]
+        found: dict[str, dict[str, Any]] = {}
+        for part in self._ray.get([w.get.remote(list(ids)) for w in workers]):
+            found.update(part)
+        return found
 
     def search_with_vectors(self, vectors: np.ndarray, k: int) -> tuple[list[list[Hit]], np.ndarray]:
         """The `Index.search_with_vectors` contract, so RAG training can use either."""

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ragkit.errors import ResourceError, UsageError
 from ragkit.index import Hit, Index
 from ragkit.models.encoder import Encoder
@@ -62,15 +64,42 @@ class Retriever:
         self.batch_size = batch_size
 
     def retrieve(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        return self.search(queries, k)
+
+    def encode(self, queries: Sequence[str]) -> np.ndarray:
+        """Query vectors for the dense side (what `search(..., vectors=)` takes): a server encodes the
+        queries of many requests at once, then searches each request's group."""
+        if self.encoder is None:
+            raise UsageError("this retriever was opened for --mode sparse: it has no embedder to encode queries")
+        return self.encoder.encode_queries(list(queries), batch_size=self.batch_size)
+
+    def search(self, queries: Sequence[str], k: int, *, mode: RetrievalMode | None = None,
+               vectors: np.ndarray | None = None) -> list[list[Hit]]:
+        """Top-k hits per query in `mode` (default: the retriever's); `vectors`, when given, are the
+        queries already encoded by `encode`."""
+        mode = mode or self.mode
         if not queries:
             return []
-        if self.mode.mode == "sparse":
+        if mode.mode != "dense" and not self.index.has_sparse:
+            raise ResourceError(f"{self.index.root} has no sparse (BM25) side for mode {mode.mode}",
+                                hint=f"Add one with `ragkit index sparse {self.index.root}`.")
+        if mode.mode == "sparse":
             return self.index.search_sparse(queries, k)
-        assert self.encoder is not None
-        vectors = self.encoder.encode_queries(list(queries), batch_size=self.batch_size)
-        if self.mode.mode == "dense":
+        if vectors is None:
+            vectors = self.encode(queries)
+        if mode.mode == "dense":
             return self.index.search(vectors, k)
-        depth = max(k, self.mode.depth)
+        depth = max(k, mode.depth)
         dense = self.index.search(vectors, depth)
         sparse = self.index.search_sparse(queries, depth)
-        return [fuse(d, s, k, method=self.mode.fusion, weight=self.mode.weight) for d, s in zip(dense, sparse)]
+        return [fuse(d, s, k, method=mode.fusion, weight=mode.weight) for d, s in zip(dense, sparse)]
+
+    def with_index(self, index: Index) -> "Retriever":
+        """This retriever over another version of its index, sharing the loaded embedder when that version
+        was embedded with the same model (a server's hot reload); a refreshed index loads its new model."""
+        other = Retriever.__new__(Retriever)
+        other.index, other.mode, other.batch_size = index, self.mode, self.batch_size
+        other.encoder = self.encoder
+        if self.encoder is not None and index.encoder.fingerprint != self.index.encoder.fingerprint:
+            other.encoder = Encoder.for_index(index, device=self.encoder.device, backend=self.encoder.backend)
+        return other
