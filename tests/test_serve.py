@@ -230,3 +230,314 @@ def test_a_crash_inside_a_batch_is_a_500_for_that_batch_only(built: dict[str, Pa
         crashed = client.post("/search", json={"query": "alpha"})
         assert crashed.status_code == 500 and "boom" in crashed.json()["error"]["message"]
         assert client.post("/search", json={"query": "alpha"}).status_code == 200
+
+
+def _ragkit(*args: object, timeout: int = 120) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "ragkit.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr
+
+
+def test_hot_reload_under_load_each_request_sees_one_version(built: dict[str, Path], tmp_path: Path) -> None:
+    """`ragkit index add` and `remove` (real writer processes) publish while requests keep coming: every
+    request is answered, and the new passage is in a response exactly when its version holds it."""
+    import shutil
+
+    index = tmp_path / "live"
+    shutil.copytree(built["hybrid"], index, symlinks=True)
+    new = {"id": "fresh-1", "title": "fresh", "text": "unmistakable zebra quartz nebula passage"}
+    write_jsonl(tmp_path / "new.jsonl", [new])
+    app = create_app(ServeConfig(index=[str(index)], device="cpu", reload_interval_s=0.1, batch_window_ms=2))
+    seen: list[tuple[int, str, bool, bool, int]] = []  # (version, mode, fresh on top, fresh anywhere, status)
+
+    async def load(stop: threading.Event) -> None:
+        import httpx
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            while not stop.is_set():
+                modes = ("dense", "hybrid", "sparse")
+                bodies = [{"queries": [new["text"], "alpha beta"], "k": 3, "mode": mode} for mode in modes]
+                for mode, r in zip(modes, await asyncio.gather(*(client.post("/search", json=b) for b in bodies))):
+                    if r.status_code != 200:
+                        seen.append((-1, mode, False, False, r.status_code))
+                        continue
+                    body = r.json()
+                    ids = [[h["id"] for h in row["hits"]] for row in body["results"]]
+                    seen.append((body["version"], mode, ids[0][:1] == ["fresh-1"],
+                                 any("fresh-1" in row for row in ids), 200))
+                await asyncio.sleep(0.01)
+
+    def writer(stop: threading.Event) -> None:
+        try:
+            time.sleep(0.3)
+            _ragkit("index", "add", index, tmp_path / "new.jsonl", "--device", "cpu")
+            time.sleep(0.6)
+            _ragkit("index", "remove", index, "--ids", "fresh-1")
+            time.sleep(0.6)
+        finally:
+            stop.set()
+
+    stop = threading.Event()
+    thread = threading.Thread(target=writer, args=(stop,))
+    thread.start()
+    try:
+        asyncio.run(load(stop))
+    finally:
+        thread.join()
+        reloads = app.state.server.backend.reloads
+        app.state.server.close()
+    statuses = {row[-1] for row in seen}
+    assert statuses == {200}, statuses  # nothing dropped
+    versions = {row[0] for row in seen}
+    assert versions >= {1, 2, 3}, versions  # the server followed both changes without a restart
+    assert reloads == 2
+    for version, mode, top, anywhere, _ in seen:
+        # both queries of a request searched one version: only version 2 holds the new passage, and there
+        # BM25 (alone or fused) ranks it first for its own words
+        assert anywhere <= (version == 2), (version, mode)
+        if version == 2 and mode != "dense":
+            assert top, (version, mode)
+
+
+def _drop_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "timings"} for row in rows]
+
+
+def test_generate_reads_the_served_hits_like_ragkit_generate(built: dict[str, Path], tiny_lm_path: Path) -> None:
+    import ragkit
+
+    config = ServeConfig(index=[str(built["hybrid"])], device="cpu", model=str(tiny_lm_path), k=3, max_new_tokens=6)
+    questions = [{"id": "a", "question": "alpha beta gamma"}, {"id": "b", "question": "delta epsilon"}]
+    with TestClient(create_app(config)) as client:
+        served = client.post("/generate", json={"queries": questions, "mode": "hybrid"})
+        assert served.status_code == 200, served.text
+        body = served.json()
+        hits = client.post("/search", json={"queries": questions, "k": 3, "mode": "hybrid"}).json()["results"]
+        fewer = client.post("/generate", json={"query": "alpha", "k": 1}).json()["results"][0]
+        assert len(fewer["passages"]) == 1
+        too_many = client.post("/generate", json={"query": "alpha", "k": 4})
+        assert too_many.status_code == 422 and too_many.json()["error"]["field"] == "k"
+        info = client.get("/info").json()["generation"]
+        assert info["model"] == str(tiny_lm_path) and info["retrieves"] is True
+    # what `ragkit generate --arch rag --passages hits` answers for the rows `index search` printed
+    answerer = ragkit.load("rag", str(tiny_lm_path), passages="ctxs", k=3, max_new_tokens=6, device="cpu")
+    expected = answerer.answer([{**q, "hits": row["hits"]} for q, row in zip(questions, hits)])
+    assert body["version"] == 1
+    assert _drop_timings(body["results"]) == _drop_timings(expected)
+    assert [p["id"] for p in body["results"][0]["passages"]] == [h["id"] for h in hits[0]["hits"]]
+
+
+def test_chat_completions_answer_with_their_passages_and_refuse_what_they_cannot_honour(
+        built: dict[str, Path], tiny_lm_path: Path) -> None:
+    config = ServeConfig(index=[str(built["dense"])], device="cpu", model=str(tiny_lm_path), k=2, max_new_tokens=5)
+    with TestClient(create_app(config)) as client:
+        chat = client.post("/v1/chat/completions", json={
+            "model": str(tiny_lm_path), "messages": [{"role": "user", "content": "alpha beta"}], "temperature": 0})
+        assert chat.status_code == 200, chat.text
+        body = chat.json()
+        generated = client.post("/generate", json={"query": "alpha beta"}).json()["results"][0]
+        message = body["choices"][0]["message"]
+        assert body["object"] == "chat.completion" and message["role"] == "assistant"
+        assert message["content"] == generated["output"]
+        assert [c["id"] for c in message["context"]["citations"]] == [p["id"] for p in generated["passages"]]
+        assert client.get("/v1/models").json()["data"][0]["id"] == str(tiny_lm_path)
+        parts = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "alpha beta"}]}]})
+        assert parts.json()["choices"][0]["message"]["content"] == generated["output"]
+        for body, field in [
+            ({"messages": [{"role": "user", "content": "q"}], "stream": True}, "stream"),
+            ({"messages": [{"role": "user", "content": "q"}], "n": 2}, "n"),
+            ({"messages": [{"role": "user", "content": "q"}], "max_tokens": 100}, "max_tokens"),
+            ({"messages": [{"role": "user", "content": "q"}], "temperature": 0.7}, "temperature"),
+            ({"messages": [{"role": "user", "content": "q"}], "tools": []}, "tools"),
+            ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}]}, "messages"),
+            ({"messages": [{"role": "user", "content": "  "}]}, "messages[0].content"),
+            ({"model": "gpt-4", "messages": [{"role": "user", "content": "q"}]}, "model"),
+            ({"messages": "hello"}, "messages"),
+        ]:
+            refused = client.post("/v1/chat/completions", json=body)
+            assert 400 <= refused.status_code < 500 and refused.json()["error"]["field"] == field, (body, refused.text)
+        assert client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "q"}], "max_tokens": 5}).status_code == 200
+    with client_for(built["dense"]) as search_only:
+        missing = search_only.post("/generate", json={"query": "q"})
+        assert missing.status_code == 404 and missing.json()["error"]["field"] == "model"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses of the TCP sockets listening on `port` (IPv4 and IPv6), from /proc/net."""
+    import ipaddress
+
+    found = set()
+    for name, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian words
+                found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
+class LiveServer:
+    """`ragkit serve` as its own process on a free port."""
+
+    def __init__(self, *args: object) -> None:
+        import subprocess
+        import sys
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "ragkit.cli", "serve", *map(str, args),
+                                         "--port", str(self.port), "--device", "cpu"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        import httpx
+
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"ragkit serve exited {self.process.returncode}: {self.process.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise AssertionError("ragkit serve did not answer /health within 90 s")
+
+    def stop(self) -> tuple[int, str]:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.process.communicate(timeout=30)
+        except Exception:
+            self.process.kill()
+            _, err = self.process.communicate()
+        return self.process.returncode, err
+
+
+def test_the_command_listens_on_loopback_only_and_stops_cleanly_on_sigterm(built: dict[str, Path]) -> None:
+    import httpx
+
+    server = LiveServer(built["dense"])
+    try:
+        assert _listening_addresses(server.port) == {"127.0.0.1"}
+        assert httpx.post(server.url + "/search", json={"query": "alpha", "k": 2}).json()["results"][0]["hits"]
+        assert httpx.post(server.url + "/search", content=b"{nope").status_code == 422
+    finally:
+        code, err = server.stop()
+    # uvicorn shuts down gracefully (lifespan end: workers joined), then re-raises SIGTERM as its exit status
+    assert code == -15 and "serve: stopped (1 index requests answered in 1 batches)" in err, (code, err)
+    assert "Traceback" not in err
+    assert f"http://127.0.0.1:{server.port}/ " in err
+
+
+def test_the_command_refuses_bad_setups_with_exit_codes(built: dict[str, Path], tmp_path: Path) -> None:
+    missing = run_cli("serve", tmp_path / "nothing-here", "--port", _free_port())
+    assert missing.exit_code == 4 and "not a ragkit index" in missing.stderr
+    assert run_cli("serve", built["dense"], "--port", "0").exit_code == 2
+    shards = run_cli("serve", built["dense"], built["hybrid"])
+    assert shards.exit_code == 2 and "--shards" in shards.stderr
+    assert run_cli("serve", built["dense"], "--max-new-tokens", "8").exit_code == 2  # generation needs --model
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Any:
+    """Debian's headless Chromium through its chromedriver (apt-get install chromium chromium-driver)."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium chromium-driver; "
+                    ".ci/run installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1200,900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def test_the_search_page_in_a_real_browser(browser: Any, tmp_path: Path, tiny_encoder_path: Path) -> None:
+    """Type a query, pick hybrid, search: the page shows the hits /search returns (rank, score, title, text,
+    id, both sides' ranks); a passage holding markup is shown as text, never run; a link with ?q= searches."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    hostile = {"id": "hostile", "title": "<b>bold</b>",
+               "text": "alpha beta <img src=x onerror=\"window.pwned=1\"> <script>window.pwned=2</script>"}
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_passages(30) + [hostile])
+    index = tmp_path / "idx"
+    assert run_cli("index", "build", corpus, "-o", index, "--model", tiny_encoder_path, "--device", "cpu",
+                   "--sparse").exit_code == 0
+    server = LiveServer(index)
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda d: "31 passages" in d.find_element(By.ID, "about").text)
+        box = browser.find_element(By.ID, "q")
+        box.send_keys("alpha beta")
+        Select(browser.find_element(By.ID, "mode")).select_by_value("hybrid")
+        k = browser.find_element(By.ID, "k")
+        k.clear()
+        k.send_keys("5")
+        browser.find_element(By.ID, "go").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li.hit")) == 5)
+        expected = httpx.post(server.url + "/search", json={"query": "alpha beta", "k": 5, "mode": "hybrid"}).json()
+        shown = [{"id": li.get_attribute("data-id"), "rank": li.find_element(By.CLASS_NAME, "rank").text,
+                  "score": li.find_element(By.CLASS_NAME, "score").text,
+                  "text": li.find_element(By.CLASS_NAME, "text").text,
+                  "ranks": li.find_element(By.CLASS_NAME, "ranks").text}
+                 for li in browser.find_elements(By.CSS_SELECTOR, "#results li.hit")]
+        side = lambda r: "–" if r is None else f"#{r}"  # noqa: E731
+        assert shown == [{"id": h["id"], "rank": f"#{h['rank']}", "score": f"{h['score']:.4f}", "text": h["text"],
+                          "ranks": f"dense {side(h['ranks']['dense'])} · sparse {side(h['ranks']['sparse'])}"}
+                         for h in expected["results"][0]["hits"]]
+        assert "hostile" in [s["id"] for s in shown]  # BM25 finds it for "alpha beta"
+        assert browser.execute_script("return window.pwned === undefined")
+        assert not browser.find_elements(By.CSS_SELECTOR, "#results img, #results script, #results b")
+        assert "5 hits" in browser.find_element(By.ID, "status").text
+        assert "q=alpha+beta" in browser.current_url  # the search is a shareable link
+        shot = tmp_path / "page.png"
+        browser.save_screenshot(str(shot))
+        from PIL import Image
+
+        image = Image.open(shot).convert("L")
+        assert image.size[0] >= 800
+        assert len(set(image.getdata())) > 8  # text was drawn, not a blank page
+
+        browser.get(server.url + "/?q=alpha+beta&k=2&mode=sparse")
+        wait.until(lambda d: "hits in" in d.find_element(By.ID, "status").text)
+        sparse = httpx.post(server.url + "/search", json={"query": "alpha beta", "k": 2, "mode": "sparse"}).json()
+        assert [li.get_attribute("data-id") for li in browser.find_elements(By.CSS_SELECTOR, "#results li.hit")] == \
+            [h["id"] for h in sparse["results"][0]["hits"]] == ["hostile"]  # BM25: no other passage has the words
+        assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]  # no failed loads, no JS errors
+    finally:
+        server.stop()

@@ -177,6 +177,10 @@ def create_app(config: ServeConfig, *, server: Server | None = None) -> Any:
     async def lifespan(_: Any) -> Any:
         yield
         server.close()
+        from ragkit.console import info as say
+
+        stats = server.search_batcher.stats
+        say(f"serve: stopped ({stats.jobs} index requests answered in {stats.batches} batches)")
 
     app = FastAPI(title="ragkit serve", version=_version(), lifespan=lifespan,
                   description="Search a ragkit index (and generate from it) over HTTP. See docs/serve.md.")
