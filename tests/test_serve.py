@@ -541,3 +541,40 @@ def test_the_search_page_in_a_real_browser(browser: Any, tmp_path: Path, tiny_en
         assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]  # no failed loads, no JS errors
     finally:
         server.stop()
+
+
+def test_replicas_and_shards_on_ray_serve_what_one_process_serves(built: dict[str, Path], tmp_path: Path,
+                                                                  tiny_encoder_path: Path) -> None:
+    """--replicas 2 over the index, --shards over its two halves (a private local Ray): the same dense hits
+    as the in-process server; an add to a shard is served without a restart (each actor follows its index)."""
+    ray = pytest.importorskip("ray")
+    passages = make_passages(60)
+    halves = []
+    for i, part in enumerate((passages[:30], passages[30:])):
+        corpus = write_jsonl(tmp_path / f"half-{i}.jsonl", part)
+        assert run_cli("index", "build", corpus, "-o", tmp_path / f"shard-{i}", "--model", tiny_encoder_path,
+                       "--device", "cpu").exit_code == 0
+        halves.append(str(tmp_path / f"shard-{i}"))
+    body = {"queries": QUESTIONS, "k": 6}
+    with client_for(built["dense"]) as local:
+        expected = local.post("/search", json=body).json()
+    try:
+        for options in ({"index": [str(built["dense"])], "replicas": 2}, {"index": halves, "shards": True}):
+            app = create_app(ServeConfig(device="cpu", **options))
+            with TestClient(app) as client:
+                served = client.post("/search", json=body).json()
+                assert_same_rows([served], [expected])
+                assert client.post("/search", json={**body, "mode": "hybrid"}).json()["error"]["field"] == "mode"
+                top = expected["results"][0]["hits"][0]
+                assert client.get(f"/passages/{top['id']}").json()["text"] == top["text"]
+                info = client.get("/info").json()
+                assert info["layout"].startswith("ray: ") and len(info["shards"]) == 2
+                if options.get("shards"):
+                    new = {"id": "fresh-1", "title": "fresh", "text": "unmistakable zebra quartz nebula"}
+                    write_jsonl(tmp_path / "new.jsonl", [new])
+                    _ragkit("index", "add", halves[1], tmp_path / "new.jsonl", "--device", "cpu")
+                    assert client.get("/passages/fresh-1").json()["text"] == new["text"]
+                    versions = sorted(s["version"] for s in client.get("/info").json()["shards"])
+                    assert versions == [1, 2]
+    finally:
+        ray.shutdown()
