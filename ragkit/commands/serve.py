@@ -22,7 +22,7 @@ def serve(
     encoder_backend: EncoderBackendOpt = _D.encoder_backend,
     device: DeviceOpt = _D.device,
     threads: ThreadsOpt = _D.threads,
-    batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="Micro-batching: how long a batch waits for more requests after its first (0 = none).")] = _D.batch_window_ms,
+    batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="Micro-batching: how long a batch waits for more requests after taking those already waiting (0: none; under load requests queue while a batch runs and are batched anyway).")] = _D.batch_window_ms,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Micro-batching: queries per batch at most (1 = one request at a time).")] = _D.max_batch,
     max_pending: Annotated[int, typer.Option("--max-pending", help="Queries waiting at most; beyond it requests get 503 with Retry-After.")] = _D.max_pending,
     max_queries: Annotated[int, typer.Option("--max-queries", help="Queries per request at most (413 beyond).")] = _D.max_queries,

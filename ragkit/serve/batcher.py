@@ -48,9 +48,11 @@ class MicroBatcher:
     """Runs `handle(payloads) -> results` (one result per payload, in order; an Exception instance fails
     that payload's request alone) on batches of submitted jobs.
 
-    A batch opens with the first waiting job and closes after `window_s` or once `max_batch` items (queries)
-    are in it; one job larger than `max_batch` is a batch of its own. `max_batch=1` serves one request at a
-    time. `before_batch` runs on the worker thread before each batch and, every `idle_s` without work, on
+    A batch opens with the first waiting job and takes every job already waiting, then waits up to
+    `window_s` for more, closing at `max_batch` items (queries); one job larger than `max_batch` is a batch
+    of its own. Under load the requests that arrive while a batch runs make the next batch, so even
+    `window_s=0` batches; the window adds batching at light load for latency. `max_batch=1` serves one
+    request at a time. `before_batch` runs on the worker thread before each batch and, every `idle_s` without work, on
     its own (a server's hot reload). An exception in `handle` fails that batch's requests only."""
 
     def __init__(self, handle: Callable[[list[Any]], Sequence[Any]], *, window_s: float, max_batch: int,
@@ -104,10 +106,8 @@ class MicroBatcher:
             deadline = time.perf_counter() + self.window_s
             while size < self.max_batch:
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    job = self._queue.get(timeout=remaining)
+                try:  # past the window, still take what is already waiting (it queued during the last batch)
+                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:

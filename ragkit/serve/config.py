@@ -20,8 +20,10 @@ class ServeConfig:
     device: str = "auto"
     threads: int = 0  # Faiss threads (0 = Faiss' default)
     encoder_backend: str = "torch"
-    # micro-batching: a batch closes after batch_window_ms or at max_batch queries, whichever comes first
-    batch_window_ms: float = 5.0
+    # micro-batching: a batch takes every request waiting, then waits batch_window_ms for more, up to
+    # max_batch queries; under load the requests that queue while a batch runs form the next one, so 0 ms
+    # batches as well as 5 ms did, without making a lone request wait (docs/benchmarks.md, serve_load)
+    batch_window_ms: float = 0.0
     max_batch: int = 64
     max_pending: int = 4096  # queries waiting; beyond it requests get 503 (back-pressure, not a growing queue)
     # request bounds
