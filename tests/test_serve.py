@@ -578,3 +578,79 @@ def test_replicas_and_shards_on_ray_serve_what_one_process_serves(built: dict[st
                     assert versions == [1, 2]
     finally:
         ray.shutdown()
+
+
+def test_a_refreshed_index_is_served_with_its_new_embedder(built: dict[str, Path], tmp_path: Path,
+                                                           other_tiny_encoder_path: Path) -> None:
+    """`ragkit index refresh --model NEW` re-embeds the served index: the server loads NEW for queries
+    (vectors of the old model would not match) and answers what `index search` answers on the new version."""
+    import shutil
+
+    index = tmp_path / "live"
+    shutil.copytree(built["dense"], index, symlinks=True)
+    app = create_app(ServeConfig(index=[str(index)], device="cpu", reload_interval_s=0.1))
+    with TestClient(app) as client:
+        before = client.post("/search", json={"queries": QUESTIONS, "k": 4}).json()
+        _ragkit("index", "refresh", index, "--model", other_tiny_encoder_path, "--device", "cpu")
+        time.sleep(0.5)
+        after = client.post("/search", json={"queries": [{"id": f"q{i}", "query": q} for i, q in enumerate(QUESTIONS)],
+                                             "k": 4}).json()
+        assert after["version"] == before["version"] + 1
+        assert client.get("/info").json()["index"]["embedder"] == str(other_tiny_encoder_path)
+    assert_same_rows([after], [{"version": after["version"], "results": cli_rows(index, QUESTIONS, "--k", 4)}])
+    assert [h["id"] for h in after["results"][0]["hits"]] != [h["id"] for h in before["results"][0]["hits"]] or \
+        [h["score"] for h in after["results"][0]["hits"]] != [h["score"] for h in before["results"][0]["hits"]]
+
+
+RENAMED = {"timeout": "timeout_s", "reload_interval": "reload_interval_s"}
+
+
+def _serve_options() -> list[Any]:
+    import typer.main
+
+    from ragkit.cli import app
+
+    command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    return [p for p in command.params if p.param_type_name == "option" and p.name != "help"]
+
+
+def test_every_serve_flag_reaches_the_config_with_its_value_and_shows_its_default(
+        built: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import ragkit.serve.app as serve_app
+
+    defaults = ServeConfig()
+    fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    changed = {"host": "127.0.0.2", "port": 8123, "api_key": "x" * 20, "embedder": "minilm", "encoder_backend": "int8",
+               "device": "cpu", "threads": 1, "batch_window_ms": 3.0, "max_batch": 7, "max_pending": 999,
+               "max_queries": 9, "max_k": 11, "max_query_chars": 99, "max_body_bytes": 5000, "timeout": 4.0,
+               "max_connections": 13, "reload_interval": 0.5, "replicas": 0, "shards": True, "ray_address": "auto",
+               "model": "smollm2", "arch": "selfrag", "k": 2, "max_new_tokens": 9, "generator_backend": "vllm",
+               "dtype": "float16", "generate_batch_window_ms": 1.0, "generate_max_batch": 3}
+    options = _serve_options()
+    assert {p.name for p in options} == set(changed)  # a new flag must be added here (and to ServeConfig)
+    for p in options:
+        field = RENAMED.get(p.name, p.name)
+        assert field in fields, p.name
+        if p.default is not None:
+            assert p.default == getattr(defaults, field), p.name
+    seen: list[ServeConfig] = []
+    monkeypatch.setattr(serve_app, "run", seen.append)
+    monkeypatch.delenv("RAGKIT_API_KEY", raising=False)
+    for p in options:
+        value = changed[p.name]
+        if p.name == "replicas":
+            argv, value = ["--replicas", "2"], 2
+        elif p.is_flag:
+            argv = [p.opts[0]]
+        else:
+            argv = [p.opts[0], str(value)]
+        extra = [] if p.name in ("model",) else (["--model", "smollm2"] if p.name in (
+            "arch", "k", "max_new_tokens", "generator_backend", "dtype", "generate_batch_window_ms",
+            "generate_max_batch") else [])
+        indexes = [built["dense"], built["hybrid"]] if p.name == "shards" else [built["dense"]]
+        result = run_cli("serve", *indexes, *argv, *extra)
+        assert result.exit_code == 0, (p.name, result.stderr)
+        assert getattr(seen[-1], RENAMED.get(p.name, p.name)) == value, p.name
+    assert run_cli("serve", built["dense"], "--bogus").exit_code == 2

@@ -209,11 +209,14 @@ class RayCollection(_Backend):
                                      address=address, threads=threads or None, follow_versions=True)
         self.encoder = Encoder.for_index(Index.open(roots[0]), model=embedder, device=device, backend=backend)
         self.layout = f"{len(roots)} shards" if shards else f"{max(1, replicas)} replicas"
+        self.version = int(self.client.versions()[0])
 
-    @property
-    def version(self) -> int:
-        """The version of the first shard (each shard has its own numbering)."""
-        return int(self.client.versions()[0])
+    def refresh(self) -> bool:
+        """The version the first actor serves (each shard has its own numbering; every actor moves to its
+        folder's new version by itself before it searches), asked before each batch and while idle, so
+        that /health never waits on Ray."""
+        self.version = int(self.client.versions()[0])
+        return False
 
     def encode(self, texts: list[str]) -> Any:
         return self.encoder.encode_queries(texts)
