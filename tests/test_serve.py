@@ -654,3 +654,23 @@ def test_every_serve_flag_reaches_the_config_with_its_value_and_shows_its_defaul
         assert result.exit_code == 0, (p.name, result.stderr)
         assert getattr(seen[-1], RENAMED.get(p.name, p.name)) == value, p.name
     assert run_cli("serve", built["dense"], "--bogus").exit_code == 2
+
+
+def test_generate_with_a_self_rag_model_scores_the_served_passages(built: dict[str, Path],
+                                                                   tiny_selfrag_path: Path) -> None:
+    """--arch selfrag: the served hits are the candidates Self-RAG reads (when it decides to retrieve), the
+    rows equal ragkit.load("selfrag") on the same hits."""
+    import ragkit
+
+    config = ServeConfig(index=[str(built["dense"])], device="cpu", model=str(tiny_selfrag_path), arch="selfrag",
+                         k=2, max_new_tokens=4)
+    questions = [{"id": "a", "question": "alpha beta gamma"}, {"id": "b", "question": "delta epsilon"}]
+    with TestClient(create_app(config)) as client:
+        served = client.post("/generate", json={"queries": questions})
+        assert served.status_code == 200, served.text
+        hits = client.post("/search", json={"queries": questions, "k": 2}).json()["results"]
+        assert client.get("/info").json()["generation"]["arch"] == "selfrag"
+    answerer = ragkit.load("selfrag", str(tiny_selfrag_path), passages="ctxs", k=2, max_new_tokens=4, device="cpu",
+                           batch_size=8)
+    expected = answerer.answer([{**q, "hits": row["hits"]} for q, row in zip(questions, hits)])
+    assert _drop_timings(served.json()["results"]) == _drop_timings(expected)
