@@ -127,3 +127,16 @@ def test_shipped_smollm2_answers_through_the_cli(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     row = json.loads(result.stdout)
     assert row["id"] == "fr" and "Paris" in row["output"]
+
+
+def test_dtype_half_and_float_are_the_self_rag_scripts_names(tiny_lm_path) -> None:
+    """`--dtype half` (run_short_form.py's vLLM name) loads float16 weights; an unknown name is refused."""
+    import torch
+
+    from ragkit.errors import UsageError
+    from ragkit.models.lm import canonical_dtype, check_loading, load_lm
+
+    assert canonical_dtype("half") == "float16" and canonical_dtype("float") == "float32"
+    assert load_lm(tiny_lm_path, device="cpu", dtype="half").model.dtype == torch.float16
+    with pytest.raises(UsageError, match="--dtype double"):
+        check_loading(dtype="double")

@@ -64,6 +64,17 @@ def test_pubhealth_released_format(tmp_path: Path) -> None:
     assert task.score(examples[1], "SUPPORTS")["match"] == 1.0
 
 
+def test_fever_is_the_self_rag_scripts_name_for_pubhealth(tmp_path: Path) -> None:
+    from ragkit.archs.selfrag.inference import SelfRagOptions
+
+    rows = [{"id": "h1", "question": "Vitamin C cures the common cold.", "answers": ["REFUTES"]}]
+    path = write_jsonl(tmp_path / "health.jsonl", rows)
+    fever, pubhealth = load_examples(get_task("fever"), path), load_examples(get_task("pubhealth"), path)
+    assert [(e.question, e.golds) for e in fever] == [(e.question, e.golds) for e in pubhealth]
+    assert get_task("fever").score(fever[0], "false")["accuracy"] == 1.0
+    assert SelfRagOptions(task="fever").decoding().closed  # scored per distinct answer, as pubhealth
+
+
 def test_asqa_alce_format(tmp_path: Path) -> None:
     data = [{"sample_id": "-1", "question": "Who won?", "qa_pairs": [{"short_answers": ["Ann"]}, {"short_answers": ["Bob", "Robert"]}],
              "annotations": [{"long_answer": "Ann won in 1990 and Robert won in 1991."}], "docs": [{"title": "T", "text": "x"}]}]

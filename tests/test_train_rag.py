@@ -466,3 +466,29 @@ def test_end2end_trains_the_doc_encoder_and_refreshes_its_own_index(setup: dict[
     assert Index.open(out / "index").manifest["end2end"] == {"step": 6, "slice": "1/2"}
     bad = run(*base_args(setup, tmp_path / "x", "--end2end", "--distributed-retriever", "ray"))
     assert bad.exit_code == 2 and "--end2end" in bad.stderr
+
+
+def test_the_seeds_optimiser_and_dropout_flags_reach_the_run(setup: dict[str, Path], tmp_path: Path) -> None:
+    """finetune_rag.py's --warmup_ratio, --adam_epsilon, --attention_dropout (and ragkit's dashed spellings):
+    the schedule warms up over that share of the steps, AdamW gets that epsilon, the generator that dropout."""
+    import torch
+    from transformers import AutoConfig
+
+    out = tmp_path / "run"
+    result = run(*base_args(setup, out, "--max-steps", 8, "--save-steps", 8, "--warmup_ratio", "0.5",
+                            "--adam_epsilon", "1e-6", "--attention_dropout", "0.25"))
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["learning_rate"] for r in rows if "learning_rate" in r}
+    # linear warmup over 4 of 8 steps to the peak 1e-2 (the rate logged at step s is the one step s used: 0 at
+    # step 1), then linear decay; without warmup step 1 would run at the peak
+    assert [rates[s] for s in (1, 2, 3, 5)] == pytest.approx([0.0, 1e-2 / 4, 1e-2 / 2, 1e-2]), rates
+    assert rates[8] < rates[6] < rates[5]
+    optimizer = torch.load(out / "checkpoint-8" / "optimizer.pt", weights_only=True)
+    assert {g["eps"] for g in optimizer["param_groups"]} == {1e-6}
+    assert AutoConfig.from_pretrained(out / "checkpoint-8" / "generator").attention_dropout == 0.25
+    # Llama has no hidden dropout: refused, not stored unused
+    refused = run(*base_args(setup, tmp_path / "r2", "--max-steps", 1, "--dropout", "0.1"))
+    assert refused.exit_code == 2 and "--dropout" in refused.stderr and "no dropout field" in refused.stderr
+    both = run(*base_args(setup, tmp_path / "r3", "--warmup-ratio", "0.1", "--warmup-steps", "2"))
+    assert both.exit_code == 2 and "give one" in both.stderr

@@ -39,7 +39,7 @@ def _print_metrics(title: str, report: dict[str, Any]) -> None:
 @app.callback(invoke_without_command=True)
 def evaluate(
     ctx: typer.Context,
-    task: Annotated[str | None, typer.Option("--task", help="popqa, triviaqa, nq, arc_c, pubhealth, scifact, asqa, qa (any JSONL with answers), beir, lm (held-out text for a RETRO model).")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="popqa, triviaqa, nq, arc_c, pubhealth (fever: the Self-RAG scripts' name for it), scifact, asqa, qa (any JSONL with answers), beir, lm (held-out text for a RETRO model).")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="The task's data file (a BEIR folder for --task beir; a text folder or file for --task lm).")] = None,
     glob: Annotated[str, typer.Option("--glob", help="--task lm: files of a --data folder to read (.jsonl: one document per line).")] = "**/*.txt",
     workdir: Annotated[Path | None, typer.Option("--workdir", help="--task lm: the RETRO work folder to retrieve from (default: the model's).")] = None,

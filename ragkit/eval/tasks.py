@@ -218,6 +218,9 @@ TASKS: dict[str, Task] = {
     # first two, so NEI claims (and claims with mixed labels) are skipped and the report says how many remain.
     "scifact": Task("scifact", "accuracy", ("accuracy", "match", "answered"), load_scifact, score_claim,
                     ("accuracy", "match", "answered"), keep=lambda e: e.extra["label"] in ("true", "false")),
+    # the Self-RAG scripts' name for the same claim task (run_short_form.py --task fever reads PubHealth)
+    "fever": Task("fever", "accuracy", ("accuracy", "match", "answered"), load_pubhealth, score_claim,
+                  ("accuracy", "match", "answered")),
     "asqa": Task("asqa", "str_em", ("str_em", "rougeLsum"), load_asqa, score_asqa),
     "text": Task("text", "rougeL", ("rougeL", "bleu", "f1"), load_qa, score_text),
 }

@@ -43,11 +43,14 @@ class Generator:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         quantize: str = "none",
+        dropout: float | None = None,
+        attention_dropout: float | None = None,
     ) -> None:
         from ragkit.models.lm import load_lm
 
         self.name = name
-        loaded = load_lm(name, device=device, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code)
+        loaded = load_lm(name, device=device, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code,
+                         dropout=dropout, attention_dropout=attention_dropout)
         self.model, self.tokenizer, self.is_seq2seq, self.device = (loaded.model, loaded.tokenizer, loaded.is_seq2seq,
                                                                     loaded.device)
 
@@ -150,6 +153,8 @@ class VLLMGenerator:
         # repeat what ragkit's progress bar says); both before vllm is imported, as its logger reads them then
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from ragkit.models.lm import canonical_dtype
+
         try:
             from vllm import LLM
             from vllm.platforms import current_platform
@@ -166,7 +171,8 @@ class VLLMGenerator:
         if max_logprobs is not None:
             extra["max_logprobs"] = max_logprobs
         try:
-            self.llm = LLM(model=str(materialize(self.ref)), dtype=dtype, trust_remote_code=trust_remote_code,
+            self.llm = LLM(model=str(materialize(self.ref)), dtype=canonical_dtype(dtype),
+                           trust_remote_code=trust_remote_code,
                            tensor_parallel_size=tensor_parallel_size, **extra)
         except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -17,6 +17,15 @@ from ragkit.errors import ResourceError, UsageError
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's names, which the Self-RAG scripts pass (--dtype half)
+
+
+def canonical_dtype(dtype: str) -> str:
+    """`dtype` in ragkit's names; refused (naming --dtype) when it is none of them or their vLLM aliases."""
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)} (or half, float)")
+    return dtype
 QUANTIZE = ("none", "int8", "8bit", "4bit")
 
 
@@ -40,8 +49,7 @@ def quiet_bitsandbytes() -> None:
 def check_loading(*, dtype: str = "auto", quantize: str = "none", backend: str = "transformers",
                   tensor_parallel_size: int = 1, device: str = "auto") -> None:
     """The loader's own choices, checked before anything loads."""
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    canonical_dtype(dtype)
     if quantize not in QUANTIZE:
         raise UsageError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
     if backend not in ("transformers", "vllm"):
@@ -62,8 +70,7 @@ def check_loading(*, dtype: str = "auto", quantize: str = "none", backend: str =
 def torch_dtype(dtype: str, device: str) -> Any:
     import torch
 
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    dtype = canonical_dtype(dtype)
     if dtype == "auto":
         # bf16 where the GPU supports it, fp32 on the CPU (fp16/bf16 matmuls are slow or unsupported there)
         if device.startswith("cuda"):
@@ -124,12 +131,14 @@ class LoadedLM:
 
 def load_lm(name: str | Path, *, device: str | None = None, dtype: str = "auto", quantize: str = "none",
             trust_remote_code: bool = False, base: str | None = None, merge_lora: bool = True,
-            padding_side: str | None = None) -> LoadedLM:
+            padding_side: str | None = None, dropout: float | None = None,
+            attention_dropout: float | None = None) -> LoadedLM:
     """(model, tokenizer) from a hub id, folder, .gguf or alias, or from a LoRA adapter folder (its base from
     `base` or the adapter's config; resized first to the adapter's tokenizer when that grew new tokens).
 
     `quantize`: none, int8 (CPU dynamic), 8bit / 4bit (bitsandbytes); an adapter is merged, or kept on top
-    of a bitsandbytes base, as ready_for_inference decides."""
+    of a bitsandbytes base, as ready_for_inference decides. `dropout` / `attention_dropout` set the model
+    config's own dropout fields before the layers are built (refused when the config has none)."""
     from ragkit.models.encoder import resolve_device
     from ragkit.models.quantize import ready_for_inference
 
@@ -138,8 +147,12 @@ def load_lm(name: str | Path, *, device: str | None = None, dtype: str = "auto",
     device = resolve_device(device)
     folder = Path(name) if Path(name).is_dir() else None
     if folder is None or not (folder / "adapter_config.json").exists():
-        loaded = _load_plain(str(name), device, dtype, quantize, trust_remote_code, padding_side)
+        loaded = _load_plain(str(name), device, dtype, quantize, trust_remote_code, padding_side,
+                             dropout=dropout, attention_dropout=attention_dropout)
         return _with_pad_token(loaded)
+    if dropout is not None or attention_dropout is not None:
+        raise UsageError(f"{name} is a LoRA adapter: --dropout / --attention-dropout set a base model's config "
+                         "(LoRA's own is --lora-dropout)")
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -157,8 +170,29 @@ def load_lm(name: str | Path, *, device: str | None = None, dtype: str = "auto",
     return _with_pad_token(LoadedLM(model, tokenizer, loaded.is_seq2seq, device))
 
 
+# the config fields that hold a model's dropout, by family: BART/Llama/Qwen, T5, BERT, GPT-2 / Falcon
+DROPOUT_FIELDS = {"dropout": ("dropout", "dropout_rate", "hidden_dropout_prob", "resid_pdrop", "hidden_dropout"),
+                  "attention_dropout": ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")}
+
+
+def dropout_overrides(config: Any, name: str, **rates: float | None) -> dict[str, float]:
+    """from_pretrained keywords that set `rates` (dropout=, attention_dropout=) on the config fields this
+    model family uses; a rate the config has no field for is refused rather than stored unused."""
+    out: dict[str, float] = {}
+    for flag, rate in rates.items():
+        if rate is None:
+            continue
+        fields = [f for f in DROPOUT_FIELDS[flag] if hasattr(config, f)]
+        if not fields:
+            raise UsageError(f"--{flag.replace('_', '-')}: {name} ({type(config).__name__}) has no "
+                             f"{flag.replace('_', ' ')} field (looked for {', '.join(DROPOUT_FIELDS[flag])})")
+        out[fields[0]] = float(rate)
+    return out
+
+
 def _load_plain(name: str, device: str, dtype: str, quantize: str, trust_remote_code: bool,
-                padding_side: str | None) -> LoadedLM:
+                padding_side: str | None, *, dropout: float | None = None,
+                attention_dropout: float | None = None) -> LoadedLM:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from ragkit.models.quantize import quantize_int8_dynamic
@@ -174,8 +208,9 @@ def _load_plain(name: str, device: str, dtype: str, quantize: str, trust_remote_
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, padding_side=side)
         cls = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
         extra = bitsandbytes_kwargs(quantize, device)
+        rates = dropout_overrides(config, name, dropout=dropout, attention_dropout=attention_dropout)
         model = cls.from_pretrained(location, dtype=torch_dtype(dtype, device), trust_remote_code=trust_remote_code,
-                                    **extra)
+                                    **extra, **rates)
         model = model if extra else model.to(device)
     except (OSError, ValueError) as exc:
         raise missing_model_error(ref, exc) from exc

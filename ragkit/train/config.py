@@ -41,6 +41,8 @@ class TrainConfig:
     distill_from: str | None = field(default=None, metadata={"help": "selfrag / selfrag-critic: a teacher model whose logits the student also learns (same vocabulary)"})
     distill_alpha: float = field(default=0.5, metadata={"help": "with --distill-from: weight of the label cross-entropy (the rest: KL to the teacher)"})
     distill_temperature: float = field(default=2.0, metadata={"help": "with --distill-from: softmax temperature of the KL term"})
+    dropout: float | None = field(default=None, metadata={"help": "rag / selfrag: the generator's dropout (its config's dropout, dropout_rate, hidden_dropout_prob or resid_pdrop; refused when it has none; default: the model's own)"})
+    attention_dropout: float | None = field(default=None, metadata={"help": "rag / selfrag: the generator's attention dropout (attention_dropout, attention_probs_dropout_prob or attn_pdrop; default: the model's own)"})
     max_seq_length: int = field(default=1024, metadata={"help": "selfrag / selfrag-critic: tokens kept per example (prompt + output)"})
     workdir: str = field(default="", metadata={"help": "retro: work folder for chunks, embeddings, index and neighbours (a manifest decides what is rebuilt)"})
     glob: str = field(default="**/*.txt", metadata={"help": "retro: files of --data (a folder) to read; .jsonl files give one document per line (its text)"})
@@ -68,6 +70,8 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     scheduler: str = field(default="linear", metadata={"help": "linear, cosine, polynomial or constant (after warmup)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "linear warmup as a fraction of all steps, in [0, 1) (instead of --warmup-steps; HF finetune_rag's --warmup_ratio)"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (fp16 needs a GPU)"})
     seed: int = field(default=42, metadata={"help": "random seed (data order, dropout, init)"})
@@ -152,9 +156,17 @@ class TrainConfig:
             raise UsageError(f"--lora-r {self.lora_r}: expected a rank > 0, 0 (full fine-tuning) or -1 (default)")
         if self.lr is not None and self.lr <= 0:
             raise UsageError(f"--lr {self.lr}: must be positive")
-        for name in ("label_smoothing", "attn_dropout", "ff_dropout", "lora_dropout", "distill_alpha"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be between 0 and 1")
+        for name in ("label_smoothing", "attn_dropout", "ff_dropout", "lora_dropout", "distill_alpha", "dropout",
+                     "attention_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise UsageError(f"--{name.replace('_', '-')} {value}: must be between 0 and 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UsageError(f"--warmup-ratio {self.warmup_ratio}: must be in [0, 1)")
+        if self.warmup_ratio > 0 and self.warmup_steps > 0:
+            raise UsageError("--warmup-ratio and --warmup-steps both set the warmup: give one")
+        if not self.adam_epsilon > 0:
+            raise UsageError(f"--adam-epsilon {self.adam_epsilon}: must be positive")
 
     @property
     def learning_rate(self) -> float:
@@ -187,11 +199,12 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # (the trainer's own: data, output, steps, optimiser, precision, checkpoints, tracker, device, sharding).
 # A flag or config key from another architecture's section is refused (exit 2), never silently dropped.
 _LORA = ("quantize", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
-_SELFRAG = ("generator", "distill_from", "distill_alpha", "distill_temperature", "max_seq_length", *_LORA)
+_DROPOUT = ("dropout", "attention_dropout")
+_SELFRAG = ("generator", "distill_from", "distill_alpha", "distill_temperature", "max_seq_length", *_DROPOUT, *_LORA)
 ARCH_FIELDS: dict[str, tuple[str, ...]] = {
     "rag": ("index", "generator", "query_encoder", "n_docs", "loss", "label_smoothing", "end2end", "refresh_steps",
             "refresh_shards", "freeze_query_encoder", "max_source_tokens", "max_target_tokens", "max_passage_words",
-            "distributed_retriever", "num_retrieval_workers", "shard_index", "ray_address", *_LORA),
+            "distributed_retriever", "num_retrieval_workers", "shard_index", "ray_address", *_DROPOUT, *_LORA),
     "selfrag": _SELFRAG,
     "selfrag-critic": _SELFRAG,
     "embedder": ("embedder", "index", "hard_negatives", "mini_batch_size", "loss"),

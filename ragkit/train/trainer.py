@@ -229,7 +229,8 @@ def training_arguments(config: TrainConfig, use_cpu: bool) -> TrainingArguments:
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
         lr_scheduler_type=scheduler[config.scheduler],
-        warmup_steps=config.warmup_steps,
+        warmup_steps=config.warmup_ratio or config.warmup_steps,  # transformers 5: a float in [0, 1) is a ratio
+        adam_epsilon=config.adam_epsilon,
         max_grad_norm=config.max_grad_norm,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,

@@ -40,6 +40,8 @@ class RagModelConfig:
     max_passage_words: int = 100
     train_query_encoder: bool = True
     end2end: bool = False  # also train a document encoder; doc scores use its embeddings of the hits
+    dropout: float | None = None  # the generator's own dropout fields, set before its layers are built
+    attention_dropout: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -206,7 +208,7 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: LoraSettings
         doc_encoder = SentenceTransformer(ref.location, device=device)  # starts as the index's embedder
     quantize = lora.quantize if lora is not None else "none"
     generator = Generator(config.generator, device=device, dtype="float32" if quantize == "none" else "auto",
-                          quantize=quantize)
+                          quantize=quantize, dropout=config.dropout, attention_dropout=config.attention_dropout)
     model = generator.model
     if lora is not None:
         from ragkit.models.lm import add_lora

@@ -28,7 +28,8 @@ def rag_model_config(config: TrainConfig) -> RagModelConfig:
         end2end=config.end2end,
         loss=config.loss or "sequence", label_smoothing=config.label_smoothing, max_source_tokens=config.max_source_tokens,
         max_target_tokens=config.max_target_tokens, max_passage_words=config.max_passage_words,
-        train_query_encoder=not config.freeze_query_encoder,
+        train_query_encoder=not config.freeze_query_encoder, dropout=config.dropout,
+        attention_dropout=config.attention_dropout,
     )
 
 

@@ -12,7 +12,7 @@ from ragkit.archs.options import RetrievalOptions
 from ragkit.archs.selfrag.scoring import ScoringConfig
 from ragkit.io.queries import Question
 
-CLOSED_TASKS = ("arc_c", "pubhealth", "scifact")  # sum scores per distinct answer
+CLOSED_TASKS = ("arc_c", "pubhealth", "fever", "scifact")  # sum scores per distinct answer
 LONG_FORM_TASKS = ("asqa",)
 
 

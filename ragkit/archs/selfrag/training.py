@@ -72,7 +72,8 @@ class SelfRagArch:
         from ragkit.archs.selfrag.tokens import add_reflection_tokens
 
         generator = Generator(config.generator, device=device, dtype="float32" if config.quantize == "none" else "auto",
-                              quantize=config.quantize)
+                              quantize=config.quantize, dropout=config.dropout,
+                              attention_dropout=config.attention_dropout)
         if generator.is_seq2seq:
             raise ResourceError(f"{config.generator}: Self-RAG trains a causal (decoder-only) model")
         model, tokenizer = generator.model, generator.tokenizer
