@@ -67,6 +67,16 @@ def annotation(param: Any) -> Any:
     return kind
 
 
+def no_model_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model names resolve to nothing here. The modules that bind `resolve` at import are imported first:
+    imported while the stand-in is in place, they would keep it after the test (and break every later test
+    that loads a model, as test_retro_pipeline did after this file)."""
+    import ragkit.models.encoder  # noqa: F401
+    import ragkit.models.generator  # noqa: F401
+
+    monkeypatch.setattr("ragkit.models.registry.resolve", lambda m: None)
+
+
 def rag_checkpoint(tmp: Path) -> str:
     folder = tmp / "rag-ckpt"
     folder.mkdir(exist_ok=True)
@@ -118,7 +128,7 @@ def test_generate_hands_every_option_of_the_schema_to_the_architecture(arch: str
     monkeypatch.setattr(registry.Architecture, "load", lambda self, m, options: seen.append(options) or Answerer())
     if arch == "retro":  # RETRO reads prompts, not questions
         monkeypatch.setattr(registry.Architecture, "read_input", lambda self, *a, **k: [])
-    monkeypatch.setattr("ragkit.models.registry.resolve", lambda m: None)
+    no_model_lookup(monkeypatch)
     own = schema(arch, model)
     every = params("generate")
     assert own <= set(every), f"schema fields without a flag: {own - set(every)}"
@@ -263,7 +273,7 @@ def test_the_self_rag_scripts_spellings_are_accepted(tmp_path: Path, monkeypatch
             return []
 
     monkeypatch.setattr(registry.Architecture, "load", lambda self, m, options: seen.append(options) or Answerer())
-    monkeypatch.setattr("ragkit.models.registry.resolve", lambda m: None)
+    no_model_lookup(monkeypatch)
     result = runner.invoke(app, ["generate", "-", "--arch", "selfrag", "-m", "m", "--ndocs", "7", "--backend", "vllm",
                                  "--world_size", "2"], input="q\n")
     assert result.exit_code == 0, result.stderr

@@ -151,3 +151,74 @@ def test_chunked_cross_attention_learns_to_copy_from_neighbours() -> None:
         optimizer.step()
     # only the first chunk's first m - 1 predictions are unreadable: the floor is about 3/15 of ln(32) = 0.69
     assert loss.item() < 1.5 < torch.log(torch.tensor(float(v))).item()
+
+
+def test_retro_pytorch_call_contract() -> None:
+    """Code ported from RETRO-pytorch keeps working: `retro(seq, retrieved, return_loss=True)` on a sequence one
+    token longer than its chunks returns the loss tensor (targets = seq[:, 1:], pad ignored), return_loss=False
+    the logits, a 3-d `retrieved` is one neighbour per chunk, a `mask` narrows the neighbour tokens read."""
+    import torch.nn.functional as F
+
+    model = tiny(pad_token_id=0)
+    ids, retrieved = batch()
+    seq = torch.cat([ids, torch.tensor([[7], [0]])], dim=1)  # n + 1 tokens; the second row ends on a pad
+    loss = model(seq, retrieved, return_loss=True)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    logits = model(seq[:, :-1], retrieved, return_loss=False)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, C * M, 50)
+    by_hand = F.cross_entropy(logits.reshape(-1, 50), seq[:, 1:].reshape(-1), ignore_index=0)
+    torch.testing.assert_close(loss, by_hand)
+    one = retrieved[:, :, 0]
+    torch.testing.assert_close(model(ids, one, return_loss=False), model(ids, one[:, :, None], return_loss=False))
+    hidden = torch.ones_like(retrieved, dtype=torch.bool)
+    hidden[:, 1, :, R // 2:] = False  # the second half of chunk 1's neighbours is not read
+    plain, masked = model(ids, retrieved, return_loss=False), model(ids, retrieved, mask=hidden, return_loss=False)
+    first_reader = 2 * M - 1  # the first position that reads chunk 1's neighbours
+    torch.testing.assert_close(masked[:, :first_reader], plain[:, :first_reader])
+    assert not torch.allclose(masked[:, first_reader:3 * M - 1], plain[:, first_reader:3 * M - 1])
+    with pytest.raises(TypeError, match="neighbours"):
+        model(ids, retrieved, neighbours=retrieved)  # a misspelt argument is an error, not ignored
+    with pytest.raises(ValueError, match="not both"):
+        model(seq, retrieved, labels=seq, return_loss=True)
+
+
+def test_separate_encoder_width_trains_decodes_and_reloads(tmp_path: Path) -> None:
+    """enc_dim != dim (RETRO-pytorch's enc_dim / dec_dim): the encoder runs at its own width; training lowers
+    the loss, cached decoding equals the full forward, save/load round-trips."""
+    model = tiny(enc_dim=24).train()
+    assert model.encoder.norm.weight.shape == (24,) and model.to_encoder_dim.weight.shape == (24, 32)
+    ids, retrieved = batch()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(8):
+        loss = model(ids, retrieved=retrieved, labels=ids).loss
+        first = first if first is not None else loss.item()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert loss.item() < first
+    model.eval()
+    full = model(ids, retrieved=retrieved).logits
+    state = model.new_state()  # one chunk per call, its neighbours handed over with the call that completes it
+    steps = [model.forward_cached(ids[:, c * M:(c + 1) * M], state, retrieved={c: retrieved[:, c]}) for c in range(C)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+    model.save_pretrained(tmp_path / "m")
+    again = RetroModel.from_pretrained(tmp_path / "m").eval()
+    assert again.config.enc_dim == 24
+    torch.testing.assert_close(again(ids, retrieved=retrieved).logits, full)
+
+
+def test_cross_attention_layers_out_of_range_are_refused_and_retro_pytorch_args_map() -> None:
+    with pytest.raises(ValueError, match="below dec_depth 3"):
+        RetroConfig(dec_depth=3, cross_attn_layers=[1, 3])
+    config = RetroConfig.from_retro_pytorch(num_tokens=100, max_seq_len=2048, enc_dim=64, enc_depth=2, dec_dim=48,
+                                            dec_depth=6, dec_cross_attn_layers=(3, 6), heads=2, dim_head=16,
+                                            chunk_size=8, dec_attn_dropout=0.25, dec_ff_dropout=0.25,
+                                            use_deepnet=True, pad_id=0)
+    assert (config.vocab_size, config.dim, config.enc_dim, config.cross_attn_layers) == (100, 48, 64, [2, 5])
+    assert (config.attn_dropout, config.ff_dropout, config.deepnet, config.pad_token_id) == (0.25, 0.25, True, 0)
+    assert RetroConfig.from_retro_pytorch(dec_depth=12).cross_attn_layers == [2, 5, 8, 11]  # RETRO-pytorch's (3, 6, 9, 12)
+    with pytest.raises(ValueError, match="enc_cross_attn_layers"):
+        RetroConfig.from_retro_pytorch(enc_cross_attn_layers=(1,))
+    with pytest.raises(ValueError, match="below dec_depth 6"):
+        RetroConfig.from_retro_pytorch(dec_depth=6, dec_cross_attn_layers=(3, 7))

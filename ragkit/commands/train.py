@@ -57,6 +57,7 @@ def train(
     num_neighbors: Annotated[int | None, typer.Option("--num-neighbors", min=1, help=_help("num_neighbors"))] = None,
     extra_neighbors: Annotated[int | None, typer.Option("--extra-neighbors", min=0, help=_help("extra_neighbors"))] = None,
     retro_dim: Annotated[int | None, typer.Option("--retro-dim", min=8, help=_help("retro_dim"))] = None,
+    retro_enc_dim: Annotated[int | None, typer.Option("--retro-enc-dim", min=0, help=_help("retro_enc_dim"))] = None,
     retro_dec_depth: Annotated[int | None, typer.Option("--retro-dec-depth", min=1, help=_help("retro_dec_depth"))] = None,
     retro_enc_depth: Annotated[int | None, typer.Option("--retro-enc-depth", min=1, help=_help("retro_enc_depth"))] = None,
     retro_heads: Annotated[int | None, typer.Option("--retro-heads", min=1, help=_help("retro_heads"))] = None,

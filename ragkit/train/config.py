@@ -54,6 +54,7 @@ class TrainConfig:
     num_neighbors: int = field(default=2, metadata={"help": "retro: neighbours per chunk (K)"})
     extra_neighbors: int = field(default=10, metadata={"help": "retro: extra hits fetched so that same-document neighbours can be dropped"})
     retro_dim: int = field(default=512, metadata={"help": "retro: model width"})
+    retro_enc_dim: int = field(default=0, metadata={"help": "retro: neighbour-encoder width (RETRO-pytorch's enc_dim; 0: --retro-dim)"})
     retro_dec_depth: int = field(default=6, metadata={"help": "retro: decoder layers"})
     retro_enc_depth: int = field(default=2, metadata={"help": "retro: neighbour-encoder layers"})
     retro_heads: int = field(default=8, metadata={"help": "retro: attention heads"})
@@ -140,7 +141,7 @@ class TrainConfig:
                     "retro_dec_depth", "retro_enc_depth", "retro_heads", "retro_dim_head", "batch_size", "grad_accum",
                     "save_steps", "save_total_limit", "logging_steps", "num_retrieval_workers", "mini_batch_size",
                     "epochs", "lora_alpha")
-        non_negative = ("hard_negatives", "extra_neighbors", "weight_decay", "warmup_steps", "max_grad_norm",
+        non_negative = ("hard_negatives", "extra_neighbors", "retro_enc_dim", "weight_decay", "warmup_steps", "max_grad_norm",
                         "gpu_hour_price", "distill_temperature")  # rates in [0, 1] are checked below
         for name in positive:
             value = getattr(self, name)
@@ -209,7 +210,7 @@ ARCH_FIELDS: dict[str, tuple[str, ...]] = {
     "selfrag-critic": _SELFRAG,
     "embedder": ("embedder", "index", "hard_negatives", "mini_batch_size", "loss"),
     "retro": ("workdir", "glob", "reprocess", "tokenizer", "index_spec", "chunk_size", "seq_len", "num_neighbors",
-              "extra_neighbors", "embedder", "retro_dim", "retro_dec_depth", "retro_enc_depth", "retro_heads",
+              "extra_neighbors", "embedder", "retro_dim", "retro_enc_dim", "retro_dec_depth", "retro_enc_depth", "retro_heads",
               "retro_dim_head", "retro_cross_attn_layers", "retro_deepnet", "attn_dropout", "ff_dropout"),
 }
 ARCH_SPECIFIC = frozenset(name for names in ARCH_FIELDS.values() for name in names)

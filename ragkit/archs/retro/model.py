@@ -31,14 +31,41 @@ class RetroConfig(PretrainedConfig):
                  heads: int = 8, dim_head: int = 64, chunk_size: int = 64, num_neighbors: int = 2,
                  neighbor_len: int | None = None, cross_attn_layers: list[int] | None = None, ff_mult: int = 4,
                  attn_dropout: float = 0.0, ff_dropout: float = 0.0, deepnet: bool = False,
-                 pad_token_id: int = 0, **kwargs: Any) -> None:
+                 pad_token_id: int = 0, enc_dim: int | None = None, **kwargs: Any) -> None:
         self.vocab_size, self.dim, self.dec_depth, self.enc_depth = vocab_size, dim, dec_depth, enc_depth
+        self.enc_dim = enc_dim or dim  # the neighbour encoder's width (RETRO-pytorch's enc_dim; dim is dec_dim)
         self.heads, self.dim_head, self.chunk_size, self.num_neighbors = heads, dim_head, chunk_size, num_neighbors
         self.neighbor_len = neighbor_len or 2 * chunk_size
         # RETRO-pytorch's default: every third layer from the third on (layers are 1-indexed there)
         self.cross_attn_layers = list(cross_attn_layers) if cross_attn_layers is not None else list(range(2, dec_depth, 3))
+        wrong = [i for i in self.cross_attn_layers if not 0 <= i < dec_depth]
+        if wrong:  # a layer that does not exist would silently give a model with fewer CCA layers than asked
+            raise ValueError(f"cross_attn_layers {wrong}: decoder layers are 0-indexed and below dec_depth {dec_depth}")
         self.ff_mult, self.attn_dropout, self.ff_dropout, self.deepnet = ff_mult, attn_dropout, ff_dropout, deepnet
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+    @classmethod
+    def from_retro_pytorch(cls, **kwargs: Any) -> "RetroConfig":
+        """A config from RETRO-pytorch's `RETRO(...)` arguments, so ported code keeps its numbers:
+        `dec_cross_attn_layers` are 1-indexed there (converted), `max_seq_len` is not needed (rotary
+        positions), and arguments with no equivalent here are refused, never dropped."""
+        names = {"num_tokens": "vocab_size", "dec_dim": "dim", "enc_dim": "enc_dim", "dec_depth": "dec_depth",
+                 "enc_depth": "enc_depth", "heads": "heads", "dim_head": "dim_head", "chunk_size": "chunk_size",
+                 "dec_attn_dropout": "attn_dropout", "dec_ff_dropout": "ff_dropout", "use_deepnet": "deepnet",
+                 "pad_id": "pad_token_id"}
+        ignored = {"max_seq_len"}
+        unknown = sorted(set(kwargs) - set(names) - ignored - {"dec_cross_attn_layers"})
+        if unknown:
+            raise ValueError(f"RETRO-pytorch arguments with no equivalent in ragkit's RETRO: {', '.join(unknown)}")
+        out = {names[k]: v for k, v in kwargs.items() if k in names}
+        out.setdefault("dim", 896)  # RETRO-pytorch's defaults where ragkit's differ
+        out.setdefault("enc_dim", 896)
+        out.setdefault("dec_depth", 12)
+        if "dec_cross_attn_layers" in kwargs:
+            out["cross_attn_layers"] = [int(i) - 1 for i in kwargs["dec_cross_attn_layers"]]
+        else:
+            out["cross_attn_layers"] = [i - 1 for i in range(1, out["dec_depth"] + 1) if i % 3 == 0]
+        return cls(**out)
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -54,13 +81,15 @@ def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     """Multi-head attention over SDPA: self-attention (optionally causal) or cross-attention to a context."""
 
-    def __init__(self, config: RetroConfig, *, causal: bool = False) -> None:
+    def __init__(self, config: RetroConfig, *, causal: bool = False, dim: int | None = None,
+                 context_dim: int | None = None) -> None:
         super().__init__()
         inner = config.heads * config.dim_head
+        dim = dim or config.dim
         self.heads, self.causal, self.dropout = config.heads, causal, config.attn_dropout
-        self.to_q = nn.Linear(config.dim, inner, bias=False)
-        self.to_kv = nn.Linear(config.dim, 2 * inner, bias=False)
-        self.to_out = nn.Linear(inner, config.dim, bias=False)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *, rotate: bool = True,
                 context_mask: torch.Tensor | None = None, cache: "KVCache | None" = None) -> torch.Tensor:
@@ -106,17 +135,18 @@ class KVCache:
 
 
 class FeedForward(nn.Sequential):
-    def __init__(self, config: RetroConfig) -> None:
-        super().__init__(nn.Linear(config.dim, config.dim * config.ff_mult), nn.GELU(), nn.Dropout(config.ff_dropout),
-                         nn.Linear(config.dim * config.ff_mult, config.dim))
+    def __init__(self, config: RetroConfig, dim: int | None = None) -> None:
+        dim = dim or config.dim
+        super().__init__(nn.Linear(dim, dim * config.ff_mult), nn.GELU(), nn.Dropout(config.ff_dropout),
+                         nn.Linear(dim * config.ff_mult, dim))
 
 
 class Residual(nn.Module):
     """Pre-norm residual; with DeepNet, x * alpha + f(norm(x)) (Wang et al., 2022)."""
 
-    def __init__(self, config: RetroConfig, fn: nn.Module, alpha: float) -> None:
+    def __init__(self, config: RetroConfig, fn: nn.Module, alpha: float, dim: int | None = None) -> None:
         super().__init__()
-        self.norm, self.fn, self.alpha = nn.RMSNorm(config.dim), fn, alpha
+        self.norm, self.fn, self.alpha = nn.RMSNorm(dim or config.dim), fn, alpha
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return x * self.alpha + self.fn(self.norm(x), *args, **kwargs)
@@ -141,16 +171,16 @@ class ChunkedCrossAttention(nn.Module):
     def __init__(self, config: RetroConfig) -> None:
         super().__init__()
         self.chunk = config.chunk_size
-        self.attn = Attention(config)
+        self.attn = Attention(config, context_dim=config.enc_dim)  # decoder queries, encoded neighbours
 
     def forward(self, x: torch.Tensor, neighbours: torch.Tensor, neighbour_mask: torch.Tensor) -> torch.Tensor:
-        """x (B, N, D); neighbours (B, C, K*R, D) encoded; neighbour_mask (B, C, K*R)."""
+        """x (B, N, D); neighbours (B, C, K*R, E) encoded (E: enc_dim); neighbour_mask (B, C, K*R)."""
         b, n, d = x.shape
         m, c = self.chunk, neighbours.shape[1]
         shift = m - 1
         shifted = F.pad(x[:, shift:], (0, 0, 0, shift))  # position t lands in group floor((t + 1) / m) - 1
         groups = shifted.reshape(b * c, m, d)
-        out = self.attn(groups, neighbours.reshape(b * c, -1, d), rotate=False,
+        out = self.attn(groups, neighbours.reshape(b * c, -1, neighbours.shape[-1]), rotate=False,
                         context_mask=neighbour_mask.reshape(b * c, -1))
         out = out.reshape(b, n, d)
         return F.pad(out, (0, 0, shift, 0))[:, :n]  # positions t < m - 1 attend to nothing
@@ -178,13 +208,16 @@ class RetroEncoder(nn.Module):
     def __init__(self, config: RetroConfig) -> None:
         super().__init__()
         alpha = (2 * config.enc_depth) ** 0.25 if config.deepnet else 1.0
+        e = config.enc_dim
         self.layers = nn.ModuleList(nn.ModuleList([
-            Residual(config, Attention(config), alpha), Residual(config, Attention(config), alpha),
-            Residual(config, FeedForward(config), alpha)]) for _ in range(config.enc_depth))
-        self.norm = nn.RMSNorm(config.dim)
+            Residual(config, Attention(config, dim=e), alpha, dim=e),
+            Residual(config, Attention(config, dim=e, context_dim=config.dim), alpha, dim=e),
+            Residual(config, FeedForward(config, dim=e), alpha, dim=e)]) for _ in range(config.enc_depth))
+        self.norm = nn.RMSNorm(e)
 
     def forward(self, neighbours: torch.Tensor, chunk_states: torch.Tensor) -> torch.Tensor:
-        """neighbours (B*C*K, R, D); chunk_states (B*C*K, m, D)."""
+        """neighbours (B*C*K, R, E); chunk_states (B*C*K, m, D): the encoder runs at enc_dim E and reads the
+        decoder's states at its width D."""
         x = neighbours
         for self_attn, cross_attn, ff in self.layers:
             x = self_attn(x)
@@ -210,6 +243,10 @@ class RetroModel(PreTrainedModel):
                 block["cca"] = Residual(config, ChunkedCrossAttention(config), alpha)
             self.layers.append(block)
         self.encoder = RetroEncoder(config) if config.cross_attn_layers else None  # none: a decoder-only baseline
+        # one token table at the decoder's width; neighbours are projected to the encoder's (RETRO-pytorch
+        # keeps its table at enc_dim and projects the other way: same model family, a few weights apart)
+        self.to_encoder_dim = (nn.Linear(config.dim, config.enc_dim, bias=False)
+                               if config.enc_dim != config.dim and config.cross_attn_layers else None)
         self.norm = nn.RMSNorm(config.dim)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.post_init()
@@ -225,28 +262,53 @@ class RetroModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, retrieved: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
-        cfg = self.config
-        b, n = input_ids.shape
-        if n % cfg.chunk_size:
-            raise ValueError(f"sequence length {n} is not a multiple of chunk_size {cfg.chunk_size}")
-        x = self.embed(input_ids)
-        encoded = mask = None
-        for block in self.layers:
-            x = block["self_attn"](x)
-            if "cca" in block and retrieved is not None:
-                if encoded is None:  # neighbours encoded once, conditioned on the first CCA layer's input
-                    encoded, mask = self._encode(retrieved, x)
-                x = block["cca"](x, encoded, mask)
-            x = block["ff"](x)
-        logits = self.lm_head(self.norm(x))
+                labels: torch.Tensor | None = None, *, return_loss: bool | None = None,
+                mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Hugging Face style: `labels` (= input_ids, shifted here) give `CausalLMOutput.loss`.
+        RETRO-pytorch style: `return_loss=True` takes a sequence one token longer than its chunks cover,
+        splits it into inputs and targets and returns the loss tensor (padding, pad_token_id, ignored);
+        `return_loss=False` returns the logits tensor. `retrieved` (B, C, K, R), or (B, C, R) for one
+        neighbour; `mask` (same shape, True = a real token) narrows which neighbour tokens are read."""
+        unknown = set(kwargs) - {"num_items_in_batch", "return_dict"}  # what transformers.Trainer may pass
+        if unknown:
+            raise TypeError(f"RetroModel.forward() got unexpected arguments: {', '.join(sorted(unknown))}")
+        if retrieved is not None and retrieved.ndim == 3:
+            retrieved = retrieved.unsqueeze(2)
+            mask = mask.unsqueeze(2) if mask is not None and mask.ndim == 3 else mask
+        if return_loss:
+            if labels is not None:
+                raise ValueError("give labels or return_loss=True (which takes the targets from the sequence), not both")
+            input_ids, targets = input_ids[:, :-1], input_ids[:, 1:]
+            logits = self._logits(input_ids, retrieved, mask)
+            ignore = self.config.pad_token_id if self.config.pad_token_id is not None else -100
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore)
+        logits = self._logits(input_ids, retrieved, mask)
+        if return_loss is False:
+            return logits
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
-    def _encode(self, retrieved: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logits(self, input_ids: torch.Tensor, retrieved: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.config
+        b, n = input_ids.shape
+        if n % cfg.chunk_size:
+            raise ValueError(f"sequence length {n} is not a multiple of chunk_size {cfg.chunk_size}")
+        x = self.embed(input_ids)
+        encoded = token_mask = None
+        for block in self.layers:
+            x = block["self_attn"](x)
+            if "cca" in block and retrieved is not None:
+                if encoded is None:  # neighbours encoded once, conditioned on the first CCA layer's input
+                    encoded, token_mask = self._encode(retrieved, x, mask)
+                x = block["cca"](x, encoded, token_mask)
+            x = block["ff"](x)
+        return self.lm_head(self.norm(x))
+
+    def _encode(self, retrieved: torch.Tensor, x: torch.Tensor,
+                given_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         b, n, d = x.shape
         c = n // cfg.chunk_size
@@ -254,11 +316,19 @@ class RetroModel(PreTrainedModel):
             raise ValueError(f"retrieved has shape {tuple(retrieved.shape)}; expected ({b}, {c}, K, R)")
         k, r = retrieved.shape[2], retrieved.shape[3]
         chunk_states = x.reshape(b, c, cfg.chunk_size, d).repeat_interleave(k, dim=1).reshape(b * c * k, cfg.chunk_size, d)
-        neighbours = self.encoder(self.embed(retrieved.clamp(min=0).reshape(b * c * k, r)), chunk_states)
-        mask = neighbour_token_mask(retrieved, cfg.pad_token_id).reshape(b, c, k * r)
+        embedded = self.embed(retrieved.clamp(min=0).reshape(b * c * k, r))
+        if self.to_encoder_dim is not None:
+            embedded = self.to_encoder_dim(embedded)
+        neighbours = self.encoder(embedded, chunk_states)
+        mask = neighbour_token_mask(retrieved, cfg.pad_token_id)
+        if given_mask is not None:
+            if given_mask.shape != retrieved.shape:
+                raise ValueError(f"mask has shape {tuple(given_mask.shape)}; retrieved has {tuple(retrieved.shape)}")
+            mask = mask & given_mask.bool()
+        mask = mask.reshape(b, c, k * r)
         # a chunk with no neighbour at all would make softmax over an empty set: let it see one padded slot
         mask[..., 0] |= ~mask.any(-1)
-        return neighbours.reshape(b, c, k * r, d), mask
+        return neighbours.reshape(b, c, k * r, -1), mask
 
     # -- incremental decoding ---------------------------------------------------------------------
     def new_state(self) -> DecodingState:

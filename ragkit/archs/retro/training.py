@@ -63,7 +63,7 @@ def data_config(config: TrainConfig) -> RetroDataConfig:
 
 def model_config(config: TrainConfig, vocab_size: int) -> RetroConfig:
     return RetroConfig(
-        vocab_size=vocab_size, dim=config.retro_dim, dec_depth=config.retro_dec_depth,
+        vocab_size=vocab_size, dim=config.retro_dim, enc_dim=config.retro_enc_dim or None, dec_depth=config.retro_dec_depth,
         enc_depth=config.retro_enc_depth, heads=config.retro_heads, dim_head=config.retro_dim_head,
         chunk_size=config.chunk_size, num_neighbors=config.num_neighbors, neighbor_len=2 * config.chunk_size,
         cross_attn_layers=parse_cross_attn_layers(config.retro_cross_attn_layers, config.retro_dec_depth),
