@@ -15,6 +15,7 @@ from ragkit.errors import InputError, Location, ResourceError, UsageError
 
 SCHEDULERS = ("linear", "cosine", "polynomial", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+TRACKERS = ("none", "tensorboard", "mlflow", "wandb")  # transformers.Trainer's report_to integrations
 
 
 @dataclass
@@ -84,7 +85,7 @@ class TrainConfig:
     save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
-    report_to: str = field(default="none", metadata={"help": "tracker: none, tensorboard or mlflow (logs under OUTPUT/runs, or OUTPUT/mlflow.db / OUTPUT/mlruns unless MLFLOW_TRACKING_URI is set)"})
+    report_to: str = field(default="none", metadata={"help": "tracker: none, tensorboard, mlflow or wandb (logs under OUTPUT/runs, OUTPUT/mlflow.db / OUTPUT/mlruns unless MLFLOW_TRACKING_URI is set, or OUTPUT/wandb unless WANDB_DIR is; W&B runs offline without WANDB_API_KEY)"})
     gpu_hour_price: float = field(default=0.0, metadata={"help": "price of one GPU-hour, for the cost report's estimate (0: not priced)"})
     distributed_retriever: str = field(default="none", metadata={"help": "none (in-process) or ray (actors serve the index)"})
     num_retrieval_workers: int = field(default=1, metadata={"help": "Ray actors holding a replica of the index"})
@@ -103,8 +104,8 @@ class TrainConfig:
             raise UsageError(f"--scheduler {self.scheduler}: expected one of {', '.join(SCHEDULERS)}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
-        if self.report_to not in ("none", "tensorboard", "mlflow"):
-            raise UsageError(f"--tracker {self.report_to}: expected none, tensorboard or mlflow")
+        if self.report_to not in TRACKERS:
+            raise UsageError(f"--tracker {self.report_to}: expected one of {', '.join(TRACKERS)}")
         if self.distributed_retriever not in ("none", "ray"):
             raise UsageError(f"--distributed-retriever {self.distributed_retriever}: expected none or ray")
         if self.quantize not in ("none", "4bit", "8bit"):

@@ -315,6 +315,8 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     result = trainer.train(resume_from_checkpoint=start)
     wall = time.perf_counter() - began
     trainer.save_model(str(output / "final"))
+    if config.report_to == "wandb":
+        _finish_wandb()
     steps = result.global_step
     world = trainer.args.world_size  # torchrun / accelerate processes, each with its own batch
     examples = steps * config.batch_size * config.grad_accum * world
@@ -376,6 +378,9 @@ def _tracker_location(tracker: str, output: Path) -> None:
     import importlib.util
     import os
 
+    if tracker == "wandb":
+        _wandb_location(output)
+        return
     if tracker != "mlflow" or os.environ.get("MLFLOW_TRACKING_URI"):
         return
     if importlib.util.find_spec("sqlalchemy") is not None:
@@ -383,6 +388,32 @@ def _tracker_location(tracker: str, output: Path) -> None:
     else:
         os.environ["MLFLOW_TRACKING_URI"] = (output / "mlruns").resolve().as_uri()
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def _wandb_location(output: Path) -> None:
+    """W&B writes its run folder under OUTPUT/wandb (not the working directory) unless WANDB_DIR says where,
+    into project "ragkit" unless WANDB_PROJECT names one, and offline when no API key is set: a training
+    run never stops at a login prompt. `wandb sync OUTPUT/wandb/offline-run-*` uploads it later."""
+    import os
+
+    from ragkit.console import info
+
+    os.environ.setdefault("WANDB_DIR", str(output.resolve()))
+    os.environ.setdefault("WANDB_PROJECT", "ragkit")
+    (Path(os.environ["WANDB_DIR"]) / "wandb").mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
+        os.environ["WANDB_MODE"] = "offline"
+        info("--tracker wandb: no WANDB_API_KEY, logging offline under "
+             f"{Path(os.environ['WANDB_DIR']) / 'wandb'} (upload later with `wandb sync`)")
+
+
+def _finish_wandb() -> None:
+    """transformers' W&B callback leaves its run open until the process exits; ragkit.fit called from Python
+    (or a test) would never write the run's summary. Finish it here."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
 
 
 def _check_tracker(tracker: str) -> None:
