@@ -127,3 +127,42 @@ def test_beir_train_qrels_become_pairs(tmp_path: Path) -> None:
     pairs = read_training_pairs(folder)
     assert [(p.query, p.positive, p.positive_ids) for p in pairs] == [("first", "T one", {"d1", "d2"}),
                                                                      ("first", "two", {"d1", "d2"})]
+
+
+def test_cosine_loss_trains_on_scored_pairs(tmp_path: Path, tiny_encoder_path: Path) -> None:
+    """Seed 002's format: pairs with a similarity label and --loss cosine (CosineSimilarityLoss). Training pulls
+    the cosine of each pair towards its score; a score under a ranking loss, or out of range, is refused."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    rng = __import__("random").Random(0)
+    words = "river king war city music film science player club book queen poet".split()
+    rows = []
+    for i in range(16):
+        a = " ".join(rng.choices(words, k=6))
+        rows.append({"sentence1": a, "sentence2": a + " " + words[i % 12], "score": 0.9})
+        rows.append({"sentence1": a, "sentence2": " ".join(rng.choices(words, k=6)), "score": 0.1})
+    data = write_jsonl(tmp_path / "sts.jsonl", rows)
+
+    def error_and_gap(model_dir: Path) -> tuple[float, float]:
+        """(mean squared error of each pair's cosine against its score, mean cosine of 0.9 pairs - of 0.1 pairs)"""
+        model = SentenceTransformer(str(model_dir), device="cpu")
+        a = model.encode([r["sentence1"] for r in rows], convert_to_tensor=True)
+        b = model.encode([r["sentence2"] for r in rows], convert_to_tensor=True)
+        cos = torch.nn.functional.cosine_similarity(a, b)
+        scores = torch.tensor([r["score"] for r in rows])
+        return float(((cos - scores) ** 2).mean()), float(cos[scores > 0.5].mean() - cos[scores < 0.5].mean())
+
+    result = run("train", "--arch", "embedder", "--embedder", tiny_encoder_path, "--data", data, "-o", tmp_path / "r",
+                 "--loss", "cosine", "--max-steps", 40, "--batch-size", 8, "--lr", "5e-3", "--logging-steps", 4,
+                 "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    (before, gap_before), (after, gap_after) = error_and_gap(tiny_encoder_path), error_and_gap(tmp_path / "r" / "final" / "embedder")
+    assert after < 0.7 * before and gap_after > gap_before + 0.1, (before, after, gap_before, gap_after)
+    mixed = run("train", "--arch", "embedder", "--embedder", tiny_encoder_path, "--data", data, "-o", tmp_path / "m",
+                "--max-steps", 1, "--device", "cpu")  # the default ranking loss would drop the scores
+    assert mixed.exit_code == 3 and "sts.jsonl:1: field 'score'" in mixed.stderr and "--loss cosine" in mixed.stderr
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"sentence1": "a", "sentence2": "b", "score": 3}])
+    refused = run("train", "--arch", "embedder", "--embedder", tiny_encoder_path, "--data", bad, "-o", tmp_path / "b",
+                  "--loss", "cosine", "--max-steps", 1, "--device", "cpu")
+    assert refused.exit_code == 3 and "bad.jsonl:1: field 'score'" in refused.stderr

@@ -30,7 +30,7 @@ class TrainConfig:
     hard_negatives: int = field(default=0, metadata={"help": "embedder: hard negatives per pair, mined from --index (positives excluded)"})
     mini_batch_size: int = field(default=16, metadata={"help": "embedder --loss cached-mnrl: texts per forward pass"})
     n_docs: int = field(default=5, metadata={"help": "passages marginalised over"})
-    loss: str | None = field(default=None, metadata={"help": "rag: sequence (RAG-Sequence, the default) or token (RAG-Token); embedder: mnrl (the default) or cached-mnrl"})
+    loss: str | None = field(default=None, metadata={"help": "rag: sequence (RAG-Sequence, the default) or token (RAG-Token); embedder: mnrl (the default), cached-mnrl, or cosine (scored pairs {sentence1, sentence2, score})"})
     label_smoothing: float = field(default=0.0, metadata={"help": "epsilon of the smoothed loss"})
     end2end: bool = field(default=False, metadata={"help": "rag: also train the document encoder; the run's own copy of the index (OUTPUT/index) is refreshed as it trains"})
     refresh_steps: int = field(default=100, metadata={"help": "rag --end2end: refresh index vectors every N steps"})

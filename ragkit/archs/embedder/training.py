@@ -4,7 +4,9 @@ The model is a sentence-transformers model and the loss is sentence-transformers
 MultipleNegativesRankingLoss (in-batch negatives + optional hard negatives), or its cached variant
 (GradCache: large effective batches in small memory, `--loss cached-mnrl --mini-batch-size N`). Data:
 JSONL {query, positive, negative?/negatives?} or a BEIR folder (queries.jsonl, corpus.jsonl,
-qrels/train.tsv). Hard negatives are mined from a ragkit index before training (`--index DIR
+qrels/train.tsv). `--loss cosine` (CosineSimilarityLoss) trains on scored pairs instead, the format of
+sentence-transformers' STS data and seed 002: JSONL {sentence1, sentence2, score} (score in [-1, 1]; the
+spellings query/positive and label are read too). Hard negatives are mined from a ragkit index before training (`--index DIR
 --hard-negatives N`): the index's top hits for the query with every positive removed.
 
     CHECKPOINT/embedder/      a sentence-transformers folder (SentenceTransformer(path) opens it)
@@ -24,7 +26,8 @@ from ragkit.io.qrels import read_qrels
 from ragkit.train.config import TrainConfig
 from ragkit.train.trainer import ListDataset
 
-LOSSES = ("mnrl", "cached-mnrl")
+LOSSES = ("mnrl", "cached-mnrl", "cosine")
+SCORE_FIELDS = ("score", "label", "similarity")
 
 
 @dataclass
@@ -33,6 +36,35 @@ class TrainingPair:
     positive: str
     positive_ids: set[str] = field(default_factory=set)  # every relevant doc id of the query (never a negative)
     negatives: list[str] = field(default_factory=list)
+    score: float | None = None  # --loss cosine: the pair's target cosine similarity
+
+
+def _first(obj: dict[str, Any], names: tuple[str, ...]) -> tuple[str, Any]:
+    name = next((n for n in names if n in obj), names[0])
+    return name, obj.get(name)
+
+
+def read_scored_pairs(path: str | Path) -> list[TrainingPair]:
+    """{sentence1, sentence2, score} rows (or query/positive and label) for --loss cosine."""
+    p = Path(path)
+    if not p.is_file():
+        raise ResourceError(f"{p}: no such file (--loss cosine reads JSONL pairs with a score)")
+    pairs = []
+    for lineno, obj in read_jsonl(p):
+        texts = []
+        for names in (("sentence1", "text1", "query", "anchor"), ("sentence2", "text2", "positive", "pos")):
+            name, text = _first(obj, names)
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(Location(str(p), lineno, name), f"field '{name}' is missing or empty")
+            texts.append(text)
+        name, score = _first(obj, SCORE_FIELDS)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not -1.0 <= float(score) <= 1.0:
+            raise InputError(Location(str(p), lineno, name),
+                             f"field '{name}' must be a number in [-1, 1] (the pair's target cosine similarity)")
+        pairs.append(TrainingPair(texts[0], texts[1], score=float(score)))
+    if not pairs:
+        raise InputError(Location(str(p)), "empty input: no scored pairs")
+    return pairs
 
 
 def read_training_pairs(path: str | Path, split: str = "train") -> list[TrainingPair]:
@@ -43,6 +75,10 @@ def read_training_pairs(path: str | Path, split: str = "train") -> list[Training
         raise ResourceError(f"{p}: no such file or folder")
     pairs = []
     for lineno, obj in read_jsonl(p):
+        scored = next((n for n in SCORE_FIELDS if n in obj), None)
+        if scored is not None:  # a similarity label would be silently dropped by the ranking losses
+            raise InputError(Location(str(p), lineno, scored),
+                             f"field '{scored}' is a pair's similarity: train scored pairs with --loss cosine")
         query = obj.get("query", obj.get("question", obj.get("anchor")))
         positive = obj.get("positive", obj.get("pos"))
         if isinstance(positive, list):
@@ -115,10 +151,10 @@ class EmbedderForTraining(torch.nn.Module):
         self.model = model
         self.loss = loss
 
-    def forward(self, features: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    def forward(self, features: list[dict[str, torch.Tensor]], labels: torch.Tensor | None = None) -> dict[str, Any]:
         device = next(self.model.parameters()).device
         features = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in f.items()} for f in features]
-        value = self.loss(features, None)
+        value = self.loss(features, labels.to(device) if labels is not None else None)
         return {"loss": value, "tokens": int(sum(f["attention_mask"].sum() for f in features))}
 
 
@@ -143,7 +179,9 @@ class EmbedderArch:
             model = SentenceTransformer(materialize(ref), device=device)
         except (OSError, ValueError) as exc:
             raise missing_model_error(ref, exc) from exc
-        if loss_name == "cached-mnrl":
+        if loss_name == "cosine":
+            loss = st_losses.CosineSimilarityLoss(model)
+        elif loss_name == "cached-mnrl":
             loss = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size,
                                                                 show_progress_bar=False)
         else:
@@ -152,6 +190,10 @@ class EmbedderArch:
         return EmbedderForTraining(model, loss)
 
     def dataset(self, config: TrainConfig) -> ListDataset:
+        if config.loss == "cosine":
+            if config.hard_negatives > 0:
+                raise UsageError("--hard-negatives: --loss cosine trains on scored pairs, it has no negatives")
+            return ListDataset(read_scored_pairs(config.data))
         pairs = read_training_pairs(config.data)
         if config.hard_negatives > 0:
             if not config.index:
@@ -173,7 +215,10 @@ class EmbedderArch:
             columns.append([r.negatives[j] for r in rows])
         # sentence-transformers >= 6 names it `preprocess` (tokenize is deprecated); 5.x has only tokenize
         prepare = getattr(self.model, "preprocess", None) or self.model.tokenize
-        return {"features": [prepare(texts) for texts in columns]}
+        batch: dict[str, Any] = {"features": [prepare(texts) for texts in columns]}
+        if rows[0].score is not None:
+            batch["labels"] = torch.tensor([r.score for r in rows], dtype=torch.float32)
+        return batch
 
     def save(self, model: EmbedderForTraining, directory: Path) -> None:
         model.model.save(str(directory / "embedder"))
