@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from ragkit.archs import registry
 from ragkit.archs.options import field_names
 from ragkit.cli import app
-from ragkit.commands.eval import BEIR_OPTIONS, EVAL_LEVEL, LM_OPTIONS
+from ragkit.commands.eval import BEIR_OPTIONS, EVAL_LEVEL, LM_OPTIONS, SAMPLING
 from ragkit.commands.generate import GENERATE_LEVEL
 from ragkit.train.config import ARCH_FIELDS, FIELDS, fields_of
 
@@ -166,7 +166,7 @@ def test_flags_show_the_defaults_the_schemas_hold() -> None:
 @pytest.mark.parametrize(("arch", "model"), [c for c in CASES if c[0] != "retro"])
 def test_eval_with_a_model_refuses_what_the_architecture_does_not_read(arch: str, model: str, tmp_path: Path) -> None:
     model = case_model(model, tmp_path)
-    own = schema(arch, model) | EVAL_LEVEL | {"model", "arch", "limit"}
+    own = schema(arch, model) | EVAL_LEVEL | SAMPLING | {"model", "arch", "limit"}
     data = tmp_path / "q.jsonl"
     data.write_text('{"question": "q", "answers": ["a"]}\n')
     for name, param in params("eval").items():
@@ -177,7 +177,7 @@ def test_eval_with_a_model_refuses_what_the_architecture_does_not_read(arch: str
         assert result.exit_code == 2 and result.stderr.startswith(f"Error: {args[0]}: not used by"), (name, result.stderr)
 
 
-@pytest.mark.parametrize(("task", "allowed"), [("qa", {"predictions", "limit", "model"}), ("lm", LM_OPTIONS),
+@pytest.mark.parametrize(("task", "allowed"), [("qa", {"predictions", "limit", "model", *SAMPLING}), ("lm", LM_OPTIONS),
                                                ("beir", BEIR_OPTIONS)])
 def test_eval_paths_without_an_answering_model_refuse_generation_options(task: str, allowed: set[str],
                                                                          tmp_path: Path) -> None:

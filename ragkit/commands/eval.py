@@ -81,6 +81,10 @@ def evaluate(
     retrieval_mode: RetrievalModeOpt = "dense",
     fusion: FusionOpt = "rrf",
     dense_weight: DenseWeightOpt = 0.5,
+    sample: Annotated[int, typer.Option("--sample", min=0, help="Score a random sample of this many examples (0: all), weighted so the estimate and its interval are for the whole set.")] = 0,
+    stratify: Annotated[str | None, typer.Option("--stratify", help="With --sample: a field of the data rows to stratify by (its values, or quantile bins of a number, e.g. PopQA's pop).", show_default=False)] = None,
+    strata: Annotated[int, typer.Option("--strata", min=2, help="With --stratify on a numeric field: quantile bins.")] = 5,
+    sample_seed: Annotated[int, typer.Option("--sample-seed", help="With --sample: the sampling seed.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a task: pipe predictions in, or pass --model to generate them here.
@@ -96,6 +100,8 @@ def evaluate(
       ragkit index search idx/ -q scifact/queries.jsonl --k 100 | ragkit eval --task beir --data scifact/
 
       ragkit eval --task lm --data heldout/ -m runs/retro/final -o lm.json
+
+      ragkit eval --task popqa --data popqa.jsonl -m smollm2 --sample 500 --stratify pop   # 500 answered, estimate for all
 
       ragkit eval compare closed.json rag.json --plot cmp.png
     """
@@ -126,7 +132,12 @@ def evaluate(
             report, shown = _evaluate_beir(data, split, predictions, index, k, limit, device,
                                            (retrieval_mode, fusion, dense_weight), config, began)
         else:
-            report, shown = _evaluate_qa(ctx, given, task, data, model, arch, predictions, limit, config, began)
+            sampling = (sample, stratify, strata, sample_seed) if sample else None
+            if sampling is None and {"stratify", "strata", "sample_seed"} & set(given):
+                raise UsageError(f"{next(given[n] for n in ('stratify', 'strata', 'sample_seed') if n in given)}: "
+                                 "shapes a sample; give --sample N too")
+            report, shown = _evaluate_qa(ctx, given, task, data, model, arch, predictions, limit, config, began,
+                                         sampling)
         if output is not None:
             from ragkit.eval import report as rep
 
@@ -140,12 +151,15 @@ def evaluate(
 EVAL_LEVEL = {"task", "data", "output", "label", "as_json"}
 LM_OPTIONS = {"model", "workdir", "glob", "batch_size", "device"}
 BEIR_OPTIONS = {"predictions", "index", "k", "limit", "split", "device", "retrieval_mode", "fusion", "dense_weight"}
-QA_OPTIONS = {"predictions", "limit", "model", "arch"}  # + the answering architecture's schema with --model
+QA_OPTIONS = {"predictions", "limit", "model", "arch", "sample", "stratify", "strata", "sample_seed"}  # + the answering architecture's schema with --model
+SAMPLING = {"sample", "stratify", "strata", "sample_seed"}
 
 
 def _evaluate_qa(ctx: typer.Context, given: dict[str, str], task: str, data: Path, model: str | None, arch: str,
-                 predictions: str | None, limit: int, config: dict[str, Any], began: float) -> tuple[dict[str, Any], str]:
-    """A QA task: score predictions read from --predictions / stdin, or answer here with --model."""
+                 predictions: str | None, limit: int, config: dict[str, Any], began: float,
+                 sampling: tuple[int, str | None, int, int] | None = None) -> tuple[dict[str, Any], str]:
+    """A QA task: score predictions read from --predictions / stdin, or answer here with --model; with
+    `sampling` (--sample N [--stratify FIELD]), a weighted random sample of the examples only."""
     from ragkit.archs.options import refuse_unused
     from ragkit.errors import UsageError
     from ragkit.eval import report as rep
@@ -154,12 +168,16 @@ def _evaluate_qa(ctx: typer.Context, given: dict[str, str], task: str, data: Pat
 
     the_task = get_task(task)
     if model is None:
-        refuse_unused(given, EVAL_LEVEL | {"predictions", "limit"}, "scoring predictions (they are read, not made)",
+        refuse_unused(given, EVAL_LEVEL | {"predictions", "limit"} | SAMPLING, "scoring predictions (they are read, not made)",
                       hint="Give --model to answer here, or drop the generation options.")
-        examples = load_examples(the_task, data, limit or None)
+        every = load_examples(the_task, data, limit or None)
+        examples, drawn = _sampled(every, sampling, str(data))
         source = predictions or "-"
         preds = runner.read_predictions(source)
-        pairs = runner.match_predictions(examples, preds, "<stdin>" if source == "-" else source, str(data))
+        # ids are checked against the whole data; a sample scores its own examples (the others may be predicted)
+        pairs = runner.match_predictions(every, preds, "<stdin>" if source == "-" else source, str(data))
+        if drawn is not None:
+            pairs = [(e, p) for e, p in pairs if e.id in drawn.stratum_of]
         config.update(predictions=source)
     else:
         import dataclasses
@@ -172,7 +190,7 @@ def _evaluate_qa(ctx: typer.Context, given: dict[str, str], task: str, data: Pat
         if arch == "retro":
             raise UsageError("--arch retro continues text rather than answering questions; score it with --task lm")
         architecture, options = prepare(arch, model, ctx, EVAL_LEVEL | QA_OPTIONS)
-        examples = load_examples(the_task, data, limit or None)
+        examples, drawn = _sampled(load_examples(the_task, data, limit or None), sampling, str(data))
         answerer = architecture.load(model, options)
         questions = questions_from_examples(examples)
         outputs = {r["id"]: (i, r) for i, r in enumerate(answer_in_blocks(questions, answerer, f"{task} ({arch})"),
@@ -181,13 +199,38 @@ def _evaluate_qa(ctx: typer.Context, given: dict[str, str], task: str, data: Pat
         config.update(model=model, arch=arch, options=dataclasses.asdict(options))
     rows = runner.score(the_task, pairs)
     extra = ("retrieved",) if rows and "retrieved" in rows[0]["metrics"] else ()
-    metrics = rep.aggregate(rows, the_task.metrics + extra, the_task.binary + extra)
+    if drawn is not None:
+        from ragkit.eval.sampling import estimate
+
+        missing = sorted({e.id for e in examples} - {r["id"] for r in rows})
+        if missing:  # a weighted estimate over a sample with holes would be biased
+            raise UsageError(f"sampled example '{missing[0]}' has no prediction ({len(missing)} of {len(examples)} "
+                             "missing): a sample's estimate needs every sampled example scored")
+        for r in rows:
+            r["weight"] = drawn.weight(r["id"])
+        metrics = estimate(rows, drawn, the_task.metrics + extra)
+        config.update(sampling=drawn.describe())
+    else:
+        metrics = rep.aggregate(rows, the_task.metrics + extra, the_task.binary + extra)
     if len(rows) < len(examples):
         from ragkit.console import info
 
         info(f"warning: scored {len(rows)} of {len(examples)} examples (the others have no prediction)")
     report = rep.build_report(task, the_task.primary, metrics, rows, config, {"total_s": time.perf_counter() - began})
+    if drawn is not None:
+        report["sampling"] = drawn.describe()
+        return report, f"{task}: {data} ({len(rows)} sampled of {drawn.population}, estimates for all)"
     return report, f"{task}: {data} ({len(rows)} examples)"
+
+
+def _sampled(examples: list[Any], sampling: tuple[int, str | None, int, int] | None, source: str) -> tuple[list[Any], Any]:
+    if sampling is None:
+        return examples, None
+    from ragkit.eval.sampling import draw
+
+    n, field, bins, seed = sampling
+    drawn = draw(examples, n, field=field, bins=bins, seed=seed, source=source)
+    return drawn.examples, drawn
 
 
 def _evaluate_beir(data: Path, split: str, predictions: str | None, index: Path | None, k: int, limit: int,

@@ -35,6 +35,7 @@ class Example:
     extra: dict[str, Any] = field(default_factory=dict)  # task-specific (choices, label, qa_pairs, ...)
     line: int = 0
     query: str = ""  # what the retriever searches with: the bare question or claim, without instructions
+    fields: dict[str, Any] = field(default_factory=dict)  # the row's own scalar fields (pop, prop, ...): eval --stratify
 
     def to_generation_row(self) -> dict[str, Any]:
         return {"id": self.id, "question": self.question, "retrieval_query": self.query or self.question,
@@ -246,6 +247,7 @@ def iter_examples(task: Task, path: str | Path) -> Iterator[Example]:
     seen: dict[str, int] = {}
     for lineno, obj in source:
         example = task.load_row(obj, Location(name, lineno))
+        example.fields = {k: v for k, v in obj.items() if isinstance(v, (str, int, float, bool)) and k != "question"}
         if not task.keep(example):
             continue
         if example.id in seen:
