@@ -28,6 +28,7 @@ def embed_shards_on_ray(  # noqa: PLR0913  (the embed options, passed through)
     normalize: bool = True,
     max_seq_length: int | None = None,
     backend: str = "torch",
+    pooling: str = "model",
     dtype: str = "float16",
     batch_size: int = 64,
     checkpoint_rows: int = 4096,
@@ -48,7 +49,7 @@ def embed_shards_on_ray(  # noqa: PLR0913  (the embed options, passed through)
             from ragkit.models.encoder import Encoder
 
             self.encoder = Encoder(model, device="cuda" if "num_gpus" in per_actor else "cpu", normalize=normalize,
-                                   max_seq_length=max_seq_length, backend=backend)
+                                   max_seq_length=max_seq_length, backend=backend, pooling=pooling)
 
         def embed(self, shard_id: int) -> ShardResult:
             from ragkit.embeddings import embed_shard

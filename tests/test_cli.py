@@ -181,3 +181,36 @@ def test_real_shell_pipeline(built_index: Path, tmp_path: Path) -> None:
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["id"] for r in lines] == ["q0", "q1"] and all(len(r["hits"]) == 5 for r in lines)
     assert "Error" not in out.stderr
+
+
+def test_pooling_is_part_of_the_embedders_identity(tmp_path: Path, corpus_file: Path, tiny_encoder_path: Path) -> None:
+    """--pooling cls is recorded in the manifest and the fingerprint; the index's queries are pooled the same
+    way without being told; a query encoder pooling otherwise is refused (it was silently accepted)."""
+    import numpy as np
+
+    from ragkit.errors import ResourceError
+    from ragkit.index import Index
+    from ragkit.models.encoder import Encoder
+
+    cls_idx, mean_idx = tmp_path / "cls", tmp_path / "mean"
+    assert run("index", "build", corpus_file, "-o", cls_idx, "--model", tiny_encoder_path, "--device", "cpu",
+               "--pooling", "cls").exit_code == 0
+    assert run("index", "build", corpus_file, "-o", mean_idx, "--model", tiny_encoder_path, "--device", "cpu").exit_code == 0
+    cls_info, mean_info = Index.open(cls_idx).encoder, Index.open(mean_idx).encoder
+    assert (cls_info.pooling, mean_info.pooling) == ("cls", "mean")
+    assert cls_info.fingerprint != mean_info.fingerprint
+    # the CLS index answers with CLS-pooled queries (the top hit of a passage's own text is that passage)
+    cls_encoder = Encoder(str(tiny_encoder_path), device="cpu", pooling="cls")
+    mean_encoder = Encoder(str(tiny_encoder_path), device="cpu")
+    text = "alpha beta gamma"
+    assert not np.allclose(cls_encoder.encode_queries([text]), mean_encoder.encode_queries([text]))
+    result = run("index", "search", cls_idx, "--k", 3, "--device", "cpu", input=text + "\n")
+    assert result.exit_code == 0, result.stderr
+    expected = Index.open(cls_idx).search(cls_encoder.encode_queries([text]), 3)[0]
+    assert [h["id"] for h in json.loads(result.stdout)["hits"]] == [h.id for h in expected]
+    with pytest.raises(ResourceError, match="pools by cls"):
+        Index.open(mean_idx).check_encoder(cls_encoder.info)
+    with pytest.raises(ResourceError, match="pools by mean"):
+        Index.open(cls_idx).check_encoder(mean_encoder.info)
+    assert run("index", "build", corpus_file, "-o", tmp_path / "x", "--model", tiny_encoder_path,
+               "--pooling", "attention").exit_code == 2

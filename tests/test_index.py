@@ -263,3 +263,4 @@ def test_a_folder_of_killed_first_build_leftovers_is_an_empty_index_folder(tmp_p
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(UsageError, match="is not a ragkit index"):
         Index.build(tmp_path / "mine", passages(40), x, ENC)
+

@@ -75,4 +75,5 @@ WaitOpt = Annotated[bool, typer.Option("--wait", help="If another process is cha
 RetrievalModeOpt = Annotated[str, typer.Option("--retrieval-mode", help="dense (embedder + Faiss), sparse (BM25 side of the index) or hybrid (both, fused).")]
 FusionOpt = Annotated[str, typer.Option("--fusion", help="Hybrid fusion: rrf (reciprocal rank, k=60) or score (min-max normalised scores).")]
 DenseWeightOpt = Annotated[float, typer.Option("--dense-weight", min=0.0, max=1.0, help="Hybrid: the dense side's share (0 = BM25 only, 1 = dense only).")]
+PoolingOpt = Annotated[str, typer.Option("--pooling", help="How token states become one vector: model (the model's own Pooling module; mean for a plain HF model), mean, cls, max or lasttoken. Contriever: mean with --no-normalize; DPR: cls with --no-normalize. Recorded in the index: its queries are pooled the same way, other pooling is refused.")]
 EncoderBackendOpt = Annotated[str, typer.Option("--backend", help="Encoder compute path: torch (float) or int8 (dynamic int8 Linear layers, faster on CPU, approximate vectors).")]

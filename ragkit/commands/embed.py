@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ragkit.commands._common import BatchOpt, DeviceOpt, EncoderBackendOpt, ModelOpt, handle_errors
+from ragkit.commands._common import BatchOpt, DeviceOpt, EncoderBackendOpt, ModelOpt, PoolingOpt, handle_errors
 
 
 def embed(
@@ -22,6 +22,7 @@ def embed(
     max_seq_length: Annotated[int, typer.Option("--max-seq-length", min=0, help="Truncate texts to this many tokens (0 = the model's own).")] = 0,
     device: DeviceOpt = "auto",
     backend: EncoderBackendOpt = "torch",
+    pooling: PoolingOpt = "model",
     ray: Annotated[bool, typer.Option("--ray", help="Embed every one of --num-shards shards on a pool of Ray actors (a private local Ray unless --ray-address: every listener bound to 127.0.0.1 and its processes ended with the command; see docs/security.md).")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="An existing Ray cluster for --ray (default: $RAY_ADDRESS, else a private local Ray).")] = None,
     ray_actors: Annotated[int, typer.Option("--ray-actors", min=1, help="Actors in the --ray pool (one model each; one per GPU when the cluster has GPUs).")] = 2,
@@ -63,14 +64,14 @@ def embed(
             results = embed_shards_on_ray(
                 corpus, output, model=model, num_shards=num_shards, actors=ray_actors, address=ray_address,
                 device=device, normalize=normalize, max_seq_length=max_seq_length or None, backend=backend,
-                dtype=dtype, batch_size=batch_size, checkpoint_rows=checkpoint_rows,
+                pooling=pooling, dtype=dtype, batch_size=batch_size, checkpoint_rows=checkpoint_rows,
                 on_shard=lambda r: info(f"shard rows {r.start}-{r.end} done ({r.rows} passages, {r.seconds:.1f}s)"),
             )
             info(f"embedded {sum(r.rows for r in results)} passages in {num_shards} shards on Ray; wrote {output}")
             return
 
         encoder = Encoder(model, device=device, normalize=normalize, max_seq_length=max_seq_length or None,
-                          backend=backend)
+                          backend=backend, pooling=pooling)
         with progress() as bar:
             task = bar.add_task(f"embed shard {shard_id}/{num_shards}", total=None, rate="")
 

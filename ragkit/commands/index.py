@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ragkit.commands._common import DenseWeightOpt, EncoderBackendOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, ThreadsOpt, WaitOpt, handle_errors
+from ragkit.commands._common import DenseWeightOpt, EncoderBackendOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, PoolingOpt, ThreadsOpt, WaitOpt, handle_errors
 
 if TYPE_CHECKING:
     from ragkit.models.encoder import Encoder
@@ -63,6 +63,7 @@ def build(
     bm25_k1: Annotated[float, typer.Option("--bm25-k1", min=0.0, help="BM25 k1 (with --sparse).")] = 1.5,
     bm25_b: Annotated[float, typer.Option("--bm25-b", min=0.0, max=1.0, help="BM25 b (with --sparse).")] = 0.75,
     backend: EncoderBackendOpt = "torch",
+    pooling: PoolingOpt = "model",
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
@@ -114,13 +115,16 @@ def build(
                        device=faiss_device, sparse=SparseConfig(k1=bm25_k1, b=bm25_b) if sparse else None)
         if released:
             assert corpus is not None and embeddings is not None
-            encoder_info = Encoder(model, device=faiss_device, normalize=normalize, backend=backend).info
+            encoder_info = Encoder(model, device=faiss_device, normalize=normalize, backend=backend, pooling=pooling).info
             with Index.create(output, encoder_info, source=display_name(resolve_corpus_path(corpus)), **options) as build:
                 import_released(build, corpus, embeddings)
             index = build.index
         elif embeddings is not None:
             from ragkit.embeddings import open_shards
 
+            if pooling != "model":
+                raise UsageError(f"--pooling {pooling}: `ragkit embed` shards record how they were pooled; "
+                                 "give --pooling to `ragkit embed`")
             shards = open_shards(embeddings)
             with Index.create(output, shards.encoder, source=str(embeddings), **options) as build:
                 for block, vectors, lines, source in shards.blocks():
@@ -129,7 +133,7 @@ def build(
         else:
             assert corpus is not None
             _refuse_too_small_for(parsed, corpus)  # before the model loads and the corpus is embedded
-            encoder = Encoder(model, device=faiss_device, normalize=normalize, backend=backend)
+            encoder = Encoder(model, device=faiss_device, normalize=normalize, backend=backend, pooling=pooling)
             with _embedding_progress(encoder, None) as step:
                 index = build_index(output, corpus, encoder, batch_size=batch_size, on_block=step, **options)
         assert index is not None

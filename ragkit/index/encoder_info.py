@@ -16,6 +16,7 @@ class EncoderInfo:
     normalize: bool
     max_seq_length: int | None
     fingerprint: str
+    pooling: str | None = None  # how token states become one vector (mean, cls, ...); None: not recorded (older indexes)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -24,8 +25,10 @@ class EncoderInfo:
             "normalize": self.normalize,
             "max_seq_length": self.max_seq_length,
             "fingerprint": self.fingerprint,
+            **({"pooling": self.pooling} if self.pooling is not None else {}),
         }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "EncoderInfo":
-        return cls(obj["name"], int(obj["dim"]), bool(obj["normalize"]), obj.get("max_seq_length"), obj["fingerprint"])
+        return cls(obj["name"], int(obj["dim"]), bool(obj["normalize"]), obj.get("max_seq_length"), obj["fingerprint"],
+                   obj.get("pooling"))

@@ -478,6 +478,10 @@ class Index:
                 f"'{built.name}' (dimension {built.dim})",
                 hint=f"Search with --model {built.name}.",
             )
+        if encoder.pooling and built.pooling and encoder.pooling != built.pooling:
+            raise ResourceError(
+                f"embedder '{encoder.name}' pools by {encoder.pooling}; {self.root} was embedded pooling by "
+                f"{built.pooling}", hint=f"Search without --pooling (the index's {built.pooling} is used), or rebuild.")
         if encoder.fingerprint != built.fingerprint or encoder.normalize != built.normalize:
             raise ResourceError(
                 f"embedder '{encoder.name}' is not the model that built {self.root} ('{built.name}', "

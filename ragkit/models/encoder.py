@@ -60,6 +60,67 @@ def _load_sentence_transformer(location: str, device: str, trust_remote_code: bo
 
 
 ENCODER_BACKENDS = ("torch", "int8")
+# "model": the model's own pooling (a sentence-transformers folder's Pooling module; mean for a plain HF model).
+# Contriever pools by mean without normalising (--pooling mean --no-normalize), DPR by CLS (--pooling cls
+# --no-normalize): the same weights pooled another way are another embedder.
+POOLINGS = ("model", "mean", "cls", "max", "lasttoken")
+
+
+def _pooling_layer(model: Any) -> tuple[int, Any] | None:
+    for i, module in enumerate(model):
+        if type(module).__name__ == "Pooling":
+            return i, module
+    return None
+
+
+def _pooling_mode(module: Any) -> str:
+    mode = getattr(module, "pooling_mode", None)  # sentence-transformers >= 6
+    if mode is None and hasattr(module, "get_pooling_mode_str"):  # 5.x
+        mode = module.get_pooling_mode_str()
+    return "+".join(mode) if isinstance(mode, (tuple, list)) else str(mode)
+
+
+def pool_as(model: Any, pooling: str, name: str) -> tuple[Any, str, str]:
+    """`model` pooling by `pooling` ("model": as it is): (the model, its own pooling, the one it now uses).
+    A changed model is a shallow copy sharing the weights: loaded models are cached and shared."""
+    if pooling not in POOLINGS:
+        raise UsageError(f"--pooling {pooling}: expected one of {', '.join(POOLINGS)}")
+    layer = _pooling_layer(model)
+    own = _pooling_mode(layer[1]) if layer else "model"
+    if pooling in ("model", own):
+        return model, own, own
+    return _with_pooling(model, pooling, name), own, pooling
+
+
+def pooled_fingerprint(model: Any, own: str, pooling: str) -> str:
+    """The weights' fingerprint, marked when the model pools other than its own way (the same weights pooled
+    another way embed differently); unchanged otherwise, so indexes built before pooling was recorded match."""
+    fingerprint = weights_fingerprint(model)
+    if pooling != own:
+        fingerprint = hashlib.sha256(f"{fingerprint}|pooling={pooling}".encode()).hexdigest()
+    return fingerprint
+
+
+def _with_pooling(model: Any, mode: str, name: str) -> Any:
+    """A copy of `model` (same module objects, so the same weights) whose Pooling module pools by `mode`
+    (sentence-transformers' own module)."""
+    import copy
+    from collections import OrderedDict
+
+    found = _pooling_layer(model)
+    if found is None:
+        raise UsageError(f"--pooling {mode}: {name} has no sentence-transformers Pooling module to replace")
+    index, module = found
+    try:  # sentence-transformers >= 6 moved the module
+        from sentence_transformers.sentence_transformer.modules import Pooling
+    except ImportError:
+        from sentence_transformers.models import Pooling
+    config = module.get_config_dict()
+    dim = config.get("embedding_dimension", config.get("word_embedding_dimension"))
+    clone = copy.copy(model)
+    clone._modules = OrderedDict(model._modules)
+    clone._modules[str(index)] = Pooling(dim, pooling_mode=mode).to(next(model.parameters()).device)
+    return clone
 
 
 class Encoder:
@@ -78,6 +139,7 @@ class Encoder:
         max_seq_length: int | None = None,
         trust_remote_code: bool = False,
         backend: str = "torch",
+        pooling: str = "model",
     ) -> None:
         if backend not in ENCODER_BACKENDS:
             raise UsageError(f"--backend {backend}: expected one of {', '.join(ENCODER_BACKENDS)}")
@@ -89,6 +151,7 @@ class Encoder:
             raise missing_model_error(self.ref, exc) from exc
         if max_seq_length is not None:
             self.model.max_seq_length = max_seq_length
+        self.model, self.own_pooling, self.pooling = pool_as(self.model, pooling, name)
         self.normalize = normalize
         # what an index records: a folder by its absolute path, so that `index add`/`search` from another
         # directory finds it; hub ids and the shipped aliases as typed (they resolve anywhere)
@@ -108,7 +171,8 @@ class Encoder:
         built = index.encoder
         try:
             encoder = cls(model or built.name, device=device, normalize=built.normalize,
-                          max_seq_length=built.max_seq_length, backend=backend)
+                          max_seq_length=built.max_seq_length, backend=backend,
+                          pooling=built.pooling if built.pooling in POOLINGS else "model")
         except ResourceError as exc:
             if model is not None:
                 raise
@@ -122,12 +186,14 @@ class Encoder:
         # sentence-transformers >= 6 renamed get_sentence_embedding_dimension
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         dim = dim_of()
+        fingerprint = pooled_fingerprint(self.model, self.own_pooling, self.pooling)
         return EncoderInfo(
             name=self.name,
             dim=int(dim),
             normalize=self.normalize,
             max_seq_length=self.model.max_seq_length,
-            fingerprint=weights_fingerprint(self.model),
+            fingerprint=fingerprint,
+            pooling=self.pooling,
         )
 
     def encode(

@@ -185,7 +185,7 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: LoraSettings
     """Load the index, a trainable copy of the query encoder and the generator (optionally with LoRA)."""
     from sentence_transformers import SentenceTransformer
 
-    from ragkit.models.encoder import weights_fingerprint
+    from ragkit.models.encoder import pool_as, pooled_fingerprint
     from ragkit.models.generator import Generator
     from ragkit.models.registry import missing_model_error, quiet_transformers, resolve
 
@@ -198,14 +198,17 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: LoraSettings
         query_encoder = SentenceTransformer(ref.location, device=device)
     except (OSError, ValueError) as exc:
         raise missing_model_error(ref, exc) from exc
+    pooling = index.encoder.pooling or "model"  # queries pool as the index's passages were pooled
+    query_encoder, own, used = pool_as(query_encoder, pooling, name)
     refreshed = index.manifest.get("end2end") is not None  # its vectors come from an end-to-end doc encoder
-    if config.query_encoder is None and not refreshed and weights_fingerprint(query_encoder) != index.encoder.fingerprint:
+    if config.query_encoder is None and not refreshed and pooled_fingerprint(query_encoder, own, used) != index.encoder.fingerprint:
         raise UsageError(f"{config.index}: its embedder '{name}' no longer matches the index fingerprint")
     doc_encoder = None
     if config.end2end:
         if searcher is not None:
             raise UsageError("--end2end refreshes the index in this process; it does not work with --distributed-retriever ray")
         doc_encoder = SentenceTransformer(ref.location, device=device)  # starts as the index's embedder
+        doc_encoder, _, _ = pool_as(doc_encoder, pooling, name)
     quantize = lora.quantize if lora is not None else "none"
     generator = Generator(config.generator, device=device, dtype="float32" if quantize == "none" else "auto",
                           quantize=quantize, dropout=config.dropout, attention_dropout=config.attention_dropout)

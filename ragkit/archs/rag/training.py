@@ -139,6 +139,7 @@ def refresh_slice(rag: RagForTraining, part: int, parts: int, *, step: int) -> i
                                             show_progress_bar=False), dtype=np.float32)
     encoder.train(was_training)
     built = index.encoder
-    info = EncoderInfo(built.name, built.dim, built.normalize, built.max_seq_length, weights_fingerprint(encoder))
+    info = EncoderInfo(built.name, built.dim, built.normalize, built.max_seq_length, weights_fingerprint(encoder),
+                       built.pooling)
     index.upsert(passages, vectors, info, adopt_encoder={"step": step, "slice": f"{part + 1}/{parts}"})
     return len(passages)
