@@ -492,3 +492,32 @@ def test_the_seeds_optimiser_and_dropout_flags_reach_the_run(setup: dict[str, Pa
     assert refused.exit_code == 2 and "--dropout" in refused.stderr and "no dropout field" in refused.stderr
     both = run(*base_args(setup, tmp_path / "r3", "--warmup-ratio", "0.1", "--warmup-steps", "2"))
     assert both.exit_code == 2 and "give one" in both.stderr
+
+
+def test_profile_reports_retrieval_time_per_step(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--profile: retrieval seconds per step and their share of the step in metrics.jsonl and the cost report.
+    Checked against a search made slower by a known 50 ms: it shows up as >= 50 ms per step."""
+    import time
+
+    from ragkit.index import Index
+
+    real = Index.search_with_vectors
+
+    def slow(self, queries, k):  # noqa: ANN001
+        time.sleep(0.05)
+        return real(self, queries, k)
+
+    monkeypatch.setattr(Index, "search_with_vectors", slow)
+    out = tmp_path / "run"
+    result = run(*base_args(setup, out, "--max-steps", 4, "--save-steps", 4, "--logging-steps", 2, "--profile"))
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "retrieval_s" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    assert all(0.05 <= r["retrieval_s"] < 1.0 and 0 < r["retrieval_share"] < 1 for r in logged), logged
+    report = json.loads((out / "cost_report.json").read_text())
+    assert report["retrieval_s"] >= 4 * 0.05 and 0 < report["retrieval_share"] < 1
+    plain = tmp_path / "plain"
+    assert run(*base_args(setup, plain, "--max-steps", 2, "--save-steps", 2)).exit_code == 0
+    assert json.loads((plain / "cost_report.json").read_text())["retrieval_s"] is None
+    assert not any("retrieval_s" in json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines())

@@ -76,6 +76,7 @@ def train(
     warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", "--warmup_steps", min=0, help=_help("warmup_steps"))] = None,
     warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", "--warmup_ratio", min=0.0, max=0.999999, help=_help("warmup_ratio"))] = None,
     adam_epsilon: Annotated[float | None, typer.Option("--adam-epsilon", "--adam_epsilon", help=_help("adam_epsilon"))] = None,
+    profile: Annotated[bool | None, typer.Option("--profile", help=_help("profile"), show_default=False)] = None,
     dropout: Annotated[float | None, typer.Option("--dropout", min=0.0, max=1.0, help=_help("dropout"))] = None,
     attention_dropout: Annotated[float | None, typer.Option("--attention-dropout", "--attention_dropout", min=0.0, max=1.0, help=_help("attention_dropout"))] = None,
     max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", min=0.0, help=_help("max_grad_norm"))] = None,

@@ -42,6 +42,7 @@ class TrainConfig:
     distill_from: str | None = field(default=None, metadata={"help": "selfrag / selfrag-critic: a teacher model whose logits the student also learns (same vocabulary)"})
     distill_alpha: float = field(default=0.5, metadata={"help": "with --distill-from: weight of the label cross-entropy (the rest: KL to the teacher)"})
     distill_temperature: float = field(default=2.0, metadata={"help": "with --distill-from: softmax temperature of the KL term"})
+    profile: bool = field(default=False, metadata={"help": "rag: time retrieval (the index search, in-process or on Ray, and with --end2end the re-encoding of the hits): retrieval_s per step and its share of the step in metrics.jsonl and the cost report"})
     dropout: float | None = field(default=None, metadata={"help": "rag / selfrag: the generator's dropout (its config's dropout, dropout_rate, hidden_dropout_prob or resid_pdrop; refused when it has none; default: the model's own)"})
     attention_dropout: float | None = field(default=None, metadata={"help": "rag / selfrag: the generator's attention dropout (attention_dropout, attention_probs_dropout_prob or attn_pdrop; default: the model's own)"})
     max_seq_length: int = field(default=1024, metadata={"help": "selfrag / selfrag-critic: tokens kept per example (prompt + output)"})
@@ -206,7 +207,7 @@ _SELFRAG = ("generator", "distill_from", "distill_alpha", "distill_temperature",
 ARCH_FIELDS: dict[str, tuple[str, ...]] = {
     "rag": ("index", "generator", "query_encoder", "n_docs", "loss", "label_smoothing", "end2end", "refresh_steps",
             "refresh_shards", "freeze_query_encoder", "max_source_tokens", "max_target_tokens", "max_passage_words",
-            "distributed_retriever", "num_retrieval_workers", "shard_index", "ray_address", *_DROPOUT, *_LORA),
+            "distributed_retriever", "num_retrieval_workers", "shard_index", "ray_address", "profile", *_DROPOUT, *_LORA),
     "selfrag": _SELFRAG,
     "selfrag-critic": _SELFRAG,
     "embedder": ("embedder", "index", "hard_negatives", "mini_batch_size", "loss"),

@@ -63,12 +63,29 @@ class RagkitTrainer(Trainer):
         self.arch = arch
         self.train_config = train_config
         self.tokens = 0
+        # --profile: training-step and retrieval seconds, in all and since the last log line
+        self.retrieval_profile = Profile() if getattr(train_config, "profile", False) else None
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         out = model(**inputs)
         self.tokens += int(out.get("tokens", 0))
         return (out["loss"], out) if return_outputs else out["loss"]
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        if self.retrieval_profile is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        began = time.perf_counter()
+        retrieved = _retrieval_seconds(model)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.retrieval_profile.add(time.perf_counter() - began, _retrieval_seconds(model) - retrieved)
+        return loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.retrieval_profile is not None and "loss" in logs:
+            logs.update(self.retrieval_profile.since_last_log(self.state.global_step))
+        super().log(logs, *args, **kwargs)
+
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Sharded runs (FSDP, DeepSpeed ZeRO-3) gather the full weights on every rank, frozen ones too (a
@@ -116,6 +133,36 @@ class RagkitTrainer(Trainer):
     def _load_rng_state(self, checkpoint: str | None) -> None:
         with _unreadable_checkpoint(checkpoint, "RNG state"):
             super()._load_rng_state(checkpoint)
+
+
+
+class Profile:
+    """What --profile reports: retrieval seconds per optimizer step and their share of the training step
+    (forward + backward), since the last log line and over the run."""
+
+    def __init__(self) -> None:
+        self.step_s = self.retrieval_s = 0.0
+        self._logged = (0.0, 0.0, 0)
+
+    def add(self, step_s: float, retrieval_s: float) -> None:
+        self.step_s += step_s
+        self.retrieval_s += retrieval_s
+
+    def since_last_log(self, global_step: int) -> dict[str, float]:
+        step_s, retrieval_s, at = self._logged
+        steps = max(1, global_step - at)
+        self._logged = (self.step_s, self.retrieval_s, global_step)
+        spent, retrieving = self.step_s - step_s, self.retrieval_s - retrieval_s
+        return {"retrieval_s": retrieving / steps, "retrieval_share": retrieving / spent if spent else 0.0}
+
+    def totals(self) -> dict[str, float]:
+        return {"retrieval_s": self.retrieval_s,
+                "retrieval_share": self.retrieval_s / self.step_s if self.step_s else 0.0}
+
+
+def _retrieval_seconds(model: Any) -> float:
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    return float(getattr(inner, "retrieval_s", 0.0))
 
 
 @contextlib.contextmanager
@@ -267,6 +314,8 @@ class CostReport:
     processes: int = 1  # training processes (torchrun / accelerate ranks); examples and tokens are summed over them
     gpu_hours: float = 0.0  # wall time x GPUs used
     gpu_cost: float | None = None  # gpu_hours x --gpu-hour-price, when a price is given
+    retrieval_s: float | None = None  # --profile: seconds retrieving, over the run (this process)
+    retrieval_share: float | None = None  # --profile: their share of the training steps' time
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -335,6 +384,8 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
         final_loss=result.training_loss,
         processes=world,
     )
+    if trainer.retrieval_profile is not None:
+        report.retrieval_s, report.retrieval_share = trainer.retrieval_profile.totals().values()
     gpus = world if device.startswith("cuda") else 0
     report.gpu_hours = wall * gpus / 3600
     report.gpu_cost = report.gpu_hours * config.gpu_hour_price if config.gpu_hour_price > 0 else None

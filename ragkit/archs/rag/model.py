@@ -8,6 +8,8 @@ are scored on the answer span; seq2seq models read it as the encoder input.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +73,7 @@ class RagForTraining(nn.Module):
         self.index = index
         # what answers searches: the index itself, or Ray actors serving it (same results)
         self.searcher = searcher if searcher is not None else index
+        self.retrieval_s = 0.0  # seconds spent retrieving (search + end-to-end re-encoding), cumulative
         self.render = render
         self.is_seq2seq = is_seq2seq
         for p in self.query_encoder.parameters():
@@ -100,6 +103,7 @@ class RagForTraining(nn.Module):
         """Top-n_docs hits and their doc scores q·d, differentiable in the query encoder (and, end to end,
         in the document encoder, which re-embeds the hits instead of reading their stored vectors)."""
         q = self.embed_questions(questions)
+        began = time.perf_counter()
         hits, doc_vectors = self.searcher.search_with_vectors(q.detach().float().cpu().numpy(), self.config.n_docs)
         if self.doc_encoder is not None:
             texts = [f"{h.title} {h.text}" if h.title else h.text for row in hits for h in row]
@@ -108,6 +112,7 @@ class RagForTraining(nn.Module):
                 d = torch.nn.functional.normalize(d, dim=-1)
         else:
             d = torch.from_numpy(np.array(doc_vectors, dtype=np.float32)).to(q.device, q.dtype)  # Ray arrays are read-only
+        self.retrieval_s += time.perf_counter() - began  # read by the trainer under --profile
         return hits, torch.einsum("bd,bkd->bk", q, d)
 
     # -- generator inputs --------------------------------------------------------------------------
