@@ -30,7 +30,7 @@ VALID = {"critic_task": "utility", "dtype": "float32", "backend": "vllm", "quant
          "rag_decoding": "token", "device": "cpu", "workdir": "work", "index": "IDX"}
 # what an option needs beside it to pass its checks alone (the companion is in the same schema)
 COMPANIONS = {**{name: ["--index", "IDX"] for name in ("passages", "retrieval_mode", "fusion", "dense_weight")},
-              "tensor_parallel_size": ["--backend", "vllm"]}
+              "tensor_parallel_size": ["--backend", "vllm"], "filter_thres": ["--do-sample"]}
 
 
 def params(command: str) -> dict[str, Any]:

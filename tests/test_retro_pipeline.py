@@ -15,7 +15,7 @@ import torch
 from conftest import WORDS
 from conftest import run_cli as _cli
 from conftest import run_torchrun
-from ragkit.errors import InputError, ResourceError
+from ragkit.errors import InputError, ResourceError, UsageError
 from ragkit.archs.retro import pipeline as P
 from ragkit.archs.retro.corpus import RetroSequences, prepare
 
@@ -417,3 +417,51 @@ def test_each_sample_reports_only_its_own_retrieval_time() -> None:
     second = sample(model, [5, 6, 7], SamplingConfig(max_new_tokens=5, temperature=0.0), retriever)
     assert first.retrieval_seconds == len(first.retrieved) == 2
     assert second.retrieval_seconds == len(second.retrieved) == 1
+
+
+def test_retro_pytorch_data_limits_and_reprocess(tmp_path: Path, texts: Path, tiny_lm_path: Path,
+                                                 tiny_encoder_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-chunks keeps whole documents up to that many chunks, --max-seqs the first sequences,
+    --max-index-memory bounds the chunk index (auto picks within it; a spec over it is refused), and
+    REPROCESS=1 rebuilds like --reprocess (RETRO-pytorch's names for these)."""
+    full = prepare(config(tmp_path / "a", texts, tiny_lm_path, tiny_encoder_path)).corpus
+    per_doc = [d["chunks"] for d in full.documents()]
+    cap = per_doc[0] + per_doc[1] + per_doc[2] // 2  # mid-way through the third document
+    capped = prepare(config(tmp_path / "b", texts, tiny_lm_path, tiny_encoder_path, max_chunks=cap)).corpus
+    assert len(capped) == per_doc[0] + per_doc[1] and len(capped.documents()) == 2
+    assert (capped.chunks[:] == full.chunks[:len(capped)]).all()
+    assert len(RetroSequences(full, full, seq_len=SEQ, pad_id=0, max_seqs=3)) == 3
+    with pytest.raises(InputError, match="more than --max-chunks 1 chunks"):
+        prepare(config(tmp_path / "c", texts, tiny_lm_path, tiny_encoder_path, max_chunks=1))
+    with pytest.raises(UsageError, match="over --max-memory 1000 B"):
+        prepare(config(tmp_path / "d", texts, tiny_lm_path, tiny_encoder_path, max_index_memory=1000))
+    budget = prepare(config(tmp_path / "e", texts, tiny_lm_path, tiny_encoder_path, index_spec="auto",
+                            max_index_memory=1 << 20))
+    assert json.loads((tmp_path / "e" / "work" / "manifest.json").read_text())["stages"]["index"]["params"]["max_memory"] == 1 << 20
+    assert budget.corpus.neighbours is not None
+
+    from ragkit.archs.retro.training import data_config
+    from ragkit.train.config import TrainConfig
+
+    train = TrainConfig(arch="retro", data=str(texts), output="o", workdir="w")
+    assert not data_config(train).reprocess
+    monkeypatch.setenv("REPROCESS", "1")
+    assert data_config(train).reprocess
+    result = _cli("train", "--arch", "retro", "--data", texts, "--workdir", tmp_path / "w", "-o", tmp_path / "o",
+                  "--max-chunks", "-1")
+    assert result.exit_code == 2
+
+
+def test_filter_thres_is_retro_pytorchs_top_k_fraction(trained: Path) -> None:
+    from ragkit.archs.retro.inference import RetroOptions
+
+    assert RetroOptions(filter_thres=0.9, do_sample=True).top_k_for(1000) == 100
+    assert RetroOptions(top_k=7).top_k_for(1000) == 7
+    result = _cli("generate", "--arch", "retro", "-m", trained / "run" / "final", "--max-new-tokens", 6,
+                  "--do-sample", "--filter-thres", "0.9", "--device", "cpu", input_="the king of\n")
+    assert result.exit_code == 0, result.stderr
+    for extra, message in ((["--filter-thres", "0.9"], "add --do-sample"),
+                           (["--do-sample", "--filter-thres", "0.9", "--top-k", "5"], "give one"),
+                           (["--do-sample", "--filter-thres", "1.5"], "fraction in [0, 1)")):
+        result = _cli("generate", "--arch", "retro", "-m", trained / "run" / "final", *extra, input_="x\n")
+        assert result.exit_code == 2 and message in result.stderr, (extra, result.stderr)

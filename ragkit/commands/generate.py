@@ -23,6 +23,7 @@ SampleOpt = Annotated[bool, typer.Option("--do-sample/--greedy", help="Sample (w
 TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0 = off).")]
+FilterThresOpt = Annotated[float, typer.Option("--filter-thres", "--filter_thres", help="--arch retro: top-k as RETRO-pytorch's fraction, keeping the top (1 - x) of the vocabulary (0 = off; 0.9 keeps 10%).")]
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); the answer is cut before it. Default: a newline.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16 (half and float: the Self-RAG scripts' vLLM names).")]
 QuantizeOpt = Annotated[str, typer.Option("--quantize", help="none; int8 (CPU: dynamic int8 Linear layers); 8bit or 4bit (bitsandbytes: GPU, or CPU from bitsandbytes 0.46).")]
@@ -70,6 +71,7 @@ def generate(
     temperature: TempOpt = 1.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
+    filter_thres: FilterThresOpt = 0.0,
     stop: StopOpt = None,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",

@@ -48,7 +48,10 @@ class TrainConfig:
     max_seq_length: int = field(default=1024, metadata={"help": "selfrag / selfrag-critic: tokens kept per example (prompt + output)"})
     workdir: str = field(default="", metadata={"help": "retro: work folder for chunks, embeddings, index and neighbours (a manifest decides what is rebuilt)"})
     glob: str = field(default="**/*.txt", metadata={"help": "retro: files of --data (a folder) to read; .jsonl files give one document per line (its text)"})
-    reprocess: bool = field(default=False, metadata={"help": "retro: rebuild every stage of --workdir"})
+    reprocess: bool = field(default=False, metadata={"help": "retro: rebuild every stage of --workdir (also REPROCESS=1 in the environment, as RETRO-pytorch)"})
+    max_chunks: int = field(default=0, metadata={"help": "retro: chunks kept at most (whole documents in file order; 0: all; RETRO-pytorch's max_chunks)"})
+    max_seqs: int = field(default=0, metadata={"help": "retro: training sequences at most (the first ones; 0: all; RETRO-pytorch's max_seqs)"})
+    max_index_memory: str | None = field(default=None, metadata={"help": "retro: memory budget of the chunk index, e.g. 2G (--index-spec auto picks within it; another spec over it is refused; autofaiss' max_index_memory_usage)"})
     tokenizer: str = field(default="smollm2-135m", metadata={"help": "retro: tokenizer (hub id, folder, .gguf or alias)"})
     index_spec: str = field(default="flat", metadata={"help": "retro: spec of the chunk index: flat, hnsw, ivf-pq, auto (with :key=value parameters) or a Faiss factory string"})
     chunk_size: int = field(default=64, metadata={"help": "retro: tokens per chunk (m)"})
@@ -143,7 +146,7 @@ class TrainConfig:
                     "retro_dec_depth", "retro_enc_depth", "retro_heads", "retro_dim_head", "batch_size", "grad_accum",
                     "save_steps", "save_total_limit", "logging_steps", "num_retrieval_workers", "mini_batch_size",
                     "epochs", "lora_alpha")
-        non_negative = ("hard_negatives", "extra_neighbors", "retro_enc_dim", "weight_decay", "warmup_steps", "max_grad_norm",
+        non_negative = ("hard_negatives", "extra_neighbors", "retro_enc_dim", "max_chunks", "max_seqs", "weight_decay", "warmup_steps", "max_grad_norm",
                         "gpu_hour_price", "distill_temperature")  # rates in [0, 1] are checked below
         for name in positive:
             value = getattr(self, name)
@@ -211,7 +214,7 @@ ARCH_FIELDS: dict[str, tuple[str, ...]] = {
     "selfrag": _SELFRAG,
     "selfrag-critic": _SELFRAG,
     "embedder": ("embedder", "index", "hard_negatives", "mini_batch_size", "loss"),
-    "retro": ("workdir", "glob", "reprocess", "tokenizer", "index_spec", "chunk_size", "seq_len", "num_neighbors",
+    "retro": ("workdir", "glob", "reprocess", "max_chunks", "max_seqs", "max_index_memory", "tokenizer", "index_spec", "chunk_size", "seq_len", "num_neighbors",
               "extra_neighbors", "embedder", "retro_dim", "retro_enc_dim", "retro_dec_depth", "retro_enc_depth", "retro_heads",
               "retro_dim_head", "retro_cross_attn_layers", "retro_deepnet", "attn_dropout", "ff_dropout"),
 }

@@ -64,7 +64,7 @@ class RagkitTrainer(Trainer):
         self.train_config = train_config
         self.tokens = 0
         # --profile: training-step and retrieval seconds, in all and since the last log line
-        self.retrieval_profile = Profile() if getattr(train_config, "profile", False) else None
+        self.retrieval_profile = Profile() if getattr(self.model, "profile_retrieval", False) else None
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:

@@ -50,7 +50,9 @@ class RagArch:
             searcher = RayIndexClient(dirs, mode=mode, num_workers=config.num_retrieval_workers,
                                       address=config.ray_address, cpus_per_worker=0.5,
                                       name=RayIndexClient.job_name(dirs, mode, config.num_retrieval_workers))
-        return build_rag(rag_model_config(config), device=device, lora=lora, searcher=searcher)
+        model = build_rag(rag_model_config(config), device=device, lora=lora, searcher=searcher)
+        model.profile_retrieval = config.profile  # the trainer reports model.retrieval_s under --profile
+        return model
 
     def dataset(self, config: TrainConfig) -> ListDataset:
         return ListDataset(read_pairs(config.data))

@@ -83,7 +83,8 @@ def prepare(config: P.RetroDataConfig) -> Prepared:
     chunk_params = {"format_version": P.FORMAT_VERSION, "input": P.files_digest(files),
                     "files": [str(f.resolve()) for f in files],
                     "tokenizer": config.tokenizer, "tokenizer_fingerprint": fingerprint,
-                    "chunk_size": config.chunk_size, "seq_len": config.seq_len}
+                    "chunk_size": config.chunk_size, "seq_len": config.seq_len,
+                    **({"max_chunks": config.max_chunks} if config.max_chunks else {})}
     chunk_key, force = chunk_stage(manifest, chunk_params, files, tokenizer, where=str(config.data),
                                    force=config.reprocess)
 
@@ -99,12 +100,13 @@ def prepare(config: P.RetroDataConfig) -> Prepared:
         manifest.record("embeddings", embed_key, embed_params, ["embeddings.npy"], seconds=time.perf_counter() - began)
         force = True  # everything downstream is stale
 
-    index_params = {"embeddings": embed_key, "spec": config.index_spec}
+    index_params = {"embeddings": embed_key, "spec": config.index_spec,
+                    **({"max_memory": config.max_index_memory} if config.max_index_memory else {})}
     index_key = P.stage_key(index_params)
     if force or not manifest.is_current("index", index_key):
         began = time.perf_counter()
         P.index_chunks(workdir, tokenizer, encoder.info, chunk_size=config.chunk_size, spec=config.index_spec,
-                       device=encoder.device)
+                       device=encoder.device, max_memory=config.max_index_memory)
         manifest.record("index", index_key, index_params, ["index"], seconds=time.perf_counter() - began)
         force = True
 
@@ -135,7 +137,7 @@ def chunk_stage(manifest: P.Manifest, params: dict[str, Any], files: list[Path],
         info(f"warning: the tokenizer {who} drops line breaks; the model will never write one")
     began = time.perf_counter()
     stats = P.chunk_documents(P.read_documents(files), tokenizer, manifest.workdir, chunk_size=params["chunk_size"],
-                              seq_len=params["seq_len"], where=where)
+                              seq_len=params["seq_len"], where=where, max_chunks=params.get("max_chunks", 0))
     manifest.record("chunks", key, params, CHUNK_FILES, stats=stats.__dict__, seconds=time.perf_counter() - began)
     info(f"retro: {stats.documents} documents -> {stats.chunks} chunks of {params['chunk_size']} tokens, "
          f"{stats.sequences} sequences")
@@ -185,14 +187,15 @@ class RetroSequences(Dataset):
     taken from `neighbour_source` (the retrieval corpus)."""
 
     def __init__(self, corpus: RetroCorpus, neighbour_source: RetroCorpus | None, *, seq_len: int, pad_id: int,
-                 with_neighbours: bool = True) -> None:
+                 with_neighbours: bool = True, max_seqs: int | None = None) -> None:
         self.corpus, self.source = corpus, neighbour_source
+        self.count = len(corpus.seq_starts) if max_seqs is None else min(max_seqs, len(corpus.seq_starts))
         self.seq_chunks = seq_len // corpus.chunk_size
         self.pad_id = pad_id
         self.with_neighbours = with_neighbours and neighbour_source is not None and corpus.neighbours is not None
 
     def __len__(self) -> int:
-        return len(self.corpus.seq_starts)
+        return self.count
 
     def rows(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(S, m + 1) tokens and the chunk rows they came from (-1 for padding chunks)."""

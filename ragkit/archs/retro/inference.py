@@ -3,10 +3,12 @@ work folder at every chunk boundary. Its rows are prompts (`prompt`, `text` or `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ragkit.errors import UsageError
 from ragkit.io.queries import Question
 
 PROMPT_FIELDS = ("prompt", "text", "question")
@@ -24,9 +26,25 @@ class RetroOptions:
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
+    filter_thres: float = 0.0  # RETRO-pytorch's top-k as a fraction: keep the top (1 - filter_thres) of the vocabulary
     top_p: float = 1.0
     seed: int = 0
     device: str = "auto"
+
+    def check(self) -> None:
+        if not 0.0 <= self.filter_thres < 1.0:
+            raise UsageError(f"--filter-thres {self.filter_thres}: expected a fraction in [0, 1) (RETRO-pytorch's 0.9 "
+                             "keeps the top 10% of the vocabulary)")
+        if self.filter_thres and self.top_k:
+            raise UsageError("--filter-thres and --top-k both set top-k sampling: give one")
+        if self.filter_thres and not self.do_sample:
+            raise UsageError("--filter-thres filters sampling: add --do-sample (greedy decoding reads only the top token)")
+
+    def top_k_for(self, vocab_size: int) -> int:
+        """--top-k, or --filter-thres as RETRO-pytorch's top_k: ceil((1 - thres) * vocabulary) tokens."""
+        if self.filter_thres:
+            return max(1, math.ceil((1 - self.filter_thres) * vocab_size))
+        return self.top_k
 
 
 class RetroAnswerer:
@@ -38,7 +56,8 @@ class RetroAnswerer:
         self.loaded, self.options = loaded, options
         self.sampling = SamplingConfig(max_new_tokens=options.max_new_tokens,
                                        temperature=options.temperature if options.do_sample else 0.0,
-                                       top_k=options.top_k, top_p=options.top_p, num_samples=options.num_samples,
+                                       top_k=options.top_k_for(loaded.model.config.vocab_size), top_p=options.top_p,
+                                       num_samples=options.num_samples,
                                        seed=options.seed)
         self.device = next(loaded.model.parameters()).device
         self.tokens = 0

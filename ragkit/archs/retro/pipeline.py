@@ -50,6 +50,8 @@ class RetroDataConfig:
     reprocess: bool = False
     device: str | None = None
     embed_batch_size: int = 64
+    max_chunks: int = 0  # 0: every chunk; else whole documents, in file order, up to this many chunks
+    max_index_memory: int | None = None  # bytes the chunk index may take (spec auto picks within it)
 
     def validate(self) -> None:
         if self.chunk_size < 1 or self.seq_len < self.chunk_size or self.seq_len % self.chunk_size:
@@ -216,10 +218,11 @@ class ChunkStats:
 
 
 def chunk_documents(documents: Iterator[Document], tokenizer: Any, out: Path, *, chunk_size: int, seq_len: int,
-                    batch: int = 256, where: str = "<data>") -> ChunkStats:
+                    batch: int = 256, where: str = "<data>", max_chunks: int = 0) -> ChunkStats:
     """Tokenize each document (newlines kept; BOS before, EOS after), cut it into chunks of m
     tokens plus the next chunk's first token, and start a training sequence every seq_len / m chunks within
-    each document. Writes chunks.npy, doc_ids.npy, seq_starts.npy and documents.jsonl into `out`."""
+    each document. Writes chunks.npy, doc_ids.npy, seq_starts.npy and documents.jsonl into `out`. With
+    `max_chunks`, reading stops before the first document that would pass it (documents stay whole)."""
     m = chunk_size
     eod, sod = end_of_document_id(tokenizer), start_of_document_id(tokenizer)
     chunk_rows: list[np.ndarray] = []
@@ -229,12 +232,17 @@ def chunk_documents(documents: Iterator[Document], tokenizer: Any, out: Path, *,
     n_chunks = n_tokens = n_bytes = doc_id = 0
     pending: list[Document] = []
 
+    full = False
+
     def flush() -> None:
-        nonlocal n_chunks, n_tokens, n_bytes, doc_id
+        nonlocal n_chunks, n_tokens, n_bytes, doc_id, full
         encoded = tokenizer([d.text for d in pending], add_special_tokens=False)["input_ids"]
         for document, ids in zip(pending, encoded):
             tokens = np.asarray([sod, *ids, eod], dtype=np.int32)
             count = -(-len(tokens) // m)
+            if max_chunks and n_chunks + count > max_chunks:
+                full = True
+                break
             padded = np.full(count * m + 1, PAD, dtype=np.int32)
             padded[: len(tokens)] = tokens
             rows = np.lib.stride_tricks.sliding_window_view(padded, m + 1)[::m].copy()
@@ -255,8 +263,12 @@ def chunk_documents(documents: Iterator[Document], tokenizer: Any, out: Path, *,
             pending.append(document)
         if len(pending) >= batch:
             flush()
-    if pending:
+        if full:
+            break
+    if pending and not full:
         flush()
+    if doc_id == 0 and full:
+        raise InputError(Location(where), f"the first document alone is more than --max-chunks {max_chunks} chunks")
     if doc_id == 0:
         raise InputError(Location(where), "no text: every document is empty")
     if n_tokens - 2 * doc_id < m:  # not counting the start and end tokens
@@ -297,7 +309,7 @@ def embed_chunks(folder: Path, tokenizer: Any, encoder: Any, *, chunk_size: int,
 
 # -- stage 3: index ----------------------------------------------------------------------------------
 def index_chunks(folder: Path, tokenizer: Any, encoder_info: Any, *, chunk_size: int, spec: str,
-                 device: str = "cpu") -> Path:
+                 device: str = "cpu", max_memory: int | None = None) -> Path:
     """The ragkit index over the chunk embeddings (passage id = chunk row, text = the chunk's text), built
     in a staging folder and swapped in whole."""
     import shutil
@@ -311,7 +323,8 @@ def index_chunks(folder: Path, tokenizer: Any, encoder_info: Any, *, chunk_size:
     passages = [Passage(id=str(i), text=t) for i, t in enumerate(texts)]
     staging, final = folder / ".index.tmp", folder / "index"
     shutil.rmtree(staging, ignore_errors=True)
-    Index.build(staging, passages, np.ascontiguousarray(vectors), encoder_info, spec=spec, device=device)
+    Index.build(staging, passages, np.ascontiguousarray(vectors), encoder_info, spec=spec, device=device,
+                max_memory=max_memory)
     old = folder / ".index.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

@@ -54,11 +54,15 @@ def parse_cross_attn_layers(text: str, depth: int) -> list[int] | None:
 
 
 def data_config(config: TrainConfig) -> RetroDataConfig:
+    from ragkit.index.spec import parse_memory
+
     return RetroDataConfig(
         data=config.data, workdir=config.workdir, glob=config.glob, tokenizer=config.tokenizer,
         embedder=config.embedder or "minilm", index_spec=config.index_spec, chunk_size=config.chunk_size,
         seq_len=config.seq_len, num_neighbors=config.num_neighbors, extra_neighbors=config.extra_neighbors,
-        reprocess=config.reprocess, device=config.device if config.device != "auto" else None)
+        reprocess=config.reprocess or os.environ.get("REPROCESS", "") not in ("", "0"),  # RETRO-pytorch's switch
+        device=config.device if config.device != "auto" else None, max_chunks=config.max_chunks,
+        max_index_memory=parse_memory(config.max_index_memory) if config.max_index_memory else None)
 
 
 def model_config(config: TrainConfig, vocab_size: int) -> RetroConfig:
@@ -91,7 +95,7 @@ class RetroArch:
         assert self.prepared is not None
         corpus = self.prepared.corpus
         return C.RetroSequences(corpus, corpus, seq_len=config.seq_len, pad_id=end_of_document_id(self.prepared.tokenizer),
-                                with_neighbours=self.uses_retrieval)
+                                with_neighbours=self.uses_retrieval, max_seqs=config.max_seqs or None)
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return C.collate(rows)
