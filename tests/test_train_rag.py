@@ -521,3 +521,44 @@ def test_profile_reports_retrieval_time_per_step(setup: dict[str, Path], tmp_pat
     assert run(*base_args(setup, plain, "--max-steps", 2, "--save-steps", 2)).exit_code == 0
     assert json.loads((plain / "cost_report.json").read_text())["retrieval_s"] is None
     assert not any("retrieval_s" in json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines())
+
+
+def test_validation_while_training_logs_the_metric_and_keeps_the_best_checkpoint(setup: dict[str, Path],
+                                                                                tmp_path: Path) -> None:
+    """--eval-data decoded every --eval-steps: eval_em / eval_f1 / eval_match in metrics.jsonl, equal to
+    what `generate --arch rag` answers with that step's checkpoint; the best checkpoint survives rotation
+    (--save-total-limit 1) and is named in the cost report."""
+    from ragkit.eval.tasks import get_task, load_examples
+
+    val = write_jsonl(tmp_path / "val.jsonl", [{"id": f"v{i}", "question": f"river king {i}",
+                                                "answers": ["unreachable zebra"]} for i in range(3)])
+    out = tmp_path / "run"
+    result = run(*base_args(setup, out, "--max-steps", 6, "--save-steps", 2, "--save-total-limit", 1, "--loss", "token",
+                            "--eval-data", val, "--eval-steps", 2, "--eval-max-new-tokens", 4, "--n_val", 3))
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval_em" in r}
+    assert sorted(evals) == [2, 4, 6] and all(r["eval_n"] == 3 for r in evals.values())
+    assert all(0 <= r[m] <= 1 for r in evals.values() for m in ("eval_em", "eval_f1", "eval_match"))
+    # no answer can match, so every step ties and the first stays the best: kept although not the newest
+    report = json.loads(result.stdout)
+    assert report["best_checkpoint"] == str(out / "checkpoint-2") and report["best_metric"] == {"eval_em": 0.0}
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-6").is_dir() and not (out / "checkpoint-4").exists()
+    # the logged validation is what the checkpoint answers (answers it can reach: the training answers)
+    reachable = write_jsonl(tmp_path / "reach.jsonl", [{"id": f"v{i}", "question": f"river king {i}",
+                                                        "answers": ["city music"]} for i in range(3)])
+    out2 = tmp_path / "run2"
+    result = run(*base_args(setup, out2, "--max-steps", 4, "--save-steps", 4, "--loss", "token",
+                            "--eval-data", reachable, "--eval-steps", 4, "--eval-max-new-tokens", 4))
+    assert result.exit_code == 0, result.stderr
+    logged = next(json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines() if "eval_f1" in line)
+    generated = run("generate", reachable, "--arch", "rag", "-m", out2 / "checkpoint-4", "--rag-decoding", "token",
+                    "--max-new-tokens", 4, "--device", "cpu")
+    assert generated.exit_code == 0, generated.stderr
+    examples = load_examples(get_task("qa"), reachable)
+    outputs = [json.loads(line)["output"] for line in generated.stdout.splitlines()]
+    scores = [get_task("qa").score(e, o) for e, o in zip(examples, outputs)]
+    assert logged["eval_f1"] == pytest.approx(sum(s["f1"] for s in scores) / 3) and logged["eval_f1"] > 0, outputs
+    assert logged["eval_em"] == pytest.approx(sum(s["em"] for s in scores) / 3)
+    refused = run(*base_args(setup, tmp_path / "r", "--eval-metric", "bleu", "--eval-data", val))
+    assert refused.exit_code == 2 and "--eval-metric bleu" in refused.stderr

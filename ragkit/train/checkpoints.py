@@ -110,8 +110,9 @@ def resume_checkpoint(run: Path, warn: Callable[[str], None]) -> Path:
                         hint="run without --resume to start afresh")
 
 
-def rotate(run: Path, keep: int | None) -> None:
-    """Keep the `keep` newest complete checkpoints; drop older ones and incomplete leftovers older than them.
+def rotate(run: Path, keep: int | None, protect: Path | None = None) -> None:
+    """Keep the `keep` newest complete checkpoints (and `protect`, the best one so far under validation); drop
+    older ones and incomplete leftovers older than them.
 
     Deleting renames first (`.deleting-checkpoint-N`), so a kill mid-delete never leaves a partial folder
     with a checkpoint's name; the next rotation finishes the job."""
@@ -124,7 +125,7 @@ def rotate(run: Path, keep: int | None) -> None:
     complete = [(step, p) for step, p in found if _complete(p, marked)]
     if not complete:
         return
-    kept = {p for _, p in complete[:keep]}
+    kept = {p for _, p in complete[:keep]} | ({protect} if protect is not None else set())
     oldest_kept = min(step for step, _ in complete[:keep])
     whole = {p for _, p in complete}
     for step, folder in found:

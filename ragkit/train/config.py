@@ -42,6 +42,12 @@ class TrainConfig:
     distill_from: str | None = field(default=None, metadata={"help": "selfrag / selfrag-critic: a teacher model whose logits the student also learns (same vocabulary)"})
     distill_alpha: float = field(default=0.5, metadata={"help": "with --distill-from: weight of the label cross-entropy (the rest: KL to the teacher)"})
     distill_temperature: float = field(default=2.0, metadata={"help": "with --distill-from: softmax temperature of the KL term"})
+    eval_data: str = field(default="", metadata={"help": "rag: a validation set (JSONL question + answers) decoded every --eval-steps; its --eval-metric is logged and the best checkpoint kept"})
+    eval_steps: int = field(default=0, metadata={"help": "rag: validate every N steps (0: every --save-steps)"})
+    n_val: int = field(default=0, metadata={"help": "rag: validation questions used (the first N; 0: all; finetune_rag's --n_val)"})
+    eval_batch_size: int = field(default=0, metadata={"help": "rag: questions decoded at once in validation (0: --batch-size)"})
+    eval_max_new_tokens: int = field(default=0, metadata={"help": "rag: tokens generated per validation answer (0: --max-target-tokens; finetune_rag's --val_max_target_length)"})
+    eval_metric: str = field(default="em", metadata={"help": "rag: em, f1 or match (SQuAD EM / token F1 / Self-RAG match): what picks the best checkpoint"})
     profile: bool = field(default=False, metadata={"help": "rag: time retrieval (the index search, in-process or on Ray, and with --end2end the re-encoding of the hits): retrieval_s per step and its share of the step in metrics.jsonl and the cost report"})
     dropout: float | None = field(default=None, metadata={"help": "rag / selfrag: the generator's dropout (its config's dropout, dropout_rate, hidden_dropout_prob or resid_pdrop; refused when it has none; default: the model's own)"})
     attention_dropout: float | None = field(default=None, metadata={"help": "rag / selfrag: the generator's attention dropout (attention_dropout, attention_probs_dropout_prob or attn_pdrop; default: the model's own)"})
@@ -146,7 +152,8 @@ class TrainConfig:
                     "retro_dec_depth", "retro_enc_depth", "retro_heads", "retro_dim_head", "batch_size", "grad_accum",
                     "save_steps", "save_total_limit", "logging_steps", "num_retrieval_workers", "mini_batch_size",
                     "epochs", "lora_alpha")
-        non_negative = ("hard_negatives", "extra_neighbors", "retro_enc_dim", "max_chunks", "max_seqs", "weight_decay", "warmup_steps", "max_grad_norm",
+        non_negative = ("hard_negatives", "extra_neighbors", "retro_enc_dim", "max_chunks", "max_seqs", "eval_steps",
+                        "n_val", "eval_batch_size", "eval_max_new_tokens", "weight_decay", "warmup_steps", "max_grad_norm",
                         "gpu_hour_price", "distill_temperature")  # rates in [0, 1] are checked below
         for name in positive:
             value = getattr(self, name)
@@ -167,6 +174,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise UsageError(f"--{name.replace('_', '-')} {value}: must be between 0 and 1")
+        if self.eval_metric not in ("em", "f1", "match"):
+            raise UsageError(f"--eval-metric {self.eval_metric}: expected em, f1 or match")
         if not 0 <= self.warmup_ratio < 1:
             raise UsageError(f"--warmup-ratio {self.warmup_ratio}: must be in [0, 1)")
         if self.warmup_ratio > 0 and self.warmup_steps > 0:
@@ -210,7 +219,8 @@ _SELFRAG = ("generator", "distill_from", "distill_alpha", "distill_temperature",
 ARCH_FIELDS: dict[str, tuple[str, ...]] = {
     "rag": ("index", "generator", "query_encoder", "n_docs", "loss", "label_smoothing", "end2end", "refresh_steps",
             "refresh_shards", "freeze_query_encoder", "max_source_tokens", "max_target_tokens", "max_passage_words",
-            "distributed_retriever", "num_retrieval_workers", "shard_index", "ray_address", "profile", *_DROPOUT, *_LORA),
+            "distributed_retriever", "num_retrieval_workers", "shard_index", "ray_address", "profile", "eval_data",
+            "eval_steps", "n_val", "eval_batch_size", "eval_max_new_tokens", "eval_metric", *_DROPOUT, *_LORA),
     "selfrag": _SELFRAG,
     "selfrag-critic": _SELFRAG,
     "embedder": ("embedder", "index", "hard_negatives", "mini_batch_size", "loss"),

@@ -81,6 +81,14 @@ class RagkitTrainer(Trainer):
         self.retrieval_profile.add(time.perf_counter() - began, _retrieval_seconds(model) - retrieved)
         return loss
 
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Validation is the architecture's (RAG decodes its --eval-data and scores the answers), not
+        Trainer's loss loop; the metrics are logged (metrics.jsonl, the tracker) and pick the best checkpoint."""
+        model = self.accelerator.unwrap_model(self.model)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.arch.validate(model, self.train_config).items()}
+        self.log(metrics)
+        return metrics
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.retrieval_profile is not None and "loss" in logs:
             logs.update(self.retrieval_profile.since_last_log(self.state.global_step))
@@ -119,7 +127,9 @@ class RagkitTrainer(Trainer):
         if self.args.should_save:
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             mark_complete(folder, self.state.global_step)
-            rotate(Path(self.args.output_dir), self.train_config.save_total_limit)
+            best = self.state.best_global_step  # validation's best so far is never rotated away
+            rotate(Path(self.args.output_dir), self.train_config.save_total_limit,
+                   protect=Path(self.args.output_dir) / f"checkpoint-{best}" if best else None)
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
@@ -267,7 +277,7 @@ class RichProgress(TrainerCallback):
             self.bar.stop()
 
 
-def training_arguments(config: TrainConfig, use_cpu: bool) -> TrainingArguments:
+def training_arguments(config: TrainConfig, use_cpu: bool, validates: bool = False) -> TrainingArguments:
     scheduler = {"polynomial": "polynomial", "cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
     return TrainingArguments(
         output_dir=config.output,
@@ -297,6 +307,8 @@ def training_arguments(config: TrainConfig, use_cpu: bool) -> TrainingArguments:
         deepspeed=config.deepspeed or None,
         fsdp=config.fsdp or None,  # FSDP's options live in fsdp_config (transformers deprecates option strings)
         fsdp_config=config.fsdp_config or None,
+        **({"eval_strategy": "steps", "eval_steps": config.eval_steps or config.save_steps,
+            "metric_for_best_model": f"eval_{config.eval_metric}", "greater_is_better": True} if validates else {}),
     )
 
 
@@ -314,6 +326,8 @@ class CostReport:
     processes: int = 1  # training processes (torchrun / accelerate ranks); examples and tokens are summed over them
     gpu_hours: float = 0.0  # wall time x GPUs used
     gpu_cost: float | None = None  # gpu_hours x --gpu-hour-price, when a price is given
+    best_checkpoint: str | None = None  # with validation: the checkpoint of the best --eval-metric
+    best_metric: dict[str, float] | None = None
     retrieval_s: float | None = None  # --profile: seconds retrieving, over the run (this process)
     retrieval_share: float | None = None  # --profile: their share of the training steps' time
 
@@ -341,7 +355,8 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
         from ragkit.console import info
 
         start = str(resume_checkpoint(output, info))
-    args = training_arguments(config, use_cpu=device == "cpu")
+    args = training_arguments(config, use_cpu=device == "cpu", validates=hasattr(arch, "validate") and bool(
+        getattr(config, "eval_data", "")))
     # Under torchrun / accelerate, rank 0 builds first (GGUF conversion, RETRO's work folder, index copies)
     # while the other ranks wait, then finds its caches current; the filesystem is assumed shared.
     with args.main_process_first(local=False, desc="building the model and its data"), \
@@ -353,6 +368,7 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
         dataset = arch.dataset(config)
     trainer = RagkitTrainer(
         model=model, args=args, train_dataset=dataset,
+        eval_dataset=arch.validation_set(config) if args.eval_strategy != "no" else None,
         data_collator=arch.collate, arch=arch, train_config=config,
         callbacks=[MetricsJsonl(output / "metrics.jsonl"), RichProgress(),
                    *(arch.callbacks(config) if hasattr(arch, "callbacks") else [])],
@@ -384,6 +400,9 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
         final_loss=result.training_loss,
         processes=world,
     )
+    if trainer.state.best_global_step:
+        report.best_checkpoint = str(output / f"checkpoint-{trainer.state.best_global_step}")
+        report.best_metric = {args.metric_for_best_model: trainer.state.best_metric}
     if trainer.retrieval_profile is not None:
         report.retrieval_s, report.retrieval_share = trainer.retrieval_profile.totals().values()
     gpus = world if device.startswith("cuda") else 0

@@ -57,6 +57,45 @@ class RagArch:
     def dataset(self, config: TrainConfig) -> ListDataset:
         return ListDataset(read_pairs(config.data))
 
+    def validation_set(self, config: TrainConfig) -> ListDataset:
+        """--eval-data as QA examples (question + answers), the first --n-val of them; read once."""
+        from ragkit.eval.tasks import get_task, load_examples
+
+        if not hasattr(self, "_validation"):
+            self._validation = load_examples(get_task("qa"), config.eval_data, config.n_val or None)
+        return ListDataset(self._validation)
+
+    def validate(self, model: RagForTraining, config: TrainConfig) -> dict[str, float]:
+        """Decode the validation questions with the model as it is now (RAG-Token greedy for --loss token,
+        RAG-Sequence fast decoding otherwise) and score the answers: mean EM, F1 and Self-RAG match."""
+        import time
+
+        import torch
+
+        from ragkit.archs.rag.decoding import decode
+        from ragkit.eval.tasks import get_task
+
+        examples = self.validation_set(config).rows
+        task = get_task("qa")
+        batch = config.eval_batch_size or config.batch_size
+        mode = "token" if (config.loss or "sequence") == "token" else "sequence-fast"
+        was_training = model.training
+        model.eval()
+        began = time.perf_counter()
+        totals = {"em": 0.0, "f1": 0.0, "match": 0.0}
+        with torch.no_grad():
+            for i in range(0, len(examples), batch):
+                block = examples[i:i + batch]
+                answers = decode(model, [e.question for e in block], mode=mode,
+                                 max_new_tokens=config.eval_max_new_tokens or config.max_target_tokens)
+                for example, answer in zip(block, answers):
+                    for name, value in task.score(example, answer.text).items():
+                        if name in totals:
+                            totals[name] += value
+        model.train(was_training)
+        n = max(1, len(examples))
+        return {**{k: v / n for k, v in totals.items()}, "n": float(len(examples)), "seconds": time.perf_counter() - began}
+
     def collate(self, rows: list[Pair]) -> dict[str, Any]:
         return {"questions": [r.question for r in rows], "answers": [r.answer for r in rows]}
 
