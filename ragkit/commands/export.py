@@ -27,26 +27,14 @@ def export(
       ragkit export runs/critic/checkpoint-500 -o models/critic --dtype bfloat16
     """
     with handle_errors():
-        import shutil
-        import tempfile
-
+        from ragkit.archs.selfrag.loading import load_causal_lm
         from ragkit.console import info
         from ragkit.errors import UsageError
-        from ragkit.archs.selfrag.loading import load_causal_lm
+        from ragkit.models.lm import save_model_folder
 
         if output.exists() and (not output.is_dir() or any(output.iterdir())):
             raise UsageError(f"{output}: exists and is not empty", hint="Choose a new --output folder.")
         model, tokenizer = load_causal_lm(str(checkpoint), device="cpu", dtype=dtype, merge_lora=True)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-        try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            if output.exists():
-                output.rmdir()
-            staging.rename(output)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        save_model_folder(model, tokenizer, output)
         params = sum(p.numel() for p in model.parameters())
         info(f"exported {checkpoint} -> {output} ({params / 1e6:.1f}M parameters, LoRA merged)")

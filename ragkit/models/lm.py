@@ -273,3 +273,24 @@ def load_trained_weights(model: Any, folder: Path, what: str) -> None:
     result = model.load_state_dict(load_file(weights), strict=False)
     if result.unexpected_keys:
         raise ResourceError(f"{weights}: unexpected weights {result.unexpected_keys[:3]}")
+
+
+def save_model_folder(model: Any, tokenizer: Any, output: Path) -> None:
+    """A plain transformers folder (model + tokenizer), written beside `output` and renamed into place only
+    when complete; `output` must not exist, or be empty."""
+    import shutil
+    import tempfile
+
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UsageError(f"{output}: exists and is not empty", hint="Choose a new --output folder.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if output.exists():
+            output.rmdir()
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
