@@ -166,3 +166,77 @@ def test_cosine_loss_trains_on_scored_pairs(tmp_path: Path, tiny_encoder_path: P
     refused = run("train", "--arch", "embedder", "--embedder", tiny_encoder_path, "--data", bad, "-o", tmp_path / "b",
                   "--loss", "cosine", "--max-steps", 1, "--device", "cpu")
     assert refused.exit_code == 3 and "bad.jsonl:1: field 'score'" in refused.stderr
+
+
+def _tiny_cross_encoder(directory: Path, tiny_encoder_path: Path) -> Path:
+    """A sequence-classification BERT (one score) on the tiny encoder's vocabulary: a cross-encoder teacher."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder_path)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("teacher_kind", ["embedder", "cross-encoder"])
+def test_distillation_from_a_teacher_learns_its_margins(built: tuple[Path, list[dict]], tmp_path: Path,
+                                                        tiny_encoder_path: Path, other_tiny_encoder_path: Path,
+                                                        teacher_kind: str) -> None:
+    """--distill-from TEACHER (an embedder, or a cross-encoder): MarginMSE on (query, positive, negatives) with
+    the teacher's scores; after training the student's margins are closer to the teacher's than before."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from ragkit.archs.embedder.training import TrainingPair, score_with_teacher
+
+    index, passages = built
+    rows = [{**r, "negatives": [f"{passages[(i + 7) % 40]['title']} {passages[(i + 7) % 40]['text']}"]}
+            for i, r in enumerate(pairs_for(passages))]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    teacher = (other_tiny_encoder_path if teacher_kind == "embedder"
+               else _tiny_cross_encoder(tmp_path / "ce", tiny_encoder_path))
+    pairs = [TrainingPair(r["query"], r["positive"], negatives=list(r["negatives"])) for r in rows]
+    assert score_with_teacher(pairs, str(teacher), device="cpu") == teacher_kind
+    target = torch.tensor([p.teacher[0] - p.teacher[1] for p in pairs])
+
+    def margin_error(model_dir: Path) -> float:
+        model = SentenceTransformer(str(model_dir), device="cpu")
+        q = model.encode([r["query"] for r in rows], convert_to_tensor=True)
+        pos = model.encode([r["positive"] for r in rows], convert_to_tensor=True)
+        neg = model.encode([r["negatives"][0] for r in rows], convert_to_tensor=True)
+        margins = (q * pos).sum(-1) - (q * neg).sum(-1)  # MarginMSE's dot-product scores
+        return float(((margins - target) ** 2).mean())
+
+    result = run("train", "--arch", "embedder", "--embedder", tiny_encoder_path, "--data", data, "-o", tmp_path / "r",
+                 "--distill-from", teacher, "--max-steps", 30, "--batch-size", 8, "--lr", "5e-3", "--device", "cpu",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    before, after = margin_error(tiny_encoder_path), margin_error(tmp_path / "r" / "final" / "embedder")
+    assert after < 0.7 * before, (before, after)
+
+
+def test_distillation_needs_negatives_and_its_loss(tmp_path: Path, tiny_encoder_path: Path,
+                                                   other_tiny_encoder_path: Path) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", [{"query": "q", "positive": "p"}] * 4)
+    result = run("train", "--arch", "embedder", "--embedder", tiny_encoder_path, "--data", data, "-o", tmp_path / "r",
+                 "--distill-from", other_tiny_encoder_path, "--max-steps", 1, "--device", "cpu")
+    assert result.exit_code == 2 and "--hard-negatives" in result.stderr
+    result = run("train", "--arch", "embedder", "--embedder", tiny_encoder_path, "--data", data, "-o", tmp_path / "r2",
+                 "--loss", "margin-mse", "--max-steps", 1, "--device", "cpu")
+    assert result.exit_code == 2 and "give --distill-from" in result.stderr
+
+
+def test_the_datas_own_negatives_are_used_without_mining(tmp_path: Path) -> None:
+    """Negatives given in the data reach the loss as hard negatives (they were dropped unless
+    --hard-negatives was set)."""
+    from ragkit.archs.embedder.training import EmbedderArch
+    from ragkit.train.config import TrainConfig
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"query": "q1", "positive": "p1", "negatives": ["n1", "n2"]},
+                                              {"query": "q2", "positive": "p2", "negatives": ["n3"]}])
+    rows = EmbedderArch().dataset(TrainConfig(arch="embedder", data=str(data), output=str(tmp_path / "o"))).rows
+    assert [r.negatives for r in rows] == [["n1", "n2"], ["n3", "n3"]]

@@ -30,7 +30,7 @@ class TrainConfig:
     hard_negatives: int = field(default=0, metadata={"help": "embedder: hard negatives per pair, mined from --index (positives excluded)"})
     mini_batch_size: int = field(default=16, metadata={"help": "embedder --loss cached-mnrl: texts per forward pass"})
     n_docs: int = field(default=5, metadata={"help": "passages marginalised over"})
-    loss: str | None = field(default=None, metadata={"help": "rag: sequence (RAG-Sequence, the default) or token (RAG-Token); embedder: mnrl (the default), cached-mnrl, or cosine (scored pairs {sentence1, sentence2, score})"})
+    loss: str | None = field(default=None, metadata={"help": "rag: sequence (RAG-Sequence, the default) or token (RAG-Token); embedder: mnrl (the default), cached-mnrl, cosine (scored pairs {sentence1, sentence2, score}) or margin-mse (with --distill-from, its default)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "epsilon of the smoothed loss"})
     end2end: bool = field(default=False, metadata={"help": "rag: also train the document encoder; the run's own copy of the index (OUTPUT/index) is refreshed as it trains"})
     refresh_steps: int = field(default=100, metadata={"help": "rag --end2end: refresh index vectors every N steps"})
@@ -39,7 +39,7 @@ class TrainConfig:
     max_source_tokens: int = field(default=384, metadata={"help": "prompt tokens kept (passage + question)"})
     max_target_tokens: int = field(default=32, metadata={"help": "answer tokens kept"})
     max_passage_words: int = field(default=100, metadata={"help": "words of each passage in the prompt"})
-    distill_from: str | None = field(default=None, metadata={"help": "selfrag / selfrag-critic: a teacher model whose logits the student also learns (same vocabulary)"})
+    distill_from: str | None = field(default=None, metadata={"help": "selfrag / selfrag-critic / rag: a teacher generator whose token distribution the student also learns (same vocabulary); embedder: a teacher embedder or cross-encoder whose query-passage score margins the student learns (MarginMSE)"})
     distill_alpha: float = field(default=0.5, metadata={"help": "with --distill-from: weight of the label cross-entropy (the rest: KL to the teacher)"})
     distill_temperature: float = field(default=2.0, metadata={"help": "with --distill-from: softmax temperature of the KL term"})
     eval_data: str = field(default="", metadata={"help": "rag: a validation set (JSONL question + answers) decoded every --eval-steps; its --eval-metric is logged and the best checkpoint kept"})
@@ -123,8 +123,8 @@ class TrainConfig:
         if self.quantize != "none" and (self.lora_r == 0 or self.arch not in ("rag", "selfrag", "selfrag-critic")):
             raise UsageError("--quantize trains LoRA adapters over quantised weights (QLoRA): use it with --lora-r > 0 "
                              "and --arch rag, selfrag or selfrag-critic")
-        if self.distill_from and self.arch not in ("selfrag", "selfrag-critic"):
-            raise UsageError(f"--distill-from works with --arch selfrag or selfrag-critic, not {self.arch}")
+        if self.distill_from and self.arch not in ("selfrag", "selfrag-critic", "embedder"):
+            raise UsageError(f"--distill-from works with --arch selfrag, selfrag-critic or embedder, not {self.arch}")
         if self.end2end and self.arch != "rag":
             raise UsageError("--end2end is for --arch rag")
         if self.end2end and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -223,7 +223,7 @@ ARCH_FIELDS: dict[str, tuple[str, ...]] = {
             "eval_steps", "n_val", "eval_batch_size", "eval_max_new_tokens", "eval_metric", *_DROPOUT, *_LORA),
     "selfrag": _SELFRAG,
     "selfrag-critic": _SELFRAG,
-    "embedder": ("embedder", "index", "hard_negatives", "mini_batch_size", "loss"),
+    "embedder": ("embedder", "index", "hard_negatives", "mini_batch_size", "loss", "distill_from"),
     "retro": ("workdir", "glob", "reprocess", "max_chunks", "max_seqs", "max_index_memory", "tokenizer", "index_spec", "chunk_size", "seq_len", "num_neighbors",
               "extra_neighbors", "embedder", "retro_dim", "retro_enc_dim", "retro_dec_depth", "retro_enc_depth", "retro_heads",
               "retro_dim_head", "retro_cross_attn_layers", "retro_deepnet", "attn_dropout", "ff_dropout"),

@@ -26,7 +26,7 @@ from ragkit.io.qrels import read_qrels
 from ragkit.train.config import TrainConfig
 from ragkit.train.trainer import ListDataset
 
-LOSSES = ("mnrl", "cached-mnrl", "cosine")
+LOSSES = ("mnrl", "cached-mnrl", "cosine", "margin-mse")
 SCORE_FIELDS = ("score", "label", "similarity")
 
 
@@ -37,6 +37,7 @@ class TrainingPair:
     positive_ids: set[str] = field(default_factory=set)  # every relevant doc id of the query (never a negative)
     negatives: list[str] = field(default_factory=list)
     score: float | None = None  # --loss cosine: the pair's target cosine similarity
+    teacher: list[float] | None = None  # --distill-from: the teacher's scores of (query, positive), (query, negative j)
 
 
 def _first(obj: dict[str, Any], names: tuple[str, ...]) -> tuple[str, Any]:
@@ -169,9 +170,13 @@ class EmbedderArch:
 
         from ragkit.models.registry import materialize, missing_model_error, quiet_transformers, resolve
 
-        loss_name = config.loss or "mnrl"
+        loss_name = config.loss or ("margin-mse" if config.distill_from else "mnrl")
         if loss_name not in LOSSES:
             raise UsageError(f"--loss {config.loss}: expected one of {', '.join(LOSSES)} for --arch embedder")
+        if (loss_name == "margin-mse") != bool(config.distill_from):
+            raise UsageError("--distill-from trains with MarginMSE (--loss margin-mse), which needs a --distill-from "
+                             "teacher" if config.distill_from else "--loss margin-mse learns a teacher's margins: "
+                             "give --distill-from TEACHER")
         name = config.embedder or _index_embedder(config.index) or "minilm"
         ref = resolve(name)
         quiet_transformers()
@@ -181,6 +186,8 @@ class EmbedderArch:
             raise missing_model_error(ref, exc) from exc
         if loss_name == "cosine":
             loss = st_losses.CosineSimilarityLoss(model)
+        elif loss_name == "margin-mse":  # Hofstätter et al. (2020): the student's score margins regress the teacher's
+            loss = st_losses.MarginMSELoss(model)
         elif loss_name == "cached-mnrl":
             loss = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size,
                                                                 show_progress_bar=False)
@@ -201,12 +208,26 @@ class EmbedderArch:
             from ragkit.retrieval import Retriever
 
             self.negatives = mine_hard_negatives(pairs, Retriever(config.index), config.hard_negatives)
-        # every row needs the same number of columns: pairs short of negatives repeat their last one
-        width = max(len(p.negatives) for p in pairs) if config.hard_negatives > 0 else 0
+        # every row needs the same number of columns: pairs short of negatives repeat their last one (the
+        # data's own negatives count as well as mined ones; they were dropped unless --hard-negatives was set)
+        width = max(len(p.negatives) for p in pairs)
         for p in pairs:
             p.negatives = (p.negatives + [p.negatives[-1]] * width)[:width] if p.negatives else []
         if width and any(not p.negatives for p in pairs):
-            pairs = [p for p in pairs if p.negatives]
+            from ragkit.console import info
+
+            kept = [p for p in pairs if p.negatives]
+            info(f"warning: {len(pairs) - len(kept)} of {len(pairs)} pairs have no negative and are left out "
+                 "(every row of a batch needs the same columns)")
+            pairs = kept
+        if config.distill_from:
+            if not any(p.negatives for p in pairs):
+                raise UsageError("--distill-from learns the teacher's margins between a positive and negatives: give "
+                                 "negatives in the data, or mine them with --index DIR --hard-negatives N")
+            width = min(len(p.negatives) for p in pairs)
+            for p in pairs:
+                p.negatives = p.negatives[:width]
+            score_with_teacher(pairs, config.distill_from, device=config.device)
         return ListDataset(pairs)
 
     def collate(self, rows: list[TrainingPair]) -> dict[str, Any]:
@@ -218,6 +239,8 @@ class EmbedderArch:
         batch: dict[str, Any] = {"features": [prepare(texts) for texts in columns]}
         if rows[0].score is not None:
             batch["labels"] = torch.tensor([r.score for r in rows], dtype=torch.float32)
+        elif rows[0].teacher is not None:
+            batch["labels"] = torch.tensor([r.teacher for r in rows], dtype=torch.float32)  # (B, 1 + negatives)
         return batch
 
     def save(self, model: EmbedderForTraining, directory: Path) -> None:
@@ -230,6 +253,47 @@ class EmbedderArch:
         if not weights.exists():
             raise ResourceError(f"{directory}: no embedder weights to resume from")
         model.model[0].auto_model.load_state_dict(load_file(weights))
+
+
+def score_with_teacher(pairs: list[TrainingPair], teacher: str, *, device: str = "auto", batch: int = 64) -> str:
+    """Each pair's teacher scores [s(q, positive), s(q, negative_1), ...], once before training: a cross-encoder
+    (a sequence-classification model) scores each (query, passage) pair; an embedder scores by its own
+    similarity of the two embeddings. Returns which kind the teacher was."""
+    from transformers import AutoConfig
+
+    from ragkit.models.encoder import resolve_device
+    from ragkit.models.registry import materialize, missing_model_error, quiet_transformers, resolve
+
+    ref = resolve(teacher)
+    quiet_transformers()
+    device = resolve_device(device)
+    try:
+        location = materialize(ref)
+        architectures = getattr(AutoConfig.from_pretrained(location), "architectures", None) or []
+        if any(a.endswith("ForSequenceClassification") for a in architectures):
+            from sentence_transformers import CrossEncoder
+
+            model = CrossEncoder(location, device=device)
+            texts = [(p.query, doc) for p in pairs for doc in (p.positive, *p.negatives)]
+            flat = [float(x) for x in model.predict(texts, batch_size=batch, show_progress_bar=False)]
+            kind = "cross-encoder"
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(location, device=device)
+            queries = model.encode([p.query for p in pairs], batch_size=batch, convert_to_tensor=True)
+            docs = model.encode([d for p in pairs for d in (p.positive, *p.negatives)], batch_size=batch,
+                                convert_to_tensor=True)
+            per = 1 + len(pairs[0].negatives)
+            docs = docs.reshape(len(pairs), per, -1)
+            flat = [float(x) for q, d in zip(queries, docs) for x in model.similarity(q[None], d)[0]]
+            kind = "embedder"
+    except (OSError, ValueError) as exc:
+        raise missing_model_error(ref, exc) from exc
+    per = 1 + len(pairs[0].negatives)
+    for i, pair in enumerate(pairs):
+        pair.teacher = flat[i * per:(i + 1) * per]
+    return kind
 
 
 def _index_embedder(index: str) -> str | None:
