@@ -317,9 +317,9 @@ def test_distillation_refuses_a_teacher_with_another_vocabulary(tiny_lm_path: Pa
                                       "-o", str(tmp_path / "r"), "--distill-from", str(tiny_lm_path), "--max-steps", "1",
                                       "--device", "cpu"])
     assert result.exit_code == 4 and "vocabulary differs" in result.stderr
-    rag = CliRunner().invoke(app, ["train", "--arch", "rag", "--data", str(data), "-o", str(tmp_path / "r2"),
-                                   "--distill-from", str(tiny_lm_path)])
-    assert rag.exit_code == 2 and "--distill-from: not used by --arch rag" in rag.stderr
+    retro = CliRunner().invoke(app, ["train", "--arch", "retro", "--data", str(data), "-o", str(tmp_path / "r2"),
+                                     "--distill-from", str(tiny_lm_path)])
+    assert retro.exit_code == 2 and "--distill-from: not used by --arch retro" in retro.stderr
 
 
 def test_generator_qlora_trains_over_a_4bit_base(tiny_lm64_path: Path, tmp_path: Path) -> None:

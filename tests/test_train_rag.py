@@ -562,3 +562,38 @@ def test_validation_while_training_logs_the_metric_and_keeps_the_best_checkpoint
     assert logged["eval_em"] == pytest.approx(sum(s["em"] for s in scores) / 3)
     refused = run(*base_args(setup, tmp_path / "r", "--eval-metric", "bleu", "--eval-data", val))
     assert refused.exit_code == 2 and "--eval-metric bleu" in refused.stderr
+
+
+def test_passage_weighted_kl_by_hand() -> None:
+    import torch
+
+    from ragkit.archs.rag.model import passage_weighted_kl
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(4, 3, 7), torch.randn(4, 3, 7)  # 2 questions x 2 passages, 3 tokens, vocab 7
+    target = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    assert float(passage_weighted_kl(student, student, target, torch.zeros(2, 2), 2.0)) == pytest.approx(0.0, abs=1e-6)
+    # all belief on the first passage: only rows 0 and 2 count, each over its labelled tokens
+    scores = torch.tensor([[50.0, -50.0], [50.0, -50.0]])
+    t, s = torch.log_softmax(teacher / 2, -1), torch.log_softmax(student / 2, -1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    expected = (kl[0, :2].mean() + kl[2, :1].mean()) / 2 * 4
+    assert float(passage_weighted_kl(student, teacher, target, scores, 2.0)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_rag_distillation_pulls_the_generator_to_the_teacher(setup: dict[str, Path], tmp_path: Path,
+                                                            tiny_selfrag_path: Path) -> None:
+    """--distill-from TEACHER --distill-alpha 0: the loss is the passage-weighted KL to the teacher's token
+    distribution, and it falls; a teacher of another vocabulary is refused (exit 4)."""
+    from conftest import build_tiny_causal_lm
+
+    teacher = build_tiny_causal_lm(tmp_path / "teacher", seed=5)
+    out = tmp_path / "run"
+    result = run(*base_args(setup, out, "--max-steps", 8, "--save-steps", 8, "--distill-from", teacher,
+                            "--distill-alpha", "0", "--distill-temperature", "1"))
+    assert result.exit_code == 0, result.stderr
+    seen = losses(out)
+    assert seen[8] < 0.8 * seen[1], seen
+    assert not any("teacher" in p.name for p in (out / "final").rglob("*"))  # never saved
+    refused = run(*base_args(setup, tmp_path / "r", "--max-steps", 1, "--distill-from", tiny_selfrag_path))
+    assert refused.exit_code == 4 and "vocabulary" in refused.stderr

@@ -40,7 +40,7 @@ class TrainConfig:
     max_target_tokens: int = field(default=32, metadata={"help": "answer tokens kept"})
     max_passage_words: int = field(default=100, metadata={"help": "words of each passage in the prompt"})
     distill_from: str | None = field(default=None, metadata={"help": "selfrag / selfrag-critic / rag: a teacher generator whose token distribution the student also learns (same vocabulary); embedder: a teacher embedder or cross-encoder whose query-passage score margins the student learns (MarginMSE)"})
-    distill_alpha: float = field(default=0.5, metadata={"help": "with --distill-from: weight of the label cross-entropy (the rest: KL to the teacher)"})
+    distill_alpha: float = field(default=0.5, metadata={"help": "with --distill-from (rag, selfrag): weight of the label loss (the rest: KL to the teacher)"})
     distill_temperature: float = field(default=2.0, metadata={"help": "with --distill-from: softmax temperature of the KL term"})
     eval_data: str = field(default="", metadata={"help": "rag: a validation set (JSONL question + answers) decoded every --eval-steps; its --eval-metric is logged and the best checkpoint kept"})
     eval_steps: int = field(default=0, metadata={"help": "rag: validate every N steps (0: every --save-steps)"})
@@ -123,8 +123,8 @@ class TrainConfig:
         if self.quantize != "none" and (self.lora_r == 0 or self.arch not in ("rag", "selfrag", "selfrag-critic")):
             raise UsageError("--quantize trains LoRA adapters over quantised weights (QLoRA): use it with --lora-r > 0 "
                              "and --arch rag, selfrag or selfrag-critic")
-        if self.distill_from and self.arch not in ("selfrag", "selfrag-critic", "embedder"):
-            raise UsageError(f"--distill-from works with --arch selfrag, selfrag-critic or embedder, not {self.arch}")
+        if self.distill_from and self.arch not in ("selfrag", "selfrag-critic", "embedder", "rag"):
+            raise UsageError(f"--distill-from works with --arch rag, selfrag, selfrag-critic or embedder, not {self.arch}")
         if self.end2end and self.arch != "rag":
             raise UsageError("--end2end is for --arch rag")
         if self.end2end and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -220,7 +220,8 @@ ARCH_FIELDS: dict[str, tuple[str, ...]] = {
     "rag": ("index", "generator", "query_encoder", "n_docs", "loss", "label_smoothing", "end2end", "refresh_steps",
             "refresh_shards", "freeze_query_encoder", "max_source_tokens", "max_target_tokens", "max_passage_words",
             "distributed_retriever", "num_retrieval_workers", "shard_index", "ray_address", "profile", "eval_data",
-            "eval_steps", "n_val", "eval_batch_size", "eval_max_new_tokens", "eval_metric", *_DROPOUT, *_LORA),
+            "eval_steps", "n_val", "eval_batch_size", "eval_max_new_tokens", "eval_metric", "distill_from",
+            "distill_alpha", "distill_temperature", *_DROPOUT, *_LORA),
     "selfrag": _SELFRAG,
     "selfrag-critic": _SELFRAG,
     "embedder": ("embedder", "index", "hard_negatives", "mini_batch_size", "loss", "distill_from"),

@@ -74,6 +74,8 @@ class RagForTraining(nn.Module):
         # what answers searches: the index itself, or Ray actors serving it (same results)
         self.searcher = searcher if searcher is not None else index
         self.retrieval_s = 0.0  # seconds spent retrieving (search + end-to-end re-encoding), cumulative
+        self.teacher: list[Any] = []  # --distill-from: a frozen generator of the same vocabulary (a list: not a submodule)
+        self.distill_alpha, self.distill_temperature = 1.0, 1.0
         self.render = render
         self.is_seq2seq = is_seq2seq
         for p in self.query_encoder.parameters():
@@ -148,16 +150,22 @@ class RagForTraining(nn.Module):
 
     def _answer_logits(self, prompts: list[str], target: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The logits, and how many (non-pad) tokens the generator read to produce them."""
+        inputs, span, read = self._answer_inputs(prompts, target)
+        return self._run_answer(self.generator, inputs, span), read
+
+    def _answer_inputs(self, prompts: list[str], target: torch.Tensor) -> tuple[dict[str, Any], int, int]:
+        """The generator's keyword inputs for (prompt, answer) rows, the answer span, and the tokens read."""
         tok, k = self.tokenizer, len(prompts) // target.shape[0]
         device = next(self.generator.parameters()).device
         labels = target.repeat_interleave(k, dim=0).to(device)
+        span = target.shape[1]
         if self.is_seq2seq:
             enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
                       max_length=self.config.max_source_tokens).to(device)
             dec_labels = labels.masked_fill(labels.eq(IGNORE), tok.pad_token_id)
             decoder_input_ids = self.generator.prepare_decoder_input_ids_from_labels(labels=dec_labels)
             read = int(enc["attention_mask"].sum()) + int(labels.ne(IGNORE).sum())
-            return self.generator(**enc, decoder_input_ids=decoder_input_ids).logits, read
+            return {**enc, "decoder_input_ids": decoder_input_ids}, 0, read
         # causal: [left pad | prompt | answer | right pad]; the answer span starts at the same column in
         # every row, so logits[:, P-1+t] predicts answer token t for all passages alike.
         left, left_mask = self.left_padded(prompts)
@@ -165,24 +173,53 @@ class RagForTraining(nn.Module):
         input_ids = torch.cat([left, answer], dim=1)
         attention = torch.cat([left_mask, labels.ne(IGNORE).long()], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        # only the answer span's logits: full-sequence logits over a 50k vocabulary dominate memory
-        span = target.shape[1]
-        logits = self.generator(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                logits_to_keep=span + 1).logits
-        return logits[:, :span], int(attention.sum())
+        return {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions}, span, int(attention.sum())
+
+    @staticmethod
+    def _run_answer(model: Any, inputs: dict[str, Any], span: int) -> torch.Tensor:
+        """`model`'s logits over the answer span (seq2seq: the decoder's; causal: only the span's positions,
+        since full-sequence logits over a 50k vocabulary dominate memory)."""
+        if not span:
+            return model(**inputs).logits
+        return model(**inputs, logits_to_keep=span + 1).logits[:, :span]
 
     def forward(self, questions: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
         if len(questions) != len(answers) or not questions:
             raise UsageError("a RAG batch needs one answer per question")
         hits, doc_scores = self.retrieve(questions)
         target = self._targets(answers)
-        logits, read = self._answer_logits(self._prompts(questions, hits), target)
+        inputs, span, read = self._answer_inputs(self._prompts(questions, hits), target)
+        logits = self._run_answer(self.generator, inputs, span)
         fn = rag_sequence_loss if self.config.loss == "sequence" else rag_token_loss
         out = fn(logits, doc_scores.to(logits.device), target.to(logits.device), pad_id=IGNORE,
                  epsilon=self.config.label_smoothing, reduce=True)
         n = len(questions)
-        return {"loss": out.loss / n, "nll": out.nll.detach() / n, "doc_scores": doc_scores.detach(),
-                "tokens": read}
+        loss = out.loss / n
+        result = {"nll": out.nll.detach() / n, "doc_scores": doc_scores.detach(), "tokens": read}
+        if self.teacher:
+            with torch.no_grad():
+                teacher_logits = self._run_answer(self.teacher[0], inputs, span)
+            kd = passage_weighted_kl(logits, teacher_logits, target.to(logits.device), doc_scores.detach(),
+                                     self.distill_temperature)
+            loss = self.distill_alpha * loss + (1 - self.distill_alpha) * kd
+            result["kd"] = kd.detach()
+        return {"loss": loss, **result}
+
+
+def passage_weighted_kl(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, doc_scores: torch.Tensor,
+                        temperature: float) -> torch.Tensor:
+    """T^2 * sum_z p(z|x) * mean_t KL(softmax(teacher/T) || softmax(student/T)) over each answer's tokens, averaged
+    over questions: the student learns the teacher's token distribution in every retrieved passage, each
+    passage counted as much as the retriever believes in it (doc posterior p(z|x) = softmax(doc scores))."""
+    b, k = doc_scores.shape
+    labels = target.repeat_interleave(k, dim=0)
+    mask = labels.ne(IGNORE)
+    s = torch.log_softmax(student.float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher.float() / temperature, dim=-1)
+    per_token = (t.exp() * (t - s)).sum(-1) * mask  # (B*K, T)
+    per_row = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
+    weights = torch.softmax(doc_scores.float(), dim=-1).reshape(-1).to(per_row.device)
+    return (weights * per_row).sum() / b * temperature**2
 
 
 def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: LoraSettings | None = None,

@@ -33,6 +33,21 @@ def rag_model_config(config: TrainConfig) -> RagModelConfig:
     )
 
 
+def load_teacher(name: str, student: RagForTraining, device: str) -> Any:
+    """The --distill-from generator, frozen: the same kind (causal or seq2seq) and vocabulary as the student's,
+    since it reads the student's token ids and its distribution is compared token for token."""
+    from ragkit.models.lm import load_lm
+
+    loaded = load_lm(name, device=device, dtype="float32")
+    if loaded.is_seq2seq != student.is_seq2seq or loaded.tokenizer.get_vocab() != student.tokenizer.get_vocab():
+        raise ResourceError(f"--distill-from {name}: its vocabulary (or its kind, causal or seq2seq) differs from "
+                            "the generator's", hint="Distil between models of one tokenizer family.")
+    loaded.model.eval()
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    return loaded.model
+
+
 class RagArch:
     def build(self, config: TrainConfig, device: str) -> RagForTraining:
         if not config.index:
@@ -52,6 +67,9 @@ class RagArch:
                                       name=RayIndexClient.job_name(dirs, mode, config.num_retrieval_workers))
         model = build_rag(rag_model_config(config), device=device, lora=lora, searcher=searcher)
         model.profile_retrieval = config.profile  # the trainer reports model.retrieval_s under --profile
+        if config.distill_from:
+            model.teacher = [load_teacher(config.distill_from, model, device)]
+            model.distill_alpha, model.distill_temperature = config.distill_alpha, config.distill_temperature
         return model
 
     def dataset(self, config: TrainConfig) -> ListDataset:
