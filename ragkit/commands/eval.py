@@ -81,6 +81,9 @@ def evaluate(
     retrieval_mode: RetrievalModeOpt = "dense",
     fusion: FusionOpt = "rrf",
     dense_weight: DenseWeightOpt = 0.5,
+    factscore_out: Annotated[Path | None, typer.Option("--factscore-out", help="--task factscore: where to write the generations in FActScore's format ({topic, output} lines; default: beside -o, REPORT.factscore.jsonl).", show_default=False)] = None,
+    factscore_db: Annotated[Path | None, typer.Option("--factscore-db", help="--task factscore: FActScore's knowledge source (enwiki-20230401.db); with the factscore package installed, FActScore scores the file.", show_default=False)] = None,
+    factscore_model: Annotated[str, typer.Option("--factscore-model", help="--task factscore: FActScore's model_name.")] = "retrieval+ChatGPT",
     sample: Annotated[int, typer.Option("--sample", min=0, help="Score a random sample of this many examples (0: all), weighted so the estimate and its interval are for the whole set.")] = 0,
     stratify: Annotated[str | None, typer.Option("--stratify", help="With --sample: a field of the data rows to stratify by (its values, or quantile bins of a number, e.g. PopQA's pop).", show_default=False)] = None,
     strata: Annotated[int, typer.Option("--strata", min=2, help="With --stratify on a numeric field: quantile bins.")] = 5,
@@ -136,8 +139,17 @@ def evaluate(
             if sampling is None and {"stratify", "strata", "sample_seed"} & set(given):
                 raise UsageError(f"{next(given[n] for n in ('stratify', 'strata', 'sample_seed') if n in given)}: "
                                  "shapes a sample; give --sample N too")
+            factscoring = {"factscore_out", "factscore_db", "factscore_model"} & set(given)
+            if factscoring and task != "factscore":
+                raise UsageError(f"{given[sorted(factscoring)[0]]}: not used by --task {task} (it is --task factscore's)")
+            if task == "factscore" and factscore_out is None and output is None:
+                raise UsageError("--task factscore writes the generations for FActScore: give --factscore-out FILE "
+                                 "(or -o REPORT, and they go beside it)")
             report, shown = _evaluate_qa(ctx, given, task, data, model, arch, predictions, limit, config, began,
                                          sampling)
+            if task == "factscore":
+                _factscore(report, factscore_out or output.with_suffix(".factscore.jsonl"), factscore_db,
+                           factscore_model)
         if output is not None:
             from ragkit.eval import report as rep
 
@@ -151,7 +163,8 @@ def evaluate(
 EVAL_LEVEL = {"task", "data", "output", "label", "as_json"}
 LM_OPTIONS = {"model", "workdir", "glob", "batch_size", "device"}
 BEIR_OPTIONS = {"predictions", "index", "k", "limit", "split", "device", "retrieval_mode", "fusion", "dense_weight"}
-QA_OPTIONS = {"predictions", "limit", "model", "arch", "sample", "stratify", "strata", "sample_seed"}  # + the answering architecture's schema with --model
+QA_OPTIONS = {"predictions", "limit", "model", "arch", "sample", "stratify", "strata", "sample_seed", "factscore_out",
+              "factscore_db", "factscore_model"}  # + the answering architecture's schema with --model
 SAMPLING = {"sample", "stratify", "strata", "sample_seed"}
 
 
@@ -168,7 +181,8 @@ def _evaluate_qa(ctx: typer.Context, given: dict[str, str], task: str, data: Pat
 
     the_task = get_task(task)
     if model is None:
-        refuse_unused(given, EVAL_LEVEL | {"predictions", "limit"} | SAMPLING, "scoring predictions (they are read, not made)",
+        refuse_unused(given, EVAL_LEVEL | {"predictions", "limit", "factscore_out", "factscore_db", "factscore_model"}
+                      | SAMPLING, "scoring predictions (they are read, not made)",
                       hint="Give --model to answer here, or drop the generation options.")
         every = load_examples(the_task, data, limit or None)
         examples, drawn = _sampled(every, sampling, str(data))
@@ -198,6 +212,11 @@ def _evaluate_qa(ctx: typer.Context, given: dict[str, str], task: str, data: Pat
         pairs = runner.match_predictions(examples, outputs, "<generated>", str(data))
         config.update(model=model, arch=arch, options=dataclasses.asdict(options))
     rows = runner.score(the_task, pairs)
+    if the_task.name == "factscore":  # what FActScore reads with each generation
+        by_id = {e.id: e for e in examples}
+        for r in rows:
+            r.update(topic=by_id[r["id"]].extra["topic"], input=by_id[r["id"]].extra["input"],
+                     cat=by_id[r["id"]].extra["cat"])
     extra = ("retrieved",) if rows and "retrieved" in rows[0]["metrics"] else ()
     if drawn is not None:
         from ragkit.eval.sampling import estimate
@@ -221,6 +240,24 @@ def _evaluate_qa(ctx: typer.Context, given: dict[str, str], task: str, data: Pat
         report["sampling"] = drawn.describe()
         return report, f"{task}: {data} ({len(rows)} sampled of {drawn.population}, estimates for all)"
     return report, f"{task}: {data} ({len(rows)} examples)"
+
+
+def _factscore(report: dict[str, Any], path: Path, db: Path | None, model_name: str) -> None:
+    """Write FActScore's input file; score it with FActScore itself where it can run, else say why not."""
+    from ragkit.console import info
+    from ragkit.eval import factscore
+
+    rows = [{**r, "output": r["prediction"]} for r in report["rows"]]
+    factscore.write_factscore_file(path, rows)
+    result = factscore.score(rows, knowledge_source=str(db) if db else None, model_name=model_name)
+    report["factscore"] = {**result, "file": str(path), "n": len(rows)}
+    if result["scored"]:
+        report["metrics"]["factscore"] = {"mean": result["factscore"], "n": len(rows),
+                                          "ci95": [result["factscore"], result["factscore"]]}
+        info(f"factscore: {result['factscore']:.4f} over {len(rows)} generations ({path})")
+    else:
+        info(f"factscore: not scored ({result['reason']}); the generations are in {path} for FActScore "
+             "(python -m factscore.factscorer --input_path FILE)")
 
 
 def _sampled(examples: list[Any], sampling: tuple[int, str | None, int, int] | None, source: str) -> tuple[list[Any], Any]:

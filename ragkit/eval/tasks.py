@@ -93,6 +93,22 @@ def _ctxs(obj: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in raw if isinstance(c, dict) and "text" in c]
 
 
+# -- long-form biographies: FActScore (Self-RAG's factscore_unlabeled_alpaca_13b_retrieval.jsonl) ----------
+def load_factscore(obj: dict[str, Any], where: Location) -> Example:
+    """A row {input, topic, cat?, ctxs?}: `input` is the prompt ("Tell me a bio of X."), `topic` the entity
+    FActScore checks the generation's atomic facts against. There is no gold text: the score is FActScore's."""
+    prompt = _require(obj, "input", where) if "input" in obj else _question(obj, where)
+    topic = _require(obj, "topic", where)
+    return Example(_id(obj, where), prompt, [], _ctxs(obj), {"topic": topic, "cat": obj.get("cat"), "input": prompt},
+                   line=where.line or 0, query=topic)
+
+
+def score_factscore(example: Example, prediction: str) -> dict[str, float]:
+    """Nothing locally: FActScore scores a whole file with its own model and knowledge source
+    (ragkit.eval.factscore); a local number would be an invented one."""
+    return {}
+
+
 # -- open-domain QA ------------------------------------------------------------------------------
 def load_qa(obj: dict[str, Any], where: Location) -> Example:
     return Example(_id(obj, where), _question(obj, where), _answers(obj, where), _ctxs(obj), line=where.line or 0)
@@ -222,6 +238,7 @@ TASKS: dict[str, Task] = {
     # the Self-RAG scripts' name for the same claim task (run_short_form.py --task fever reads PubHealth)
     "fever": Task("fever", "accuracy", ("accuracy", "match", "answered"), load_pubhealth, score_claim,
                   ("accuracy", "match", "answered")),
+    "factscore": Task("factscore", "factscore", (), load_factscore, score_factscore),
     "asqa": Task("asqa", "str_em", ("str_em", "rougeLsum"), load_asqa, score_asqa),
     "text": Task("text", "rougeL", ("rougeL", "bleu", "f1"), load_qa, score_text),
 }

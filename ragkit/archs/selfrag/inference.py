@@ -13,7 +13,7 @@ from ragkit.archs.selfrag.scoring import ScoringConfig
 from ragkit.io.queries import Question
 
 CLOSED_TASKS = ("arc_c", "pubhealth", "fever", "scifact")  # sum scores per distinct answer
-LONG_FORM_TASKS = ("asqa",)
+LONG_FORM_TASKS = ("asqa", "factscore")
 
 
 @dataclass
@@ -25,7 +25,7 @@ class SelfRagOptions(RetrievalOptions, ScoringConfig):
     # the scoring weights and switches (w_rel, w_sup, w_use, use_*, compat_upstream) come from ScoringConfig
     mode: str = "adaptive_retrieval"
     threshold: float = 0.2  # negative: retrieve iff the model writes [Retrieval]
-    long_form: bool | None = None  # None: long form for asqa, short otherwise
+    long_form: bool | None = None  # None: long form for asqa and factscore, short otherwise
     beam_width: int = 2
     max_depth: int = 6
     ignore_cont: bool = False
