@@ -455,7 +455,8 @@ def test_retro_pytorch_data_limits_and_reprocess(tmp_path: Path, texts: Path, ti
 def test_filter_thres_is_retro_pytorchs_top_k_fraction(trained: Path) -> None:
     from ragkit.archs.retro.inference import RetroOptions
 
-    assert RetroOptions(filter_thres=0.9, do_sample=True).top_k_for(1000) == 100
+    assert RetroOptions(filter_thres=0.9, do_sample=True).top_k_for(1000) == max(int((1 - 0.9) * 1000), 1) == 99
+    assert RetroOptions(filter_thres=0.5, do_sample=True).top_k_for(1000) == 500
     assert RetroOptions(top_k=7).top_k_for(1000) == 7
     result = _cli("generate", "--arch", "retro", "-m", trained / "run" / "final", "--max-new-tokens", 6,
                   "--do-sample", "--filter-thres", "0.9", "--device", "cpu", input_="the king of\n")

@@ -277,7 +277,9 @@ class RichProgress(TrainerCallback):
             self.bar.stop()
 
 
-def training_arguments(config: TrainConfig, use_cpu: bool, validates: bool = False) -> TrainingArguments:
+def training_arguments(config: TrainConfig, use_cpu: bool, validation: tuple[int, str] | None = None) -> TrainingArguments:
+    """Trainer's arguments; `validation` (every N steps, the metric that picks the best checkpoint) comes
+    from an architecture that validates (RAG with --eval-data)."""
     scheduler = {"polynomial": "polynomial", "cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
     return TrainingArguments(
         output_dir=config.output,
@@ -307,8 +309,8 @@ def training_arguments(config: TrainConfig, use_cpu: bool, validates: bool = Fal
         deepspeed=config.deepspeed or None,
         fsdp=config.fsdp or None,  # FSDP's options live in fsdp_config (transformers deprecates option strings)
         fsdp_config=config.fsdp_config or None,
-        **({"eval_strategy": "steps", "eval_steps": config.eval_steps or config.save_steps,
-            "metric_for_best_model": f"eval_{config.eval_metric}", "greater_is_better": True} if validates else {}),
+        **({"eval_strategy": "steps", "eval_steps": validation[0], "metric_for_best_model": validation[1],
+            "greater_is_better": True} if validation else {}),
     )
 
 
@@ -355,8 +357,8 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
         from ragkit.console import info
 
         start = str(resume_checkpoint(output, info))
-    args = training_arguments(config, use_cpu=device == "cpu", validates=hasattr(arch, "validate") and bool(
-        getattr(config, "eval_data", "")))
+    schedule = arch.validation_schedule(config) if hasattr(arch, "validation_schedule") else None
+    args = training_arguments(config, use_cpu=device == "cpu", validation=schedule)
     # Under torchrun / accelerate, rank 0 builds first (GGUF conversion, RETRO's work folder, index copies)
     # while the other ranks wait, then finds its caches current; the filesystem is assumed shared.
     with args.main_process_first(local=False, desc="building the model and its data"), \

@@ -75,6 +75,12 @@ class RagArch:
     def dataset(self, config: TrainConfig) -> ListDataset:
         return ListDataset(read_pairs(config.data))
 
+    def validation_schedule(self, config: TrainConfig) -> tuple[int, str] | None:
+        """(validate every N steps, the logged metric that picks the best checkpoint), with --eval-data."""
+        if not config.eval_data:
+            return None
+        return config.eval_steps or config.save_steps, f"eval_{config.eval_metric}"
+
     def validation_set(self, config: TrainConfig) -> ListDataset:
         """--eval-data as QA examples (question + answers), the first --n-val of them; read once."""
         from ragkit.eval.tasks import get_task, load_examples

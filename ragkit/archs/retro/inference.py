@@ -3,7 +3,6 @@ work folder at every chunk boundary. Its rows are prompts (`prompt`, `text` or `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -41,9 +40,10 @@ class RetroOptions:
             raise UsageError("--filter-thres filters sampling: add --do-sample (greedy decoding reads only the top token)")
 
     def top_k_for(self, vocab_size: int) -> int:
-        """--top-k, or --filter-thres as RETRO-pytorch's top_k: ceil((1 - thres) * vocabulary) tokens."""
+        """--top-k, or --filter-thres as RETRO-pytorch's top_k computes it: max(int((1 - thres) * vocabulary), 1)
+        tokens (its floor included, so the same thres keeps the same tokens)."""
         if self.filter_thres:
-            return max(1, math.ceil((1 - self.filter_thres) * vocab_size))
+            return max(int((1 - self.filter_thres) * vocab_size), 1)
         return self.top_k
 
 
