@@ -16,6 +16,7 @@ from ragkit.commands import export as export_cmd
 from ragkit.commands import generate as generate_cmd
 from ragkit.commands import index as index_cmd
 from ragkit.commands import prune as prune_cmd
+from ragkit.commands import retro as retro_cmd
 from ragkit.commands import selfrag as selfrag_cmd
 from ragkit.commands import serve as serve_cmd
 from ragkit.commands import train as train_cmd
@@ -57,6 +58,7 @@ train_cmd.register(app)
 app.command("export")(export_cmd.export)
 app.command("prune")(prune_cmd.prune)
 app.add_typer(selfrag_cmd.app, name="selfrag")
+app.add_typer(retro_cmd.app, name="retro")
 app.command("serve")(serve_cmd.serve)
 app.command("env")(env_cmd.env)
 

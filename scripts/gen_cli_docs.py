@@ -15,7 +15,7 @@ from typer.testing import CliRunner  # noqa: E402
 from ragkit.cli import app  # noqa: E402
 
 COMMANDS = [[], ["embed"], ["index"], ["index", "build"], ["index", "add"], ["index", "remove"],
-            ["index", "search"], ["index", "info"], ["index", "compact"], ["index", "plan"], ["generate"], ["eval"], ["eval", "compare"], ["train"], ["serve"], ["prune"], ["env"]]
+            ["index", "search"], ["index", "info"], ["index", "compact"], ["index", "plan"], ["generate"], ["eval"], ["eval", "compare"], ["train"], ["serve"], ["prune"], ["retro", "import"], ["env"]]
 
 
 def main() -> None:

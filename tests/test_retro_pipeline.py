@@ -17,7 +17,7 @@ from conftest import run_cli as _cli
 from conftest import run_torchrun
 from ragkit.errors import InputError, ResourceError, UsageError
 from ragkit.archs.retro import pipeline as P
-from ragkit.archs.retro.corpus import RetroSequences, prepare
+from ragkit.archs.retro.corpus import RetroCorpus, RetroSequences, prepare
 
 M = 4  # chunk size
 SEQ = 16
@@ -466,3 +466,69 @@ def test_filter_thres_is_retro_pytorchs_top_k_fraction(trained: Path) -> None:
                            (["--do-sample", "--filter-thres", "1.5"], "fraction in [0, 1)")):
         result = _cli("generate", "--arch", "retro", "-m", trained / "run" / "final", *extra, input_="x\n")
         assert result.exit_code == 2 and message in result.stderr, (extra, result.stderr)
+
+
+def _retro_pytorch_memmaps(folder: Path, tokenizer, documents: list[str]) -> dict[str, int]:
+    """Files in RETRO-pytorch's layout: headerless int32 memmaps, preallocated past what is used, 0-padded."""
+    rows, doc_ids, seqs = [], [], []
+    for d, text in enumerate(documents):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        count = -(-len(ids) // M)
+        padded = ids + [0] * (count * M + 1 - len(ids))
+        for c in range(count):
+            if c % (SEQ // M) == 0:
+                seqs.append(len(rows))
+            rows.append(padded[c * M:(c + 1) * M] + [padded[(c + 1) * M]])
+            doc_ids.append(d)
+    n, s = len(rows), len(seqs)
+    chunks = np.zeros((n + 5, M + 1), dtype=np.int32)  # max_chunks > the chunks used, as RETRO-pytorch allocates
+    chunks[:n] = rows
+    chunks.tofile(folder / "train.chunks.dat")
+    np.asarray(doc_ids + [0] * 5, dtype=np.int32).tofile(folder / "train.doc_ids.dat")
+    np.asarray(seqs + [0] * 3, dtype=np.int32).tofile(folder / "train.seq.dat")
+    knn = np.full((n, 2), -1, dtype=np.int32)
+    for i, d in enumerate(doc_ids):
+        others = [j for j, e in enumerate(doc_ids) if e != d]
+        knn[i, : min(2, len(others))] = others[:2]
+    knn.tofile(folder / "train.chunks.knn.dat")
+    return {"chunks": n, "seqs": s}
+
+
+def test_retro_pytorch_memmaps_import_and_train(tmp_path: Path, tiny_lm_path: Path, tiny_encoder_path: Path) -> None:
+    """`ragkit retro import` reads RETRO-pytorch's memmaps (padding 0 -> -1, its neighbours kept), and ragkit's
+    RETRO trains on the work folder without re-chunking or recomputing the neighbours."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    rng = random.Random(1)
+    documents = [" ".join(rng.choices(WORDS, k=30)) for _ in range(3)]
+    stats = _retro_pytorch_memmaps(tmp_path, tok, documents)
+    work = tmp_path / "work"
+    common = ["--chunks", tmp_path / "train.chunks.dat", "--num-chunks", stats["chunks"], "--num-seqs", stats["seqs"],
+              "--chunk-size", M, "--seq-len", SEQ, "--tokenizer", tiny_lm_path, "--embedder", tiny_encoder_path,
+              "--device", "cpu"]
+    result = _cli("retro", "import", *common, "--workdir", work, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["neighbours"] == 2
+    raw = np.fromfile(tmp_path / "train.chunks.dat", dtype=np.int32).reshape(-1, M + 1)[: stats["chunks"]]
+    ours = np.load(work / "chunks.npy")
+    assert (ours == np.where(raw == 0, P.PAD, raw)).all()
+    knn = np.fromfile(tmp_path / "train.chunks.knn.dat", dtype=np.int32).reshape(stats["chunks"], 2)
+    assert (np.load(work / "neighbours.npy") == knn).all()
+    corpus = RetroCorpus(work, chunk_size=M)
+    assert len(corpus.documents()) == 3 and len(corpus.seq_starts) == stats["seqs"]
+    assert tok.decode([t for t in ours[: corpus.documents()[0]["chunks"], :M].reshape(-1) if t >= 0]) == documents[0]
+    before = (work / "neighbours.npy").read_bytes()
+    train = ["train", "--arch", "retro", "--workdir", work, "--tokenizer", tiny_lm_path, "--embedder", tiny_encoder_path,
+             "--chunk-size", M, "--seq-len", SEQ, *TINY_MODEL, "--max-steps", 2, "--batch-size", 2, "--device", "cpu"]
+    result = _cli(*train, "--data", work, "-o", tmp_path / "run", "--num-neighbors", 2)
+    assert result.exit_code == 0, result.stderr
+    assert (work / "neighbours.npy").read_bytes() == before  # RETRO-pytorch's neighbours, not recomputed
+    for extra, message in ((["--data", work, "--num-neighbors", 3], "holds 2 neighbours"),
+                           (["--data", tmp_path, "--num-neighbors", 2], "is its own data"),
+                           (["--data", work, "--num-neighbors", 2, "--reprocess"], "import them again")):
+        result = _cli(*train, *extra, "-o", tmp_path / "r")
+        assert result.exit_code == 2 and message in result.stderr, (extra, result.stderr)
+    too_many = _cli("retro", "import", *[str(c) if c != stats["chunks"] else str(stats["chunks"] + 100) for c in common],
+                    "--workdir", tmp_path / "w2")
+    assert too_many.exit_code == 3 and "train.chunks.dat" in too_many.stderr

@@ -13,7 +13,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ragkit.console import info
-from ragkit.errors import ResourceError
+from ragkit.errors import ResourceError, UsageError
 from ragkit.archs.retro import pipeline as P
 
 
@@ -75,18 +75,23 @@ def prepare(config: P.RetroDataConfig) -> Prepared:
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     manifest = P.Manifest(workdir)
-    files = P.input_files(config.data, config.glob)
-    tokenizer = P.load_tokenizer(config.tokenizer)
-    fingerprint = P.tokenizer_fingerprint(tokenizer)
-    check_tokenizer(manifest, fingerprint, config.tokenizer, reprocess=config.reprocess)
+    from ragkit.archs.retro.import_memmaps import imported_stage
 
-    chunk_params = {"format_version": P.FORMAT_VERSION, "input": P.files_digest(files),
-                    "files": [str(f.resolve()) for f in files],
-                    "tokenizer": config.tokenizer, "tokenizer_fingerprint": fingerprint,
-                    "chunk_size": config.chunk_size, "seq_len": config.seq_len,
-                    **({"max_chunks": config.max_chunks} if config.max_chunks else {})}
-    chunk_key, force = chunk_stage(manifest, chunk_params, files, tokenizer, where=str(config.data),
-                                   force=config.reprocess)
+    if imported_stage(manifest, "chunks") is not None:  # `ragkit retro import`: RETRO-pytorch's chunks, as they are
+        chunk_key, tokenizer, fingerprint = _imported_chunks(manifest, config)
+        force = False
+    else:
+        files = P.input_files(config.data, config.glob)
+        tokenizer = P.load_tokenizer(config.tokenizer)
+        fingerprint = P.tokenizer_fingerprint(tokenizer)
+        check_tokenizer(manifest, fingerprint, config.tokenizer, reprocess=config.reprocess)
+        chunk_params = {"format_version": P.FORMAT_VERSION, "input": P.files_digest(files),
+                        "files": [str(f.resolve()) for f in files],
+                        "tokenizer": config.tokenizer, "tokenizer_fingerprint": fingerprint,
+                        "chunk_size": config.chunk_size, "seq_len": config.seq_len,
+                        **({"max_chunks": config.max_chunks} if config.max_chunks else {})}
+        chunk_key, force = chunk_stage(manifest, chunk_params, files, tokenizer, where=str(config.data),
+                                       force=config.reprocess)
 
     from ragkit.models.encoder import Encoder
 
@@ -113,7 +118,13 @@ def prepare(config: P.RetroDataConfig) -> Prepared:
     neighbour_params = {"index": index_key, "k": config.num_neighbors, "extra": config.extra_neighbors,
                         "exclude_same_document": True}
     neighbour_key = P.stage_key(neighbour_params)
-    if force or not manifest.is_current("neighbours", neighbour_key):
+    imported_knn = imported_stage(manifest, "neighbours")
+    if imported_knn is not None:  # RETRO-pytorch's own neighbours are what the model trains with
+        k = manifest.stage("neighbours")["params"]["k"]
+        if k != config.num_neighbors:
+            raise UsageError(f"--num-neighbors {config.num_neighbors}: {workdir} holds {k} neighbours per chunk, "
+                             "imported from RETRO-pytorch", hint=f"Train with --num-neighbors {k}.")
+    elif force or not manifest.is_current("neighbours", neighbour_key):
         from ragkit.index import Index
 
         began = time.perf_counter()
@@ -124,6 +135,32 @@ def prepare(config: P.RetroDataConfig) -> Prepared:
                         seconds=time.perf_counter() - began)
     corpus = RetroCorpus(workdir, chunk_size=config.chunk_size)
     return Prepared(corpus, tokenizer, fingerprint, encoder, workdir / "index")
+
+
+def _imported_chunks(manifest: P.Manifest, config: P.RetroDataConfig) -> tuple[str, Any, str]:
+    """The chunks stage of an imported work folder: (its key, the tokenizer, its fingerprint), checked
+    against the run's settings; never rebuilt from --data (there is no text to rebuild it from)."""
+    workdir = manifest.workdir
+    entry = manifest.stage("chunks")
+    assert entry is not None
+    params = entry["params"]
+    if config.reprocess:
+        raise UsageError(f"--reprocess: {workdir} was imported from RETRO-pytorch's memmaps; import them again "
+                         "(ragkit retro import) to rebuild it")
+    if Path(config.data).resolve() != workdir.resolve():
+        raise UsageError(f"--data {config.data}: {workdir} was imported from RETRO-pytorch and is its own data",
+                         hint=f"Give --data {workdir} (the same folder as --workdir).")
+    for name, ours in (("chunk_size", config.chunk_size), ("seq_len", config.seq_len)):
+        if params[name] != ours:
+            raise UsageError(f"--{name.replace('_', '-')} {ours}: {workdir} was imported with {params[name]}")
+    tokenizer = P.load_tokenizer(config.tokenizer)
+    fingerprint = P.tokenizer_fingerprint(tokenizer)
+    if fingerprint != params["tokenizer_fingerprint"]:
+        raise ResourceError(f"--tokenizer {config.tokenizer}: not the tokenizer {workdir} was imported with "
+                            f"('{params['tokenizer']}')", hint=f"Train with --tokenizer {params['tokenizer']}.")
+    if not manifest.is_current("chunks", entry["key"]):
+        raise ResourceError(f"{workdir}: an imported file is missing or changed", hint="Import it again.")
+    return entry["key"], tokenizer, fingerprint
 
 
 def chunk_stage(manifest: P.Manifest, params: dict[str, Any], files: list[Path], tokenizer: Any, *, where: str,
