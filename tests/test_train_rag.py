@@ -562,6 +562,18 @@ def test_validation_while_training_logs_the_metric_and_keeps_the_best_checkpoint
     assert logged["eval_em"] == pytest.approx(sum(s["em"] for s in scores) / 3)
     refused = run(*base_args(setup, tmp_path / "r", "--eval-metric", "bleu", "--eval-data", val))
     assert refused.exit_code == 2 and "--eval-metric bleu" in refused.stderr
+    # --predict-data (finetune_rag's --do_predict): the final model answers the test set after training
+    out3 = tmp_path / "run3"
+    result = run(*base_args(setup, out3, "--max-steps", 4, "--save-steps", 4, "--loss", "token",
+                            "--predict-data", reachable, "--test_max_target_length", 4))
+    assert result.exit_code == 0, result.stderr
+    predicted = [json.loads(line) for line in (out3 / "test_predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in predicted] == ["v0", "v1", "v2"] and all(len(p["passage_ids"]) == 3 for p in predicted)
+    final = run("generate", reachable, "--arch", "rag", "-m", out3 / "final", "--rag-decoding", "token",
+                "--max-new-tokens", 4, "--device", "cpu")
+    assert [p["output"] for p in predicted] == [json.loads(line)["output"] for line in final.stdout.splitlines()]
+    report = json.loads(result.stdout)
+    assert report["test_metrics"]["f1"] == pytest.approx(sum(p["f1"] for p in predicted) / 3)
 
 
 def test_passage_weighted_kl_by_hand() -> None:

@@ -85,6 +85,8 @@ def train(
     eval_batch_size: Annotated[int | None, typer.Option("--eval-batch-size", "--eval_batch_size", min=0, help=_help("eval_batch_size"))] = None,
     eval_max_new_tokens: Annotated[int | None, typer.Option("--eval-max-new-tokens", "--val-max-target-length", "--val_max_target_length", min=0, help=_help("eval_max_new_tokens"))] = None,
     eval_metric: Annotated[str | None, typer.Option("--eval-metric", help=_help("eval_metric"))] = None,
+    predict_data: Annotated[str | None, typer.Option("--predict-data", help=_help("predict_data"))] = None,
+    predict_max_new_tokens: Annotated[int | None, typer.Option("--predict-max-new-tokens", "--test-max-target-length", "--test_max_target_length", min=0, help=_help("predict_max_new_tokens"))] = None,
     profile: Annotated[bool | None, typer.Option("--profile", help=_help("profile"), show_default=False)] = None,
     dropout: Annotated[float | None, typer.Option("--dropout", min=0.0, max=1.0, help=_help("dropout"))] = None,
     attention_dropout: Annotated[float | None, typer.Option("--attention-dropout", "--attention_dropout", min=0.0, max=1.0, help=_help("attention_dropout"))] = None,

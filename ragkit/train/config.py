@@ -47,6 +47,8 @@ class TrainConfig:
     n_val: int = field(default=0, metadata={"help": "rag: validation questions used (the first N; 0: all; finetune_rag's --n_val)"})
     eval_batch_size: int = field(default=0, metadata={"help": "rag: questions decoded at once in validation (0: --batch-size)"})
     eval_max_new_tokens: int = field(default=0, metadata={"help": "rag: tokens generated per validation answer (0: --max-target-tokens; finetune_rag's --val_max_target_length)"})
+    predict_data: str = field(default="", metadata={"help": "rag: a test set (JSONL question + answers) the final model answers after training: OUTPUT/test_predictions.jsonl and test EM/F1/match in the cost report (finetune_rag's --do_predict)"})
+    predict_max_new_tokens: int = field(default=0, metadata={"help": "rag: tokens generated per test answer (0: --max-target-tokens; finetune_rag's --test_max_target_length)"})
     eval_metric: str = field(default="em", metadata={"help": "rag: em, f1 or match (SQuAD EM / token F1 / Self-RAG match): what picks the best checkpoint"})
     profile: bool = field(default=False, metadata={"help": "rag: time retrieval (the index search, in-process or on Ray, and with --end2end the re-encoding of the hits): retrieval_s per step and its share of the step in metrics.jsonl and the cost report"})
     dropout: float | None = field(default=None, metadata={"help": "rag / selfrag: the generator's dropout (its config's dropout, dropout_rate, hidden_dropout_prob or resid_pdrop; refused when it has none; default: the model's own)"})
@@ -153,7 +155,7 @@ class TrainConfig:
                     "save_steps", "save_total_limit", "logging_steps", "num_retrieval_workers", "mini_batch_size",
                     "epochs", "lora_alpha")
         non_negative = ("hard_negatives", "extra_neighbors", "retro_enc_dim", "max_chunks", "max_seqs", "eval_steps",
-                        "n_val", "eval_batch_size", "eval_max_new_tokens", "weight_decay", "warmup_steps", "max_grad_norm",
+                        "n_val", "eval_batch_size", "eval_max_new_tokens", "predict_max_new_tokens", "weight_decay", "warmup_steps", "max_grad_norm",
                         "gpu_hour_price", "distill_temperature")  # rates in [0, 1] are checked below
         for name in positive:
             value = getattr(self, name)
@@ -220,7 +222,8 @@ ARCH_FIELDS: dict[str, tuple[str, ...]] = {
     "rag": ("index", "generator", "query_encoder", "n_docs", "loss", "label_smoothing", "end2end", "refresh_steps",
             "refresh_shards", "freeze_query_encoder", "max_source_tokens", "max_target_tokens", "max_passage_words",
             "distributed_retriever", "num_retrieval_workers", "shard_index", "ray_address", "profile", "eval_data",
-            "eval_steps", "n_val", "eval_batch_size", "eval_max_new_tokens", "eval_metric", "distill_from",
+            "eval_steps", "n_val", "eval_batch_size", "eval_max_new_tokens", "predict_max_new_tokens", "eval_metric", "predict_data",
+            "predict_max_new_tokens", "distill_from",
             "distill_alpha", "distill_temperature", *_DROPOUT, *_LORA),
     "selfrag": _SELFRAG,
     "selfrag-critic": _SELFRAG,

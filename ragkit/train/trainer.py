@@ -330,6 +330,7 @@ class CostReport:
     gpu_cost: float | None = None  # gpu_hours x --gpu-hour-price, when a price is given
     best_checkpoint: str | None = None  # with validation: the checkpoint of the best --eval-metric
     best_metric: dict[str, float] | None = None
+    test_metrics: dict[str, float] | None = None  # --predict-data: the final model's test EM / F1 / match
     retrieval_s: float | None = None  # --profile: seconds retrieving, over the run (this process)
     retrieval_share: float | None = None  # --profile: their share of the training steps' time
 
@@ -382,6 +383,9 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
     result = trainer.train(resume_from_checkpoint=start)
     wall = time.perf_counter() - began
     trainer.save_model(str(output / "final"))
+    test_metrics = None
+    if hasattr(arch, "predict") and getattr(config, "predict_data", "") and trainer.is_world_process_zero():
+        test_metrics = arch.predict(trainer.accelerator.unwrap_model(trainer.model), config, output)
     if config.report_to == "wandb":
         _finish_wandb()
     steps = result.global_step
@@ -402,6 +406,7 @@ def train(config: TrainConfig, arch: Arch, *, resume: bool = False) -> CostRepor
         final_loss=result.training_loss,
         processes=world,
     )
+    report.test_metrics = test_metrics
     if trainer.state.best_global_step:
         report.best_checkpoint = str(output / f"checkpoint-{trainer.state.best_global_step}")
         report.best_metric = {args.metric_for_best_model: trainer.state.best_metric}

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,40 @@ def load_teacher(name: str, student: RagForTraining, device: str) -> Any:
     for p in loaded.model.parameters():
         p.requires_grad_(False)
     return loaded.model
+
+
+def decode_and_score(model: RagForTraining, examples: list[Any], config: TrainConfig,
+                     max_new_tokens: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Decode questions with the model as it is now (RAG-Token greedy for --loss token, RAG-Sequence fast
+    decoding otherwise) and score each answer (SQuAD EM, token F1, Self-RAG match): (means, per-example rows)."""
+    import time
+
+    import torch
+
+    from ragkit.archs.rag.decoding import decode
+    from ragkit.eval.tasks import get_task
+
+    task = get_task("qa")
+    batch = config.eval_batch_size or config.batch_size
+    mode = "token" if (config.loss or "sequence") == "token" else "sequence-fast"
+    was_training = model.training
+    model.eval()
+    began = time.perf_counter()
+    totals = {"em": 0.0, "f1": 0.0, "match": 0.0}
+    rows = []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch):
+            block = examples[i:i + batch]
+            for example, answer in zip(block, decode(model, [e.question for e in block], mode=mode,
+                                                     max_new_tokens=max_new_tokens)):
+                scores = {k: v for k, v in task.score(example, answer.text).items() if k in totals}
+                for name, value in scores.items():
+                    totals[name] += value
+                rows.append({"id": example.id, "question": example.question, "output": answer.text,
+                             "golds": example.golds, "passage_ids": [h.id for h in answer.hits], **scores})
+    model.train(was_training)
+    n = max(1, len(examples))
+    return {**{k: v / n for k, v in totals.items()}, "n": float(len(examples)), "seconds": time.perf_counter() - began}, rows
 
 
 class RagArch:
@@ -90,35 +125,24 @@ class RagArch:
         return ListDataset(self._validation)
 
     def validate(self, model: RagForTraining, config: TrainConfig) -> dict[str, float]:
-        """Decode the validation questions with the model as it is now (RAG-Token greedy for --loss token,
-        RAG-Sequence fast decoding otherwise) and score the answers: mean EM, F1 and Self-RAG match."""
-        import time
+        """Decode the validation questions with the model as it is now and score the answers."""
+        metrics, _ = decode_and_score(model, self.validation_set(config).rows, config,
+                                      config.eval_max_new_tokens or config.max_target_tokens)
+        return metrics
 
-        import torch
+    def predict(self, model: RagForTraining, config: TrainConfig, output: Path) -> dict[str, float]:
+        """--predict-data (finetune_rag's --do_predict): the final model's answers to the test questions,
+        written to OUTPUT/test_predictions.jsonl with their scores; the means go in the cost report."""
+        from ragkit.eval.tasks import get_task, load_examples
+        from ragkit.io.atomic import atomic_open
 
-        from ragkit.archs.rag.decoding import decode
-        from ragkit.eval.tasks import get_task
-
-        examples = self.validation_set(config).rows
-        task = get_task("qa")
-        batch = config.eval_batch_size or config.batch_size
-        mode = "token" if (config.loss or "sequence") == "token" else "sequence-fast"
-        was_training = model.training
-        model.eval()
-        began = time.perf_counter()
-        totals = {"em": 0.0, "f1": 0.0, "match": 0.0}
-        with torch.no_grad():
-            for i in range(0, len(examples), batch):
-                block = examples[i:i + batch]
-                answers = decode(model, [e.question for e in block], mode=mode,
-                                 max_new_tokens=config.eval_max_new_tokens or config.max_target_tokens)
-                for example, answer in zip(block, answers):
-                    for name, value in task.score(example, answer.text).items():
-                        if name in totals:
-                            totals[name] += value
-        model.train(was_training)
-        n = max(1, len(examples))
-        return {**{k: v / n for k, v in totals.items()}, "n": float(len(examples)), "seconds": time.perf_counter() - began}
+        examples = load_examples(get_task("qa"), config.predict_data)
+        metrics, rows = decode_and_score(model, examples, config,
+                                         config.predict_max_new_tokens or config.max_target_tokens)
+        with atomic_open(output / "test_predictions.jsonl") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return metrics
 
     def collate(self, rows: list[Pair]) -> dict[str, Any]:
         return {"questions": [r.question for r in rows], "answers": [r.answer for r in rows]}
