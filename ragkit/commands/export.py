@@ -29,11 +29,9 @@ def export(
     with handle_errors():
         from ragkit.archs.selfrag.loading import load_causal_lm
         from ragkit.console import info
-        from ragkit.errors import UsageError
-        from ragkit.models.lm import save_model_folder
+        from ragkit.models.lm import refuse_used_folder, save_model_folder
 
-        if output.exists() and (not output.is_dir() or any(output.iterdir())):
-            raise UsageError(f"{output}: exists and is not empty", hint="Choose a new --output folder.")
+        refuse_used_folder(output)
         model, tokenizer = load_causal_lm(str(checkpoint), device="cpu", dtype=dtype, merge_lora=True)
         save_model_folder(model, tokenizer, output)
         params = sum(p.numel() for p in model.parameters())

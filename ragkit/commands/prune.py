@@ -35,11 +35,10 @@ def prune(
     with handle_errors():
         from ragkit.console import info
         from ragkit.errors import UsageError
-        from ragkit.models.lm import load_lm, save_model_folder
+        from ragkit.models.lm import load_lm, refuse_used_folder, save_model_folder
         from ragkit.models.prune import prune_model
 
-        if output.exists() and (not output.is_dir() or any(output.iterdir())):
-            raise UsageError(f"{output}: exists and is not empty", hint="Choose a new --output folder.")
+        refuse_used_folder(output)
         keep = None
         if keep_layers is not None:
             try:

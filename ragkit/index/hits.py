@@ -70,6 +70,15 @@ class Hit:
         return f"Hit(id={self.id!r}, score={self.score:.4f}, rank={self.rank})"
 
 
+def passage_json(passage: Any) -> dict[str, Any]:
+    """A stored passage as a hit row shows it (metadata nested, and left out when empty): what
+    /passages/{id} returns, from this process's index or a Ray actor's."""
+    out = {"id": passage.id, "title": passage.title, "text": passage.text}
+    if passage.metadata:
+        out["metadata"] = passage.metadata
+    return out
+
+
 class HitRow(Sequence[Hit]):
     """One query's hits, made into `Hit` objects when the row is first read: a search of 1,000 queries
     then costs what Faiss costs plus a few arrays, not 10,000 Python objects nobody may look at."""

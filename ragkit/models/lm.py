@@ -275,14 +275,19 @@ def load_trained_weights(model: Any, folder: Path, what: str) -> None:
         raise ResourceError(f"{weights}: unexpected weights {result.unexpected_keys[:3]}")
 
 
+def refuse_used_folder(output: Path) -> None:
+    """A model folder is written only where nothing is: commands ask before loading a model, the writer again."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UsageError(f"{output}: exists and is not empty", hint="Choose a new --output folder.")
+
+
 def save_model_folder(model: Any, tokenizer: Any, output: Path) -> None:
     """A plain transformers folder (model + tokenizer), written beside `output` and renamed into place only
     when complete; `output` must not exist, or be empty."""
     import shutil
     import tempfile
 
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UsageError(f"{output}: exists and is not empty", hint="Choose a new --output folder.")
+    refuse_used_folder(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:

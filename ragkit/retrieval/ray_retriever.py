@@ -44,9 +44,9 @@ class _Worker:
         return int(self._followed().manifest["version"])
 
     def get(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        found = self._followed().get(ids)
-        return {pid: {"id": p.id, "title": p.title, "text": p.text, **({"metadata": p.metadata} if p.metadata else {})}
-                for pid, p in found.items()}
+        from ragkit.index.hits import passage_json
+
+        return {pid: passage_json(p) for pid, p in self._followed().get(ids).items()}
 
     def search(self, vectors: np.ndarray, k: int, with_vectors: bool) -> tuple[list[list[dict[str, Any]]], Any]:
         index = self._followed()

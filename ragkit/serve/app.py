@@ -19,7 +19,7 @@ from ragkit.serve.config import ServeConfig
 from ragkit.serve.requests import (ChatBody, GenerateBody, RequestError, SearchBody, chat_question, check_k,
                                    parse_queries)
 
-OPEN_PATHS = ("/", "/health", "/static/")  # no data behind them: the page asks for the key itself
+OPEN_PATHS = ("/", "/health")  # no data behind them (nor behind /static/): the page asks for the key itself
 
 
 class _Guard:
@@ -34,15 +34,15 @@ class _Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "")
-        if self.key is not None and not (path == "/" or path == "/health" or path.startswith("/static/")):
+        if self.key is not None and not (path in OPEN_PATHS or path.startswith("/static/")):
             given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), self.key.encode()):
                 return await _send_json(send, 401, _error("api_key", "missing or wrong API key (send "
                                                           "'Authorization: Bearer KEY' or 'X-API-Key: KEY')"))
+        too_large = _error("body", f"the request body is larger than {self.limit} bytes (--max-body-bytes)")
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await _send_json(send, 413, _error("body", f"the request body is larger than {self.limit} bytes "
-                                                              "(--max-body-bytes)"))
+            return await _send_json(send, 413, too_large)
         # read the whole body first (it is bounded), so that an oversized chunked upload is a 413 here,
         # not a parse error inside FastAPI
         chunks, seen = [], 0
@@ -53,8 +53,7 @@ class _Guard:
             chunks.append(message.get("body", b""))
             seen += len(chunks[-1])
             if seen > self.limit:
-                return await _send_json(send, 413, _error("body", f"the request body is larger than {self.limit} "
-                                                                  "bytes (--max-body-bytes)"))
+                return await _send_json(send, 413, too_large)
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
@@ -134,14 +133,20 @@ class Server:
             raise RequestError("timeout", f"not answered within {self.config.timeout_s:g} s (--timeout)",
                                status=504) from None
 
-    async def search(self, body: SearchBody, *, k: int | None = None) -> dict[str, Any]:
+    async def search(self, body: SearchBody) -> dict[str, Any]:
         queries = parse_queries(body, self.config)
+        mode = self._mode(body)
+        return await self._search(queries, check_k(body.k, self.config.max_k, "--max-k"), mode)
+
+    def _mode(self, body: SearchBody) -> RetrievalMode:
         mode = RetrievalMode(body.mode, body.fusion, body.dense_weight)
         if mode.mode != "dense" and not self.backend.has_sparse:
             raise RequestError("mode", f"{mode.mode}: this index has no sparse (BM25) side"
                                + (" on Ray actors (they serve dense search)" if self.config.replicas or self.config.shards
                                   else "; add one with `ragkit index sparse DIR`"))
-        k = k if k is not None else check_k(body.k, self.config.max_k, "--max-k")
+        return mode
+
+    async def _search(self, queries: list[Any], k: int, mode: RetrievalMode) -> dict[str, Any]:
         return await self.run(self.search_batcher, SearchJob(queries, k, mode), len(queries))
 
     async def generate(self, body: GenerateBody) -> dict[str, Any]:
@@ -150,13 +155,12 @@ class Server:
         if self.generation is None or self.generate_batcher is None:
             raise RequestError("model", "this server was started without --model: it searches only", status=404)
         k = check_k(body.k if body.k is not None else self.config.k, self.config.k, "the server's --k")
+        queries = parse_queries(body, self.config)
         if self.generation.retrieves:
-            found = await self.search(body, k=k)
-            queries = parse_queries(body, self.config)
+            found = await self._search(queries, k, self._mode(body))
             passages = [row["hits"] for row in found["results"]]
             version = found["version"]
         else:
-            queries = parse_queries(body, self.config)
             passages, version = [[] for _ in queries], None
         rows = await self.run(self.generate_batcher, GenerateJob(queries, passages), len(queries))
         return {"version": version, "results": rows}

@@ -183,8 +183,9 @@ class LiveIndex(_Backend):
         return self.retriever.search(texts, k, mode=mode, vectors=vectors)
 
     def passages(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        return {pid: {"id": p.id, "title": p.title, "text": p.text, **({"metadata": p.metadata} if p.metadata else {})}
-                for pid, p in self.index.get(ids).items()}
+        from ragkit.index.hits import passage_json
+
+        return {pid: passage_json(p) for pid, p in self.index.get(ids).items()}
 
     def describe(self) -> dict[str, Any]:
         return {"layout": "in-process", "index": self.index.info(), "reloads": self.reloads,

@@ -16,7 +16,6 @@ evaluation search, are built with a ragkit embedder over the chunks' text."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import numpy as np
 
 from ragkit.archs.retro import pipeline as P
 from ragkit.errors import InputError, Location, ResourceError, UsageError
-from ragkit.io.atomic import atomic_open
+from ragkit.io.atomic import atomic_open, sha256_file
 
 SOURCE = "RETRO-pytorch"
 
@@ -58,14 +57,6 @@ def _rows(path: Path, row_bytes: int, at_least: int, what: str) -> int:
         raise InputError(Location(str(path)), f"{size} bytes is not {at_least} or more rows of {row_bytes} bytes "
                          f"({what}); check --num-chunks / --num-seqs / --chunk-size")
     return size // row_bytes
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def import_memmaps(paths: MemmapPaths, workdir: Path, *, num_chunks: int, num_seqs: int, chunk_size: int,
@@ -117,7 +108,7 @@ def import_memmaps(paths: MemmapPaths, workdir: Path, *, num_chunks: int, num_se
             handle.write(json.dumps({"doc": int(doc_ids[first]), "source": f"{paths.chunks.name} (RETRO-pytorch)",
                                      "tokens": tokens, "bytes": 0, "first_chunk": first, "chunks": stop - first}) + "\n")
     fingerprint = P.tokenizer_fingerprint(tokenizer)
-    imported = {"from": SOURCE, "chunks": str(paths.chunks.resolve()), "chunks_sha256": _sha256(paths.chunks),
+    imported = {"from": SOURCE, "chunks": str(paths.chunks.resolve()), "chunks_sha256": sha256_file(paths.chunks),
                 "num_chunks": num_chunks, "num_seqs": num_seqs, "pad_id": pad_id}
     chunk_params = {"format_version": P.FORMAT_VERSION, "imported": imported, "tokenizer": tokenizer_name,
                     "tokenizer_fingerprint": fingerprint, "chunk_size": m, "seq_len": seq_len}
@@ -137,7 +128,7 @@ def import_memmaps(paths: MemmapPaths, workdir: Path, *, num_chunks: int, num_se
     manifest.record("index", index_key, index_params, ["index"])
     if neighbours is not None:
         P._write_npy(workdir / "neighbours.npy", neighbours)
-        knn_params = {"imported": {"from": SOURCE, "knn": str(paths.knn.resolve()), "sha256": _sha256(paths.knn)},
+        knn_params = {"imported": {"from": SOURCE, "knn": str(paths.knn.resolve()), "sha256": sha256_file(paths.knn)},
                       "k": int(neighbours.shape[1])}
         manifest.record("neighbours", P.stage_key(knn_params), knn_params, ["neighbours.npy"])
     return {"workdir": str(workdir), "documents": len(starts), "chunks": num_chunks, "sequences": num_seqs,
