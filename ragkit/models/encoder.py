@@ -89,7 +89,9 @@ def pool_as(model: Any, pooling: str, name: str) -> tuple[Any, str, str]:
     own = _pooling_mode(layer[1]) if layer else "model"
     if pooling in ("model", own):
         return model, own, own
-    return _with_pooling(model, pooling, name), own, pooling
+    if layer is None:
+        raise UsageError(f"--pooling {pooling}: {name} has no sentence-transformers Pooling module to replace")
+    return _with_pooling(model, layer, pooling), own, pooling
 
 
 def pooled_fingerprint(model: Any, own: str, pooling: str) -> str:
@@ -101,16 +103,13 @@ def pooled_fingerprint(model: Any, own: str, pooling: str) -> str:
     return fingerprint
 
 
-def _with_pooling(model: Any, mode: str, name: str) -> Any:
-    """A copy of `model` (same module objects, so the same weights) whose Pooling module pools by `mode`
-    (sentence-transformers' own module)."""
+def _with_pooling(model: Any, layer: tuple[int, Any], mode: str) -> Any:
+    """A copy of `model` (same module objects, so the same weights) whose Pooling module (`layer`: its place
+    and the module) pools by `mode` (sentence-transformers' own module)."""
     import copy
     from collections import OrderedDict
 
-    found = _pooling_layer(model)
-    if found is None:
-        raise UsageError(f"--pooling {mode}: {name} has no sentence-transformers Pooling module to replace")
-    index, module = found
+    index, module = layer
     try:  # sentence-transformers >= 6 moved the module
         from sentence_transformers.sentence_transformer.modules import Pooling
     except ImportError:
