@@ -87,13 +87,17 @@ def embed_corpus_into(build: Any, encoder: Encoder, corpus: str | Path, *, batch
 
 
 def build_index(output: str | Path, corpus: str | Path, encoder: Encoder, *, batch_size: int = 64,
-                on_block: Callable[[int], None] | None = None, **options: Any) -> Any:
+                on_block: Callable[[int], None] | None = None, query_encoder: Encoder | None = None,
+                **options: Any) -> Any:
     """`ragkit index build CORPUS`: an index of a corpus file (JSONL, BEIR folder, DPR TSV, or '-'), embedded
-    with `encoder` as it streams; options as `Index.create` (spec, metric, max_memory, overwrite, sparse, ...)."""
+    with `encoder` as it streams (`query_encoder`: a separate model for its queries, e.g. DPR's question
+    encoder); options as `Index.create` (spec, metric, max_memory, overwrite, sparse, ...)."""
     from ragkit.index import Index
     from ragkit.io.jsonl import display_name
+    from ragkit.models.encoder import with_query_encoder
 
-    with Index.create(output, encoder.info, source=display_name(resolve_corpus_path(corpus)), **options) as build:
+    record = with_query_encoder(encoder.info, query_encoder)
+    with Index.create(output, record, source=display_name(resolve_corpus_path(corpus)), **options) as build:
         embed_corpus_into(build, encoder, corpus, batch_size=batch_size, on_block=on_block)
     return build.index
 

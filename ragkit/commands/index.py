@@ -58,6 +58,7 @@ def build(
     metric: Annotated[str, typer.Option("--metric", help="ip (inner product; cosine when normalised) or l2.")] = "ip",
     embeddings: Annotated[Path | None, typer.Option("--embeddings", help="Use precomputed shards from `ragkit embed` instead of embedding CORPUS; or a folder of released Contriever/DPR embeddings (passages_XX, read without running pickle code), matched by id to CORPUS, embedder named by --model.")] = None,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise embeddings.")] = True,
+    query_model: Annotated[str | None, typer.Option("--query-model", help="A separate query encoder, recorded with the index so that searches use it (a DPR pair: --model the context encoder, --query-model the question encoder, --no-normalize). Default: --model embeds queries too.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index (atomically).")] = False,
     sparse: Annotated[bool, typer.Option("--sparse", help="Also build a BM25 side (bm25s) for --retrieval-mode sparse|hybrid, kept in step with add/remove.")] = False,
     bm25_k1: Annotated[float, typer.Option("--bm25-k1", min=0.0, help="BM25 k1 (with --sparse).")] = 1.5,
@@ -85,6 +86,8 @@ def build(
       ragkit index build corpus.jsonl -o idx/ --sparse      # dense + BM25, for hybrid search
 
       ragkit index build psgs_w100.tsv --embeddings wikipedia_embeddings/ -m facebook/contriever --no-normalize -o idx/
+
+      ragkit index build psgs_w100.tsv -m facebook/dpr-ctx_encoder-single-nq-base --query-model facebook/dpr-question_encoder-single-nq-base --no-normalize -o idx/
     """
     with handle_errors():
         from ragkit.errors import UsageError
@@ -93,7 +96,7 @@ def build(
         from ragkit.io.corpus import resolve_corpus_path
         from ragkit.io.jsonl import display_name
         from ragkit.embeddings import build_index
-        from ragkit.models.encoder import Encoder, resolve_device
+        from ragkit.models.encoder import Encoder, resolve_device, with_query_encoder
 
         from ragkit.index.layout import refuse_if_busy
 
@@ -113,9 +116,13 @@ def build(
         faiss_device = resolve_device(device)
         options = dict(spec=parsed, metric=metric, max_memory=budget, overwrite=overwrite, threads=threads or None,
                        device=faiss_device, sparse=SparseConfig(k1=bm25_k1, b=bm25_b) if sparse else None)
+        query_encoder = (Encoder(query_model, device=faiss_device, normalize=normalize, backend=backend)
+                         if query_model else None)
         if released:
             assert corpus is not None and embeddings is not None
-            encoder_info = Encoder(model, device=faiss_device, normalize=normalize, backend=backend, pooling=pooling).info
+            encoder_info = with_query_encoder(
+                Encoder(model, device=faiss_device, normalize=normalize, backend=backend, pooling=pooling).info,
+                query_encoder)
             with Index.create(output, encoder_info, source=display_name(resolve_corpus_path(corpus)), **options) as build:
                 import_released(build, corpus, embeddings)
             index = build.index
@@ -126,7 +133,11 @@ def build(
                 raise UsageError(f"--pooling {pooling}: `ragkit embed` shards record how they were pooled; "
                                  "give --pooling to `ragkit embed`")
             shards = open_shards(embeddings)
-            with Index.create(output, shards.encoder, source=str(embeddings), **options) as build:
+            if query_encoder is not None and query_encoder.normalize != shards.encoder.normalize:
+                raise UsageError(f"--query-model: the shards in {embeddings} were embedded with normalize="
+                                 f"{shards.encoder.normalize}; give the same --normalize/--no-normalize")
+            record = with_query_encoder(shards.encoder, query_encoder)
+            with Index.create(output, record, source=str(embeddings), **options) as build:
                 for block, vectors, lines, source in shards.blocks():
                     build.add(block, vectors, lines=lines, source=source)
             index = build.index
@@ -135,7 +146,8 @@ def build(
             _refuse_too_small_for(parsed, corpus)  # before the model loads and the corpus is embedded
             encoder = Encoder(model, device=faiss_device, normalize=normalize, backend=backend, pooling=pooling)
             with _embedding_progress(encoder, None) as step:
-                index = build_index(output, corpus, encoder, batch_size=batch_size, on_block=step, **options)
+                index = build_index(output, corpus, encoder, batch_size=batch_size, on_block=step,
+                                    query_encoder=query_encoder, **options)
         assert index is not None
         summary = {k: index.info()[k] for k in ("path", "passages", "spec", "factory", "dim", "embedder", "bytes_on_disk")}
         if index.manifest.get("auto_reason"):
@@ -256,7 +268,7 @@ def search(
     index_dir: IndexDir,
     k: Annotated[int, typer.Option("--k", "-k", min=1, help="Hits per query.")] = 10,
     queries: Annotated[str, typer.Option("--queries", "-q", help="Queries file (JSONL with query/question, or plain lines); - for stdin.")] = "-",
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Query embedder; must be the model that built the index (default: that model).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Query embedder; must be the model that built the index, or its recorded query encoder (default: that model).")] = None,
     ef_search: Annotated[int, typer.Option("--ef-search", min=0, help="HNSW efSearch (0 = the index's setting).")] = 0,
     nprobe: Annotated[int, typer.Option("--nprobe", min=0, help="IVF lists probed (0 = the index's setting).")] = 0,
     batch_size: BatchOpt = 64,
@@ -333,6 +345,7 @@ def _print_table(row: dict[str, Any]) -> None:
 def refresh(
     index_dir: IndexDir,
     model: Annotated[str, typer.Option("--model", "-m", help="The new embedder (e.g. a `ragkit train --arch embedder` checkpoint's embedder/ folder).")],
+    query_model: Annotated[str | None, typer.Option("--query-model", help="Its separate query encoder (required when the index records one, e.g. a DPR pair). Default: --model embeds queries too.")] = None,
     backend: EncoderBackendOpt = "torch",
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
@@ -350,13 +363,20 @@ def refresh(
     with handle_errors():
         from ragkit.console import info, progress
         from ragkit.index import Index
-        from ragkit.models.encoder import Encoder, Throughput, resolve_device
+        from ragkit.errors import UsageError
+        from ragkit.models.encoder import Encoder, Throughput, resolve_device, with_query_encoder
 
         from ragkit.index.layout import refuse_if_busy
 
         index = Index.open(index_dir)
+        if index.encoder.query is not None and query_model is None:
+            raise UsageError(f"{index.root} embeds its queries with a separate model ({index.encoder.query.name}): "
+                             "give --query-model (that one or a new one) with the new passage embedder")
         refuse_if_busy(index.root, wait)
         encoder = Encoder(model, device=resolve_device(device), normalize=index.encoder.normalize, backend=backend)
+        query = (Encoder(query_model, device=encoder.device, normalize=index.encoder.normalize, backend=backend)
+                 if query_model else None)
+        record = with_query_encoder(encoder.info, query)
         meter = Throughput()
         with progress() as bar:
             task = bar.add_task("re-embed", total=len(index), rate="")
@@ -367,7 +387,7 @@ def refresh(
                 bar.update(task, advance=len(texts), rate=f"{meter.rate:.1f} passages/s")
                 return vectors
 
-            count = index.refresh(encode, encoder.info)
+            count = index.refresh(encode, record)
         info(f"re-embedded {count} passages in {meter.seconds:.1f}s ({meter.rate:.1f} passages/s)")
         _print_summary({k: index.info()[k] for k in ("path", "version", "passages", "embedder", "dim", "spec")}, as_json)
 

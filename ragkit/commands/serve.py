@@ -18,7 +18,7 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on; 127.0.0.1 keeps it on this machine, 0.0.0.0 opens it to the network (then give --api-key).")] = _D.host,
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = _D.port,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="RAGKIT_API_KEY", show_envvar=True, help="Require this key ('Authorization: Bearer KEY' or 'X-API-Key: KEY') on every route but /, /static and /health. Prefer the environment variable: a flag shows in `ps`.", show_default=False)] = None,
-    embedder: Annotated[str | None, typer.Option("--embedder", help="Query embedder; must be the model that built the index (default: that model).", show_default=False)] = None,
+    embedder: Annotated[str | None, typer.Option("--embedder", help="Query embedder; must be the model that built the index, or its recorded query encoder (default: that model).", show_default=False)] = None,
     encoder_backend: EncoderBackendOpt = _D.encoder_backend,
     device: DeviceOpt = _D.device,
     threads: ThreadsOpt = _D.threads,

@@ -17,6 +17,13 @@ class EncoderInfo:
     max_seq_length: int | None
     fingerprint: str
     pooling: str | None = None  # how token states become one vector (mean, cls, ...); None: not recorded (older indexes)
+    # a separate query encoder (a DPR question/context pair: passages by the context encoder, queries by the
+    # question encoder); None: queries are embedded by this same model
+    query: "EncoderInfo | None" = None
+
+    def for_queries(self) -> "EncoderInfo":
+        """The record queries are checked against."""
+        return self.query or self
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -26,9 +33,11 @@ class EncoderInfo:
             "max_seq_length": self.max_seq_length,
             "fingerprint": self.fingerprint,
             **({"pooling": self.pooling} if self.pooling is not None else {}),
+            **({"query": self.query.to_json()} if self.query is not None else {}),
         }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "EncoderInfo":
+        query = cls.from_json(obj["query"]) if obj.get("query") else None
         return cls(obj["name"], int(obj["dim"]), bool(obj["normalize"]), obj.get("max_seq_length"), obj["fingerprint"],
-                   obj.get("pooling"))
+                   obj.get("pooling"), query)

@@ -469,9 +469,11 @@ class Index:
                      manifest={**self.manifest, "sparse": {"library": "bm25s", **config.to_json()}})
 
     # -- searching -------------------------------------------------------------------------------
-    def check_encoder(self, encoder: EncoderInfo) -> None:
-        """Refuse vectors from a model other than the one that embedded this index."""
-        built = self.encoder
+    def check_encoder(self, encoder: EncoderInfo, *, queries: bool = False) -> None:
+        """Refuse vectors from a model other than the one that embedded this index (`queries`: other than its
+        query encoder, when it records a separate one)."""
+        recorded = self.encoder  # a property: one read
+        built = recorded.for_queries() if queries else recorded
         if encoder.dim != built.dim:
             raise ResourceError(
                 f"embedder '{encoder.name}' gives dimension {encoder.dim}; {self.root} was built with "
@@ -483,8 +485,9 @@ class Index:
                 f"embedder '{encoder.name}' pools by {encoder.pooling}; {self.root} was embedded pooling by "
                 f"{built.pooling}", hint=f"Search without --pooling (the index's {built.pooling} is used), or rebuild.")
         if encoder.fingerprint != built.fingerprint or encoder.normalize != built.normalize:
+            role = "query encoder of" if built is not recorded else "model that built"
             raise ResourceError(
-                f"embedder '{encoder.name}' is not the model that built {self.root} ('{built.name}', "
+                f"embedder '{encoder.name}' is not the {role} {self.root} ('{built.name}', "
                 f"fingerprint {built.fingerprint[:12]}, normalize={built.normalize})",
                 hint=f"Search with --model {built.name}, or rebuild the index with the new model.",
             )
@@ -677,6 +680,7 @@ class Index:
             "dim": m["encoder"]["dim"],
             "normalize": m["encoder"]["normalize"],
             "fingerprint": m["encoder"]["fingerprint"],
+            **({"query_embedder": m["encoder"]["query"]["name"]} if m["encoder"].get("query") else {}),
             "sparse": m.get("sparse"),
             "bytes_on_disk": sum(f["bytes"] for f in m["files"].values()),
             "created_at": m["created_at"],

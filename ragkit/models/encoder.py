@@ -16,7 +16,8 @@ import numpy as np
 
 from ragkit.errors import ResourceError, UsageError
 from ragkit.index.encoder_info import EncoderInfo
-from ragkit.models.registry import ALIASES, ModelRef, materialize, missing_model_error, quiet_transformers, resolve
+from ragkit.models.dpr import embedder_location
+from ragkit.models.registry import ALIASES, ModelRef, missing_model_error, quiet_transformers, resolve
 
 
 def resolve_device(device: str | None) -> str:
@@ -145,7 +146,7 @@ class Encoder:
         self.ref: ModelRef = resolve(name)
         self.device = resolve_device(device)
         try:
-            self.model = _load_sentence_transformer(materialize(self.ref), self.device, trust_remote_code)
+            self.model = _load_sentence_transformer(embedder_location(self.ref), self.device, trust_remote_code)
         except (OSError, ValueError, RuntimeError) as exc:
             raise missing_model_error(self.ref, exc) from exc
         if max_seq_length is not None:
@@ -164,10 +165,11 @@ class Encoder:
 
     @classmethod
     def for_index(cls, index: Any, *, model: str | None = None, device: str | None = None,
-                  backend: str = "torch") -> "Encoder":
-        """The query/passage encoder of `index`: its own model (or `model`, which must have the same
-        weights), with its normalisation and length; a model that is gone is named with the index."""
-        built = index.encoder
+                  backend: str = "torch", queries: bool = False) -> "Encoder":
+        """The passage encoder of `index` (`queries`: its query encoder, the same model unless it records a
+        separate one): its own model (or `model`, which must have the same weights), with its normalisation
+        and length; a model that is gone is named with the index."""
+        built = index.encoder.for_queries() if queries else index.encoder
         try:
             encoder = cls(model or built.name, device=device, normalize=built.normalize,
                           max_seq_length=built.max_seq_length, backend=backend,
@@ -177,8 +179,9 @@ class Encoder:
                 raise
             raise ResourceError(f"{exc.message} (the embedder {index.root} was built with)",
                                 hint="Restore it there, or pass --model with a copy of it.") from None
-        index.check_encoder(encoder.info)
+        index.check_encoder(encoder.info, queries=queries)
         return encoder
+
 
     @functools.cached_property
     def info(self) -> EncoderInfo:
@@ -256,3 +259,17 @@ class Throughput:
     @property
     def rate(self) -> float:
         return self.count / self.seconds if self.seconds > 0 else 0.0
+
+
+def with_query_encoder(passages: EncoderInfo, query: Encoder | None) -> EncoderInfo:
+    """The record of an index whose passages were embedded as `passages` records and whose queries `query`
+    embeds (a DPR context/question pair); both give vectors of one dimension. No `query`: unchanged."""
+    import dataclasses
+
+    if query is None:
+        return passages
+    if query.info.dim != passages.dim:
+        raise UsageError(f"--query-model {query.name} gives dimension {query.info.dim}; the passage embedder "
+                         f"{passages.name} gives {passages.dim}")
+    return dataclasses.replace(passages, query=query.info)
+

@@ -11,12 +11,12 @@ import copy
 import functools
 import hashlib
 import importlib.util
+import json
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ragkit.errors import ResourceError
 
@@ -118,6 +118,52 @@ def gguf_cache_dir(gguf_path: str | Path) -> Path:
     return cache_root() / "models" / f"{p.stem}-{key}"
 
 
+def model_config(ref: ModelRef) -> dict[str, Any]:
+    """A model's config.json ({} when it has none or it cannot be read): what kind of checkpoint it is decides
+    whether it is converted first (DPR encoders, transformers' RAG folders)."""
+    path: str | Path | None = None
+    if ref.kind == "local":
+        path = Path(ref.location) / "config.json"
+    elif ref.kind == "hub":
+        try:  # only the config; a miss leaves the id to the usual loader and its error
+            import huggingface_hub.constants as hub
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+            cached = try_to_load_from_cache(ref.location, "config.json")
+            if isinstance(cached, str):
+                path = cached
+            elif hub.is_offline_mode() or not hub_reachable():
+                return {}  # never wait on an unreachable hub here
+            else:
+                path = hf_hub_download(ref.location, "config.json")
+        except Exception:  # noqa: BLE001 - offline, private or absent: nothing to convert
+            return {}
+    try:
+        return json.loads(Path(path).read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def local_folder(ref: ModelRef) -> Path:
+    """The checkpoint's folder on disk (a hub id is downloaded into the Hugging Face cache)."""
+    if ref.kind == "local":
+        return Path(ref.location)
+    from huggingface_hub import snapshot_download
+
+    check_hub(ref)
+    return Path(snapshot_download(ref.location, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin", "*.model",
+                                                                "*/*.json", "*/*.txt", "*/*.model"]))
+
+
+def conversion_dir(folder: Path, kind: str) -> Path:
+    """Where a conversion of `folder` is cached, keyed by its path and its files' sizes and times (a changed
+    checkpoint converts again)."""
+    stats = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in folder.rglob("*") if p.is_file())
+    key = hashlib.sha256(f"{folder.resolve()}|{stats}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{kind}-{folder.name}-{key}"
+
+
 def _hub_address() -> tuple[str, int]:
     from urllib.parse import urlparse
 
@@ -198,13 +244,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         delattr(config, "quantization_config")
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(loaded.state_dict(), strict=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    from ragkit.io.atomic import staged_dir
+
+    with staged_dir(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         AutoConfig.from_pretrained(tmp)  # check that it reads back before publishing it
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -60,7 +60,7 @@ class Retriever:
                                 hint=f"Add one with `ragkit index sparse {self.index.root}`.")
         self.encoder: Encoder | None = None
         if mode.mode != "sparse":
-            self.encoder = Encoder.for_index(self.index, model=model, device=device, backend=backend)
+            self.encoder = Encoder.for_index(self.index, model=model, device=device, backend=backend, queries=True)
         self.batch_size = batch_size
 
     def retrieve(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
@@ -100,6 +100,7 @@ class Retriever:
         other = Retriever.__new__(Retriever)
         other.index, other.mode, other.batch_size = index, self.mode, self.batch_size
         other.encoder = self.encoder
-        if self.encoder is not None and index.encoder.fingerprint != self.index.encoder.fingerprint:
-            other.encoder = Encoder.for_index(index, device=self.encoder.device, backend=self.encoder.backend)
+        if self.encoder is not None and index.encoder.for_queries() != self.index.encoder.for_queries():
+            other.encoder = Encoder.for_index(index, device=self.encoder.device, backend=self.encoder.backend,
+                                              queries=True)
         return other

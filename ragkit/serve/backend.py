@@ -208,7 +208,8 @@ class RayCollection(_Backend):
         self.roots = roots
         self.client = RayIndexClient(roots, mode="shards" if shards else "replicas", num_workers=max(1, replicas),
                                      address=address, threads=threads or None, follow_versions=True)
-        self.encoder = Encoder.for_index(Index.open(roots[0]), model=embedder, device=device, backend=backend)
+        self.encoder = Encoder.for_index(Index.open(roots[0]), model=embedder, device=device, backend=backend,
+                                         queries=True)
         self.layout = f"{len(roots)} shards" if shards else f"{max(1, replicas)} replicas"
         self.version = int(self.client.versions()[0])
 

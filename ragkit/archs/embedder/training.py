@@ -168,7 +168,8 @@ class EmbedderArch:
         from sentence_transformers import SentenceTransformer
         from sentence_transformers import losses as st_losses
 
-        from ragkit.models.registry import materialize, missing_model_error, quiet_transformers, resolve
+        from ragkit.models.dpr import embedder_location
+        from ragkit.models.registry import missing_model_error, quiet_transformers, resolve
 
         loss_name = config.loss or ("margin-mse" if config.distill_from else "mnrl")
         if loss_name not in LOSSES:
@@ -181,7 +182,7 @@ class EmbedderArch:
         ref = resolve(name)
         quiet_transformers()
         try:
-            model = SentenceTransformer(materialize(ref), device=device)
+            model = SentenceTransformer(embedder_location(ref), device=device)
         except (OSError, ValueError) as exc:
             raise missing_model_error(ref, exc) from exc
         if loss_name == "cosine":
@@ -280,7 +281,9 @@ def score_with_teacher(pairs: list[TrainingPair], teacher: str, *, device: str =
         else:
             from sentence_transformers import SentenceTransformer
 
-            model = SentenceTransformer(location, device=device)
+            from ragkit.models.dpr import embedder_location
+
+            model = SentenceTransformer(embedder_location(ref), device=device)
             queries = model.encode([p.query for p in pairs], batch_size=batch, convert_to_tensor=True)
             docs = model.encode([d for p in pairs for d in (p.positive, *p.negatives)], batch_size=batch,
                                 convert_to_tensor=True)
