@@ -75,6 +75,7 @@ def no_model_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
     import ragkit.models.generator  # noqa: F401
 
     monkeypatch.setattr("ragkit.models.registry.resolve", lambda m: None)
+    monkeypatch.setattr("ragkit.archs.rag.hf_checkpoint.hf_rag_class", lambda m: None)  # no transformers RAG folder
 
 
 def rag_checkpoint(tmp: Path) -> str:

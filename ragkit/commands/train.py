@@ -43,6 +43,7 @@ def train(
     max_source_tokens: Annotated[int | None, typer.Option("--max-source-tokens", min=8, help=_help("max_source_tokens"))] = None,
     max_target_tokens: Annotated[int | None, typer.Option("--max-target-tokens", min=2, help=_help("max_target_tokens"))] = None,
     max_passage_words: Annotated[int | None, typer.Option("--max-passage-words", min=0, help=_help("max_passage_words"))] = None,
+    rag_prompt: Annotated[str | None, typer.Option("--rag-prompt", help=_help("rag_prompt"))] = None,
     distill_from: Annotated[str | None, typer.Option("--distill-from", help=_help("distill_from"))] = None,
     distill_alpha: Annotated[float | None, typer.Option("--distill-alpha", min=0.0, max=1.0, help=_help("distill_alpha"))] = None,
     distill_temperature: Annotated[float | None, typer.Option("--distill-temperature", min=0.01, help=_help("distill_temperature"))] = None,

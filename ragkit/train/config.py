@@ -39,6 +39,7 @@ class TrainConfig:
     max_source_tokens: int = field(default=384, metadata={"help": "prompt tokens kept (passage + question)"})
     max_target_tokens: int = field(default=32, metadata={"help": "answer tokens kept"})
     max_passage_words: int = field(default=100, metadata={"help": "words of each passage in the prompt"})
+    rag_prompt: str | None = field(default=None, metadata={"help": "rag: the generator's input: ragkit (the reader's prompt, in the chat template) or hf-rag (transformers' RAG format 'title / text // question', which an export as RagSequenceForGeneration / RagTokenForGeneration needs); default: hf-rag for a transformers RAG checkpoint, else ragkit"})
     distill_from: str | None = field(default=None, metadata={"help": "selfrag / selfrag-critic / rag: a teacher generator whose token distribution the student also learns (same vocabulary); embedder: a teacher embedder or cross-encoder whose query-passage score margins the student learns (MarginMSE)"})
     distill_alpha: float = field(default=0.5, metadata={"help": "with --distill-from (rag, selfrag): weight of the label loss (the rest: KL to the teacher)"})
     distill_temperature: float = field(default=2.0, metadata={"help": "with --distill-from: softmax temperature of the KL term"})
@@ -221,7 +222,7 @@ _SELFRAG = ("generator", "distill_from", "distill_alpha", "distill_temperature",
 ARCH_FIELDS: dict[str, tuple[str, ...]] = {
     "rag": ("index", "generator", "query_encoder", "n_docs", "loss", "label_smoothing", "end2end", "refresh_steps",
             "refresh_shards", "freeze_query_encoder", "max_source_tokens", "max_target_tokens", "max_passage_words",
-            "distributed_retriever", "num_retrieval_workers", "shard_index", "ray_address", "profile", "eval_data",
+            "rag_prompt", "distributed_retriever", "num_retrieval_workers", "shard_index", "ray_address", "profile", "eval_data",
             "eval_steps", "n_val", "eval_batch_size", "eval_max_new_tokens", "predict_max_new_tokens", "eval_metric", "predict_data",
             "predict_max_new_tokens", "distill_from",
             "distill_alpha", "distill_temperature", *_DROPOUT, *_LORA),

@@ -21,7 +21,7 @@ import torch
 
 from ragkit.errors import ResourceError, UsageError
 from ragkit.archs.rag.inference import MODES, is_rag_checkpoint
-from ragkit.archs.rag.model import RagForTraining, RagModelConfig
+from ragkit.archs.rag.model import RagForTraining, RagModelConfig, decoder_prefix
 from ragkit.archs.rag.losses import rag_sequence_loss
 
 
@@ -106,11 +106,10 @@ def _token_greedy(rag: RagForTraining, prompts: list[str], prior: torch.Tensor, 
     chosen: list[int] = []
     total = 0.0
     if rag.is_seq2seq:
-        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=rag.config.max_source_tokens)
-        enc = enc.to(next(model.parameters()).device)
-        start = model.config.decoder_start_token_id
-        for _ in range(max_new):
-            dec = torch.tensor([[start, *chosen]] * len(prompts), device=enc["input_ids"].device)
+        enc = rag.encoder_inputs(prompts)
+        start = decoder_prefix(model)
+        for _ in range(max_new - (len(start) - 1)):
+            dec = torch.tensor([[*start, *chosen]] * len(prompts), device=enc["input_ids"].device)
             logits = model(**enc, decoder_input_ids=dec).logits[:, -1]
             token, lp = _mix(logits, prior)
             if token == eos:
@@ -148,9 +147,8 @@ def _token_beam(rag: RagForTraining, prompts: list[str], prior: torch.Tensor, ma
     beams: list[tuple[list[int], float]] = [([], 0.0)]
     finished: list[tuple[list[int], float]] = []
     if rag.is_seq2seq:
-        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=rag.config.max_source_tokens)
-        enc = enc.to(device)
-        start = model.config.decoder_start_token_id
+        enc = rag.encoder_inputs(prompts)
+        start = decoder_prefix(model)
     else:
         input_ids, mask = rag.left_padded(prompts)
     for _ in range(max_new):
@@ -158,7 +156,7 @@ def _token_beam(rag: RagForTraining, prompts: list[str], prior: torch.Tensor, ma
             break
         n = len(beams)
         if rag.is_seq2seq:
-            dec = torch.tensor([[start, *ys] for ys, _ in beams for _ in range(k)], device=device)
+            dec = torch.tensor([[*start, *ys] for ys, _ in beams for _ in range(k)], device=device)
             logits = model(input_ids=enc["input_ids"].repeat(n, 1), attention_mask=enc["attention_mask"].repeat(n, 1),
                            decoder_input_ids=dec).logits[:, -1]
         else:
@@ -201,8 +199,7 @@ def _sequence(rag: RagForTraining, question: str, hits: list[Any], doc_scores: t
               prior: torch.Tensor, max_new: int, *, thorough: bool) -> tuple[str, float]:
     tok, model = rag.tokenizer, rag.generator
     if rag.is_seq2seq:
-        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=rag.config.max_source_tokens)
-        enc = enc.to(next(model.parameters()).device)
+        enc = rag.encoder_inputs(prompts)
         generated = model.generate(**enc, max_new_tokens=max_new, do_sample=False)
         texts = tok.batch_decode(generated, skip_special_tokens=True)
     else:

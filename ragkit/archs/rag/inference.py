@@ -15,9 +15,10 @@ from ragkit.io.queries import Question
 
 @dataclass
 class RagCheckpointOptions:
-    what: ClassVar[str] = "a trained RAG checkpoint (--arch rag), which decodes with --rag-decoding and --num-beams"
+    what: ClassVar[str] = ("a trained RAG checkpoint (--arch rag, or transformers' RagSequenceForGeneration / "
+                           "RagTokenForGeneration), which decodes with --rag-decoding and --num-beams")
 
-    index: str | None = None  # default: the index it was trained with
+    index: str | None = None  # default: the index it was trained with (required for a transformers checkpoint)
     k: int | None = None  # passages marginalised over (default: the n_docs it was trained with)
     max_new_tokens: int = 32
     rag_decoding: str | None = None  # token, token-beam, sequence-thorough, sequence-fast (default: its loss)
@@ -41,7 +42,10 @@ MODES = ("token", "token-beam", "sequence-thorough", "sequence-fast")  # --rag-d
 
 
 def is_rag_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / "rag_config.json").exists()
+    """A `ragkit train --arch rag` checkpoint, or transformers' RagSequenceForGeneration / RagTokenForGeneration."""
+    from ragkit.archs.rag.hf_checkpoint import hf_rag_class
+
+    return (Path(path) / "rag_config.json").exists() or hf_rag_class(path) is not None
 
 
 def options_class(model: str) -> type:
@@ -85,7 +89,16 @@ def load(model: str, options: Any) -> Any:
     from ragkit.archs.rag.decoding import load_rag_checkpoint
     from ragkit.models.encoder import resolve_device
 
-    rag = load_rag_checkpoint(Path(model), device=resolve_device(options.device), index=options.index,
+    root = Path(model)
+    if not (root / "rag_config.json").exists():  # transformers' RAG: converted once, then a ragkit checkpoint
+        from ragkit.archs.rag.hf_checkpoint import import_hf_rag
+        from ragkit.errors import UsageError
+
+        if not options.index:
+            raise UsageError(f"--model {model} is a transformers RAG checkpoint: give --index, a ragkit index of the "
+                             "passages it reads (embedded by the DPR context encoder that goes with its question encoder)")
+        root = import_hf_rag(model)
+    rag = load_rag_checkpoint(root, device=resolve_device(options.device), index=options.index,
                               quantize=options.quantize)
     if options.k is not None:
         rag.config.n_docs = options.k

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ragkit.errors import UsageError
+from ragkit.errors import ResourceError, UsageError
 from ragkit.index import Index
 from ragkit.archs.rag.losses import rag_sequence_loss, rag_token_loss
 from ragkit.archs.reader.answer import RAG_PROMPT, format_passages
@@ -25,6 +25,7 @@ from ragkit.models.lm import LoraSettings
 
 IGNORE = -100
 LOSSES = ("sequence", "token")
+PROMPTS = ("ragkit", "hf-rag")
 
 
 @dataclass
@@ -44,7 +45,24 @@ class RagModelConfig:
     end2end: bool = False  # also train a document encoder; doc scores use its embeddings of the hits
     dropout: float | None = None  # the generator's own dropout fields, set before its layers are built
     attention_dropout: float | None = None
+    # how a passage and the question become the generator's input: "ragkit" (RAG_PROMPT, chat template) or
+    # "hf-rag", transformers' RAG format `title / text // question` (a checkpoint imported from or exported to
+    # RagSequenceForGeneration / RagTokenForGeneration; title_sep and doc_sep are its separators)
+    prompt: str = "ragkit"
+    title_sep: str = " / "
+    doc_sep: str = " // "
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def decoder_prefix(model: Any) -> list[int]:
+    """What a seq2seq generator's decoder starts from: its decoder start token, then the token its generation
+    config forces first (BART's forced_bos_token_id), as transformers' generate (and RAG's) does."""
+    generation = getattr(model, "generation_config", None)
+    start = getattr(generation, "decoder_start_token_id", None)
+    if start is None:
+        start = model.config.decoder_start_token_id
+    forced = getattr(generation, "forced_bos_token_id", None)
+    return [start] + ([forced] if forced is not None else [])
 
 
 def _embed(encoder: Any, texts: list[str]) -> torch.Tensor:
@@ -66,6 +84,8 @@ class RagForTraining(nn.Module):
             raise UsageError(f"--loss {config.loss}: expected one of {', '.join(LOSSES)}")
         if config.n_docs < 1:
             raise UsageError("--n-docs must be at least 1")
+        if config.prompt not in PROMPTS:
+            raise UsageError(f"RAG prompt {config.prompt!r}: expected one of {', '.join(PROMPTS)}")
         self.config = config
         self.query_encoder = query_encoder
         self.generator = generator
@@ -119,6 +139,8 @@ class RagForTraining(nn.Module):
 
     # -- generator inputs --------------------------------------------------------------------------
     def _prompts(self, questions: list[str], hits: list[list[Any]]) -> list[str]:
+        if self.config.prompt == "hf-rag":
+            return self._hf_rag_prompts(questions, hits)
         out = []
         for question, row in zip(questions, hits):
             for hit in row:
@@ -126,13 +148,32 @@ class RagForTraining(nn.Module):
                 out.append(self.render(RAG_PROMPT.format(question=question, passages=passage)))
         return out
 
+    def _hf_rag_prompts(self, questions: list[str], hits: list[list[Any]]) -> list[str]:
+        """As transformers' RagRetriever.postprocess_docs joins them: the generator's prefix, the title without
+        its surrounding quotes, title_sep, the whole passage, doc_sep, the question; double spaces made single."""
+        prefix = getattr(self.generator.config, "prefix", None) or ""
+        c = self.config
+        return [(prefix + hit.title.removeprefix('"').removesuffix('"') + c.title_sep + hit.text + c.doc_sep
+                 + question).replace("  ", " ") for question, row in zip(questions, hits) for hit in row]
+
     def _targets(self, answers: list[str]) -> torch.Tensor:
         tok = self.tokenizer
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        rows = [tok(a, add_special_tokens=False)["input_ids"][: self.config.max_target_tokens - len(eos)] + eos
-                for a in answers]
+        # a seq2seq decoder that generation starts with a forced token (BART's <s>) learns it first, so that
+        # training, decoding and re-scoring see the same decoder inputs
+        lead = decoder_prefix(self.generator)[1:] if self.is_seq2seq else []
+        room = self.config.max_target_tokens - len(eos) - len(lead)
+        rows = [lead + tok(a, add_special_tokens=False)["input_ids"][:room] + eos for a in answers]
         width = max(len(r) for r in rows)
         return torch.tensor([r + [IGNORE] * (width - len(r)) for r in rows])
+
+    def encoder_inputs(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """A seq2seq generator's encoder inputs (ids and mask only: a BERT-style tokenizer's token_type_ids
+        are no input of BART or T5, and generate() refuses them)."""
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                             max_length=self.config.max_source_tokens)
+        device = next(self.generator.parameters()).device
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
     def left_padded(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal prompts (kept to their last max_source_tokens) left-padded: (input_ids, attention_mask)."""
@@ -160,8 +201,7 @@ class RagForTraining(nn.Module):
         labels = target.repeat_interleave(k, dim=0).to(device)
         span = target.shape[1]
         if self.is_seq2seq:
-            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
-                      max_length=self.config.max_source_tokens).to(device)
+            enc = self.encoder_inputs(prompts)
             dec_labels = labels.masked_fill(labels.eq(IGNORE), tok.pad_token_id)
             decoder_input_ids = self.generator.prepare_decoder_input_ids_from_labels(labels=dec_labels)
             read = int(enc["attention_mask"].sum()) + int(labels.ne(IGNORE).sum())
@@ -227,30 +267,40 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: LoraSettings
     """Load the index, a trainable copy of the query encoder and the generator (optionally with LoRA)."""
     from sentence_transformers import SentenceTransformer
 
+    from ragkit.models.dpr import embedder_location
     from ragkit.models.encoder import pool_as, pooled_fingerprint
     from ragkit.models.generator import Generator
     from ragkit.models.registry import missing_model_error, quiet_transformers, resolve
 
     index = Index.open(config.index.split(",")[0])  # with shards, the first one describes them all
-    name = config.query_encoder or index.encoder.name
-    ref = resolve(name)
+    queries = index.encoder.for_queries()  # the index's query encoder (DPR: the question encoder of the pair)
+    name = config.query_encoder or queries.name
     quiet_transformers()
-    try:
+
+    def private_copy(name: str, pooling: str) -> tuple[Any, str, str]:
         # a private copy: the encoder cache shared with retrieval must never be trained in place
-        query_encoder = SentenceTransformer(ref.location, device=device)
-    except (OSError, ValueError) as exc:
-        raise missing_model_error(ref, exc) from exc
-    pooling = index.encoder.pooling or "model"  # queries pool as the index's passages were pooled
-    query_encoder, own, used = pool_as(query_encoder, pooling, name)
+        ref = resolve(name)
+        try:
+            model = SentenceTransformer(embedder_location(ref), device=device)
+        except (OSError, ValueError) as exc:
+            raise missing_model_error(ref, exc) from exc
+        return pool_as(model, pooling, name)
+
+    # queries pool as the index records (its passages', or its own query encoder's)
+    query_encoder, own, used = private_copy(name, queries.pooling or "model")
+    dim_of = getattr(query_encoder, "get_embedding_dimension", None) or query_encoder.get_sentence_embedding_dimension
+    if dim_of() != index.dim:
+        raise ResourceError(f"query encoder '{name}' gives dimension {dim_of()}; {config.index} holds dimension {index.dim}",
+                         hint="Retrieve from an index embedded by its passage encoder (a DPR pair: the context encoder).")
     refreshed = index.manifest.get("end2end") is not None  # its vectors come from an end-to-end doc encoder
-    if config.query_encoder is None and not refreshed and pooled_fingerprint(query_encoder, own, used) != index.encoder.fingerprint:
+    if config.query_encoder is None and not refreshed and pooled_fingerprint(query_encoder, own, used) != queries.fingerprint:
         raise UsageError(f"{config.index}: its embedder '{name}' no longer matches the index fingerprint")
     doc_encoder = None
     if config.end2end:
         if searcher is not None:
             raise UsageError("--end2end refreshes the index in this process; it does not work with --distributed-retriever ray")
-        doc_encoder = SentenceTransformer(ref.location, device=device)  # starts as the index's embedder
-        doc_encoder, _, _ = pool_as(doc_encoder, pooling, name)
+        # starts as the index's passage embedder
+        doc_encoder = private_copy(index.encoder.name, index.encoder.pooling or "model")[0]
     quantize = lora.quantize if lora is not None else "none"
     generator = Generator(config.generator, device=device, dtype="float32" if quantize == "none" else "auto",
                           quantize=quantize, dropout=config.dropout, attention_dropout=config.attention_dropout)

@@ -24,13 +24,24 @@ from ragkit.train.trainer import ListDataset
 
 
 def rag_model_config(config: TrainConfig) -> RagModelConfig:
+    """The model a run trains. A transformers RAG checkpoint as --generator brings its own generator, question
+    encoder (unless --query-encoder), loss (unless --loss) and prompt format (unless --rag-prompt)."""
+    from ragkit.archs.rag.hf_checkpoint import hf_rag_class, import_hf_rag
+
+    generator, query_encoder, loss, prompt = config.generator, config.query_encoder, config.loss, config.rag_prompt
+    separators: dict[str, str] = {}
+    if hf_rag_class(config.generator):
+        imported = RagModelConfig(**json.loads((import_hf_rag(config.generator) / "rag_config.json").read_text()))
+        generator, query_encoder = imported.generator, query_encoder or imported.query_encoder
+        loss, prompt = loss or imported.loss, prompt or imported.prompt
+        separators = {"title_sep": imported.title_sep, "doc_sep": imported.doc_sep}
     return RagModelConfig(
-        generator=config.generator, query_encoder=config.query_encoder, index=config.index, n_docs=config.n_docs,
+        generator=generator, query_encoder=query_encoder, index=config.index, n_docs=config.n_docs,
         end2end=config.end2end,
-        loss=config.loss or "sequence", label_smoothing=config.label_smoothing, max_source_tokens=config.max_source_tokens,
+        loss=loss or "sequence", label_smoothing=config.label_smoothing, max_source_tokens=config.max_source_tokens,
         max_target_tokens=config.max_target_tokens, max_passage_words=config.max_passage_words,
         train_query_encoder=not config.freeze_query_encoder, dropout=config.dropout,
-        attention_dropout=config.attention_dropout,
+        attention_dropout=config.attention_dropout, prompt=prompt or "ragkit", **separators,
     )
 
 
@@ -159,18 +170,26 @@ class RagArch:
         write_json(directory / "rag_config.json", dataclasses.asdict(model.config))
 
     def load(self, model: RagForTraining, directory: Path) -> None:
-        from safetensors.torch import load_file
-
         load_trained_weights(model.generator, directory / "generator", "generator")
-        encoder_weights = directory / "query_encoder" / "model.safetensors"
-        if not encoder_weights.exists():
-            raise ResourceError(f"{directory}: no query encoder weights to resume from")
-        model.query_encoder[0].auto_model.load_state_dict(load_file(encoder_weights))
+        _load_encoder(model.query_encoder, directory / "query_encoder", "query encoder")
         if model.doc_encoder is not None:
-            doc_weights = directory / "doc_encoder" / "model.safetensors"
-            if not doc_weights.exists():
-                raise ResourceError(f"{directory}: no document encoder weights to resume from")
-            model.doc_encoder[0].auto_model.load_state_dict(load_file(doc_weights))
+            _load_encoder(model.doc_encoder, directory / "doc_encoder", "document encoder")
+
+
+def _load_encoder(encoder: Any, folder: Path, what: str) -> None:
+    """A saved sentence-transformers encoder's weights into the training one: the transformer's, and those of
+    any later module with weights (a DPR encoder's projection, a Dense layer)."""
+    from safetensors.torch import load_file
+
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise ResourceError(f"{folder.parent}: no {what} weights to resume from")
+    encoder[0].auto_model.load_state_dict(load_file(weights))
+    modules = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").exists() else []
+    for entry in modules:
+        extra = folder / entry.get("path", "") / "model.safetensors"
+        if entry.get("path") and extra.exists():
+            encoder[int(entry["idx"])].load_state_dict(load_file(extra))
 
 
 def _own_index_copy(index: str, output: Path) -> Path:
