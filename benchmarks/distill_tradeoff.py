@@ -1,15 +1,17 @@
-"""Distillation's quality/size trade-off on CPU: smaller Self-RAG generators learn from a larger one, with
-and without its logits (`ragkit train --arch selfrag --distill-from TEACHER`).
+"""Pruning and distillation's quality/size/speed trade-off on CPU: smaller Self-RAG generators cut from a larger
+one (`ragkit prune --keep-every N`) learn from it with and without its logits (`ragkit train --arch selfrag
+--distill-from TEACHER`), beside the teacher magnitude-pruned (`ragkit prune --sparsity S`, untrained).
 
 Teacher: the Self-RAG generator of benchmarks/selfrag_small_run.py (SmolLM2-135M + LoRA, merged; run that
-first). Data: its critic-labelled PopQA generator set, split by id into train and held out (the teacher was
+first with --work benchmarks/.work/selfrag_v2). Data: its critic-labelled PopQA generator set, split by id into train and held out (the teacher was
 trained on all of it, so its own held-out numbers are optimistic; the students' are not). Students: the
 teacher with every 2nd or every 3rd decoder layer kept (15 or 10 of 30, DistilBERT-style initialisation),
 each fully fine-tuned for the same steps on the train split, once on the labels alone and once with
 `--distill-from` (alpha 0.5, T 2). Scored on the held-out split: label loss (nats per output token, the
 paragraph contents masked as in training), KL(teacher || model) over the same tokens, reflection-token
 accuracy (the first output token, [Retrieval] or [No Retrieval], and every later reflection token the
-labels hold, read greedily under teacher forcing), parameters and CPU forward tokens/s.
+labels hold, read greedily under teacher forcing), parameters (all and non-zero), safetensors size on disk and
+CPU forward tokens/s.
 
     python benchmarks/distill_tradeoff.py [--steps 100]
 """
@@ -30,7 +32,8 @@ from _common import REPO, hardware, print_table, write_result
 
 SOURCE = REPO / "benchmarks" / ".work" / "selfrag_v2"
 WORK = REPO / "benchmarks" / ".work" / "distill"
-KEEP = {"student-15": 2, "student-10": 3}  # every n-th layer kept
+KEEP = {"student-15": 2, "student-10": 3}  # every n-th layer kept (ragkit prune --keep-every)
+SPARSITY = {"teacher 30% magnitude-pruned": 0.3, "teacher 50% magnitude-pruned": 0.5}  # ragkit prune --sparsity
 
 
 def split() -> tuple[Path, Path]:
@@ -59,23 +62,16 @@ def teacher_folder() -> Path:
     return target
 
 
-def make_student(teacher: Path, name: str, every: int) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def prune(teacher: Path, name: str, *flags: str) -> Path:
+    """`ragkit prune` of the teacher: structured (--keep-every N, a student) or magnitude (--sparsity S)."""
     target = WORK / name
     if (target / "config.json").exists():
         return target
-    big = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
-    keep = list(range(0, big.config.num_hidden_layers, every))
-    big.model.layers = torch.nn.ModuleList(big.model.layers[i] for i in keep)
-    for new_index, layer in enumerate(big.model.layers):
-        layer.self_attn.layer_idx = new_index
-    big.config.num_hidden_layers = len(keep)
-    if getattr(big.config, "layer_types", None):
-        big.config.layer_types = [big.config.layer_types[i] for i in keep]
-    big.save_pretrained(target)
-    AutoTokenizer.from_pretrained(teacher).save_pretrained(target)
+    shutil.rmtree(target, ignore_errors=True)
+    done = subprocess.run([sys.executable, "-m", "ragkit.cli", "prune", str(teacher), "-o", str(target), *flags],
+                          capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise SystemExit(f"ragkit prune {' '.join(flags)} failed:\n{done.stderr[-3000:]}")
     return target
 
 
@@ -128,7 +124,9 @@ def score(folder: Path | str, teacher_model, heldout: Path) -> dict:
             is_reflection = mask & torch.isin(labels, torch.tensor(sorted(reflection)))
             asked += int(is_reflection.sum())
             right += int((logits.argmax(-1).eq(labels) & is_reflection).sum())
+    disk = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
     return {"params": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers,
+            "nonzero_params": sum(int(p.count_nonzero()) for p in model.parameters()), "disk_bytes": disk,
             "label_loss": nll / tokens, "label_ppl": math.exp(nll / tokens), "kl_to_teacher": kl / tokens,
             "reflection_accuracy": right / asked, "reflection_tokens": asked, "heldout_examples": len(rows),
             "forward_tokens_per_s": seen / seconds}
@@ -139,32 +137,38 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     a = parser.parse_args()
     if not (SOURCE / "generator" / "final").exists():
-        raise SystemExit(f"{SOURCE}/generator is missing: run benchmarks/selfrag_small_run.py first (the teacher)")
+        raise SystemExit(f"{SOURCE}/generator is missing: run benchmarks/selfrag_small_run.py --work {SOURCE} first "
+                         "(the teacher)")
     import torch
     from transformers import AutoModelForCausalLM
 
     train_file, heldout = split()
     teacher = teacher_folder()
-    students = {name: make_student(teacher, name, every) for name, every in KEEP.items()}
+    students = {name: prune(teacher, name, "--keep-every", str(every)) for name, every in KEEP.items()}
+    sparse = {name: prune(teacher, f"sparse-{int(100 * x)}", "--sparsity", str(x)) for name, x in SPARSITY.items()}
     runs: dict[str, dict] = {}
     for name, folder in students.items():
         runs[f"{name} labels only"] = train(folder, train_file, f"{name}-ce", a.steps, None)
         runs[f"{name} + distillation"] = train(folder, train_file, f"{name}-kd", a.steps, teacher)
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     scores = {"teacher (135M, 30 layers)": score(teacher, teacher_model, heldout)}
+    for name, folder in sparse.items():
+        scores[f"{name} (untrained)"] = score(folder, teacher_model, heldout)
     for name, folder in students.items():
         scores[f"{name} untrained (cut from the teacher)"] = score(folder, teacher_model, heldout)
     for name, run in runs.items():
         scores[name] = score(run["folder"], teacher_model, heldout)
-    rows = [[name, s["params"] / 1e6, s["layers"], s["label_loss"], s["kl_to_teacher"], s["reflection_accuracy"],
-             s["forward_tokens_per_s"], runs.get(name, {}).get("wall_s", 0.0)] for name, s in scores.items()]
+    rows = [[name, s["params"] / 1e6, s["nonzero_params"] / 1e6, s["disk_bytes"] / 2**20, s["layers"], s["label_loss"],
+             s["kl_to_teacher"], s["reflection_accuracy"], s["forward_tokens_per_s"],
+             runs.get(name, {}).get("wall_s", 0.0)] for name, s in scores.items()]
     n = next(iter(scores.values()))
     print_table(f"distillation trade-off: {n['heldout_examples']} held-out examples, {n['reflection_tokens']} "
                 f"reflection tokens, {a.steps} steps per student",
-                ["model", "params (M)", "layers", "label loss", "KL to teacher", "reflection acc", "fwd tok/s",
-                 "train s"], rows)
+                ["model", "params (M)", "nonzero (M)", "disk (MiB)", "layers", "label loss", "KL to teacher",
+                 "reflection acc", "fwd tok/s", "train s"], rows)
     path = write_result("distill_tradeoff", {"hardware": hardware(), "steps": a.steps, "scores": scores, "runs": runs,
-                                             "note": "the teacher saw the held-out examples in its own training"})
+                                             "note": "the teacher saw the held-out examples in its own training; "
+                                                     "magnitude pruning keeps shapes (same disk, same dense speed)"})
     print(f"wrote {path}")
 
 
