@@ -65,7 +65,7 @@ def test_sparse_side_follows_add_and_remove(hybrid_index: Path, tmp_path: Path) 
     info = json.loads(run("index", "info", hybrid_index, "--json").stdout)
     assert info["sparse"]["library"] == "bm25s"
     manifest = json.loads((hybrid_index / "current" / "manifest.json").read_text())
-    assert any(name.startswith("sparse/") for name in manifest["files"])  # checksummed like the vectors
+    assert any(name.endswith(".bm25.npz") for name in manifest["files"])  # checksummed like the vectors
 
 
 def test_hybrid_contains_both_sides(hybrid_index: Path) -> None:

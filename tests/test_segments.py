@@ -127,6 +127,133 @@ def test_sparse_side_matches_a_fresh_build_after_changes(tmp_path: Path) -> None
     assert ours[1][0][0] in ("p1", "p2")
 
 
+def bm25s_reference(live: list[Passage], queries: list[str], k: int, config: SparseConfig) -> list[list[tuple[str, float]]]:
+    """bm25s itself over the live passages: what a fresh build of them returns (k + 10 deep, for ties)."""
+    import bm25s
+    import Stemmer
+
+    stemmer = Stemmer.Stemmer(config.stemmer) if config.stemmer else None
+    retriever = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
+    retriever.index(bm25s.tokenize([f"{p.title} {p.text}".strip() for p in live], stopwords=config.stopwords,
+                                   stemmer=stemmer, show_progress=False), show_progress=False)
+    rows, scores = retriever.retrieve(bm25s.tokenize(queries, stopwords=config.stopwords, stemmer=stemmer,
+                                                     show_progress=False), k=min(k + 10, len(live)), show_progress=False)
+    return [[(live[int(r)].id, float(v)) for r, v in zip(rr, vv) if v > 0] for rr, vv in zip(rows, scores)]
+
+
+def assert_same_ranking(ours: list[list], theirs: list[list], k: int) -> None:
+    """Equal scores at every rank, and the same ids above the last score tied at the cut (ties order either way)."""
+    for mine, ref in zip(ours, theirs):
+        assert np.allclose([s for _, s in mine], [s for _, s in ref[:k]], rtol=1e-5, atol=1e-6)
+        if len(ref) > len(mine):
+            cut = ref[len(mine) - 1][1] if mine else float("inf")
+            sure = {i for i, s in ref if s > cut + 1e-5}
+            assert sure <= {i for i, _ in mine}
+        else:
+            assert {i for i, _ in mine} == {i for i, _ in ref}
+
+
+@pytest.mark.parametrize("config", [SparseConfig(), SparseConfig(k1=0.9, b=0.4, stemmer=None)])
+def test_the_segmented_bm25_side_scores_as_bm25s_on_the_live_passages(tmp_path: Path, config: SparseConfig) -> None:
+    """Through adds, upserts, removes (tombstones in every segment) and a compaction, every search equals bm25s
+    built afresh over the passages alive at that moment: N, df and avgdl are the live ones."""
+    rng = np.random.default_rng(5)
+    x, ps = unit_vectors(300, DIM), passages(300)
+    ps[7] = Passage("p7", "", "")  # an empty document counts in N and avgdl, as in bm25s
+    ps[8] = Passage("p8", "beta beta beta beta", "beta")
+    index = Index.build(tmp_path / "idx", ps, x, ENC, sparse=config)
+    live = {p.id: p for p in ps}
+    queries = ["alpha beta", "kappa mu eta", "beta beta", "zeta", "nothing here", "Theta THETA iota lambda"]
+
+    def check() -> None:
+        alive = list(live.values())
+        theirs = bm25s_reference(alive, queries, 10, config)
+        ours = [[(h.id, h.score) for h in row] for row in index.search_sparse(queries, 10)]
+        assert_same_ranking(ours, theirs, 10)
+
+    check()
+    for step in range(4):
+        gone = [f"p{i}" for i in rng.choice(300, 12, replace=False)] + [f"s{step - 1}-{i}" for i in range(2)]
+        index.remove([g for g in gone if g in live])
+        for g in gone:
+            live.pop(g, None)
+        batch = passages(5, f"s{step}-", seed=20 + step) + [Passage("p1", f"replaced {step} alpha", "T")]
+        index.upsert(batch, unit_vectors(len(batch), DIM, seed=30 + step), ENC)
+        live.update({p.id: p for p in batch})
+        check()
+    assert index.info()["segments"] > 2
+    index.compact()
+    assert index.info()["segments"] == 1
+    check()
+
+
+def test_a_change_to_an_index_with_a_bm25_side_writes_only_its_own_part(tmp_path: Path) -> None:
+    written = {}
+    for n in (2_000, 20_000):
+        index = Index.build(tmp_path / f"idx{n}", passages(n), unit_vectors(n, DIM), ENC, sparse=SparseConfig())
+        base_part = (index.version_dir / index.manifest["segments"][0]["sparse"]).stat().st_ino
+        seen = inodes(index.version_dir)
+        index.upsert(passages(10, "new"), unit_vectors(10, DIM, seed=2), ENC)
+        added = new_bytes(index.version_dir, seen)
+        seen = inodes(index.version_dir)
+        index.remove([f"p{i}" for i in range(10)])
+        written[n] = (added, new_bytes(index.version_dir, seen))
+        assert (index.version_dir / index.manifest["segments"][0]["sparse"]).stat().st_ino == base_part
+        assert not (index.version_dir / "sparse").exists()
+    for small, large in zip(written[2_000], written[20_000]):
+        assert large < 1.2 * small + 1024 and large < 64 * 1024
+
+
+def test_new_bm25_parameters_keep_the_parts_and_a_new_tokenisation_rewrites_them(tmp_path: Path) -> None:
+    ps = passages(200)
+    index = Index.build(tmp_path / "idx", ps, unit_vectors(200, DIM), ENC, sparse=SparseConfig())
+    part = lambda: (index.version_dir / index.manifest["segments"][0]["sparse"]).stat().st_ino  # noqa: E731
+    before = part()
+    tuned = SparseConfig(k1=1.2, b=0.5)
+    index.add_sparse(tuned)
+    assert part() == before  # k1 and b are applied at query time
+    queries = ["alpha beta gamma", "mu"]
+    assert_same_ranking([[(h.id, h.score) for h in r] for r in index.search_sparse(queries, 10)],
+                        bm25s_reference(ps, queries, 10, tuned), 10)
+    index.add_sparse(SparseConfig(stemmer=None))
+    assert part() != before
+
+
+def test_an_index_of_the_older_bm25_layout_searches_and_moves_to_parts_on_its_next_change(tmp_path: Path) -> None:
+    """Before per-segment parts, each version held one bm25s folder (VERSION/sparse/, vids.npy)."""
+    import bm25s
+    import Stemmer
+
+    from ragkit.io.atomic import sha256_file
+
+    ps = passages(120)
+    x = unit_vectors(120, DIM)
+    index = Index.build(tmp_path / "idx", ps, x, ENC, sparse=SparseConfig())
+    queries = ["alpha beta", "kappa"]
+    want = [[(h.id, h.score) for h in r] for r in index.search_sparse(queries, 20)]  # deeper: ties at the cut
+    # rewrite this version as the older layout wrote it
+    version, manifest = index.version_dir, json.loads((index.version_dir / "manifest.json").read_text())
+    for segment in manifest["segments"]:
+        manifest["files"].pop(segment.pop("sparse"))
+        (version / f"{segment['name']}.bm25.npz").unlink()
+    folder = version / "sparse"
+    folder.mkdir()
+    retriever = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
+    retriever.index(bm25s.tokenize([f"{p.title} {p.text}" for p in ps], stopwords="en",
+                                   stemmer=Stemmer.Stemmer("english"), show_progress=False), show_progress=False)
+    retriever.save(str(folder))
+    np.save(folder / "vids.npy", np.arange(1, 121, dtype=np.int64))
+    for f in folder.iterdir():
+        manifest["files"][f"sparse/{f.name}"] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    old = Index.open(tmp_path / "idx")
+    assert_same_ranking([[(h.id, h.score) for h in r] for r in old.search_sparse(queries, 10)], want, 10)
+    old.remove(["p0"])
+    assert not (old.version_dir / "sparse").exists()
+    assert all(s.get("sparse") for s in old.manifest["segments"] if s["passages"])
+    assert "p0" not in {h.id for r in old.search_sparse(queries, 10) for h in r}
+
+
 def test_a_change_writes_what_changed_not_the_index(tmp_path: Path) -> None:
     written = {}
     for n in (2_000, 20_000):

@@ -3,10 +3,10 @@ its tombstones, compaction, the BM25 side, the manifest and the atomic publicati
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from ragkit.index import layout
 from ragkit.index import vectors as fv
 from ragkit.index.builder import SegmentWriter
 from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, link_into, merge_segments, segment_name
-from ragkit.index.sparse import SparseConfig, build_sparse, sparse_files
+from ragkit.index.sparse import SparseConfig, part_name, write_part
 from ragkit.index.spec import IndexSpec
 from ragkit.index.store import PassageStore, copy_live_rows
 from ragkit.io.atomic import sha256_file
@@ -95,8 +95,7 @@ class Draft:
             self.next_vid = writer.next_vid
         if len(deletes):
             np.save(self.staging / f"{name}.deletes.npy", np.asarray(sorted(deletes), dtype=np.int64))
-            meta = SegmentMeta(meta.name, meta.rows, meta.vid_min, meta.vid_max, meta.vectors, meta.passages,
-                               f"{name}.deletes.npy")
+            meta = dataclasses.replace(meta, deletes=f"{name}.deletes.npy")
             self.dead.update(int(v) for v in deletes)
         if meta.files:
             self.new_segment(meta)
@@ -165,22 +164,43 @@ class Draft:
         for meta, _ in kept:  # their deletes are now all recorded by the merged segment
             if meta.deletes:
                 self.files.pop(meta.deletes, None)
-        self.segments = [(SegmentMeta(m.name, m.rows, m.vid_min, m.vid_max, m.vectors, m.passages, None), f)
-                         for m, f in kept]
+        self.segments = [(dataclasses.replace(m, deletes=None), f) for m, f in kept]
         self.dead = set(still_dead)
         if rows or still_dead:
             self.new_segment(SegmentMeta(name, rows, lo_hi[0] if rows else None, lo_hi[1] if rows else None, **files))
 
+    def drop_sparse_parts(self) -> None:
+        """Forget every segment's BM25 part, so that publish writes them again (new tokenisation)."""
+        for i, (meta, folder) in enumerate(self.segments):
+            if meta.sparse:
+                self.files.pop(meta.sparse, None)
+                self.segments[i] = (dataclasses.replace(meta, sparse=None), folder)
+
+    def _write_sparse_parts(self, config: SparseConfig) -> None:
+        """A BM25 part for each segment with passages that has none yet (the new ones: a delta, a merged or
+        refreshed segment; all of them when the side is new): the old parts are linked over untouched."""
+        for i, (meta, folder) in enumerate(self.segments):
+            if meta.sparse or not meta.passages:
+                continue
+            store = PassageStore(folder / meta.passages, readonly=True)
+            try:
+                docs = ((vid, f"{p.title} {p.text}".strip()) for vid, p in store.iter_passages())
+                write_part(self.staging / part_name(meta.name), docs, config)
+            finally:
+                store.close()
+            self.segments[i] = (dataclasses.replace(meta, sparse=part_name(meta.name)), folder)
+            self.new_file(part_name(meta.name))
+
     def publish(self, manifest: dict[str, Any]) -> Path:
-        """Link the files taken over, rebuild the BM25 side, write the manifest, publish the version."""
+        """Write the new segments' BM25 parts, link the files taken over, write the manifest, publish."""
+        manifest = {k: v for k, v in manifest.items() if k not in ("legacy_dead", "removes_in_place")}
+        if manifest.get("sparse"):
+            self._write_sparse_parts(SparseConfig.from_json(manifest["sparse"]))
         for name, (folder, _) in self.files.items():
             if folder != self.staging:
                 link_into(folder, [name], self.staging)
-        manifest = {k: v for k, v in manifest.items() if k not in ("legacy_dead", "removes_in_place")}
         manifest["format_version"] = FORMAT_VERSION
         segments = [meta for meta, _ in self.segments]
-        if manifest.get("sparse"):  # bm25s cannot update in place: rebuilt from the live passages
-            _rebuild_sparse(self.staging, segments, self.dead, SparseConfig.from_json(manifest["sparse"]))
         manifest["updated_at"] = utc_now()
         manifest["version"] = self.version
         manifest["segments"] = [m.to_json() for m in segments]
@@ -188,7 +208,7 @@ class Draft:
         total = sum(m.rows for m in segments)
         manifest["counts"] = {"passages": total - len(self.dead), "vectors": total, "tombstones": len(self.dead)}
         recorded = {name: meta for name, (folder, meta) in self.files.items() if meta}
-        names = sorted({*self.files, *sparse_files(self.staging)})
+        names = sorted(self.files)
         manifest["files"] = {
             name: recorded.get(name) or {"bytes": (self.staging / name).stat().st_size,
                                          "sha256": sha256_file(self.staging / name)}
@@ -196,21 +216,3 @@ class Draft:
         }
         (self.staging / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         return layout.publish(self.root, self.staging, self.version)
-
-
-def _rebuild_sparse(staging: Path, segments: list[SegmentMeta], dead: set[int], config: SparseConfig) -> None:
-    shutil.rmtree(staging / "sparse", ignore_errors=True)
-
-    def docs() -> Iterator[tuple[int, str]]:
-        for meta in segments:
-            if not meta.passages:
-                continue
-            store = PassageStore(staging / meta.passages, readonly=True)
-            try:
-                for vid, p in store.iter_passages():
-                    if vid not in dead:
-                        yield vid, f"{p.title} {p.text}".strip()
-            finally:
-                store.close()
-
-    build_sparse(staging, docs(), config)

@@ -32,7 +32,7 @@ from ragkit.index.draft import (  # noqa: F401  (the thresholds are part of this
 )
 from ragkit.index.hits import Hit, HitRow, PassageLookup, fetch_rows
 from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, segment_name
-from ragkit.index.sparse import SparseConfig, SparseSide
+from ragkit.index.sparse import LegacySparseSide, SegmentedBM25, SparseConfig
 from ragkit.index.spec import IndexSpec, parse_spec, resolve_spec
 from ragkit.index.store import PassageStore
 from ragkit.io.atomic import HASH_ON_READ_BYTES, sha256_file
@@ -75,7 +75,7 @@ class Index:
         self.dead = dead  # sorted vids whose passages were removed or replaced (tombstones)
         self.tombstones = set(dead.tolist())
         self.device = "cpu"
-        self._sparse: SparseSide | None = None
+        self._sparse: SegmentedBM25 | LegacySparseSide | None = None
         self._searcher_cache: list[Segment] | None = None
         live = [s for s in segments if s.rows]
         self._vid_starts = np.asarray([s.meta.vid_min for s in live], dtype=np.int64)
@@ -365,8 +365,17 @@ class Index:
         a server pays this before it serves the version, not inside a request."""
         self._searchers()
         if self.sparse_config is not None and self._sparse is None:
-            self._sparse = SparseSide(self.version_dir, self.sparse_config)
+            self._sparse = self._open_sparse()
         return self
+
+    def _open_sparse(self) -> SegmentedBM25 | LegacySparseSide:
+        """The BM25 side: every segment's part, or (an index of the older layout) the version's bm25s folder."""
+        config = self.sparse_config
+        assert config is not None
+        metas = [s.meta for s in self.segments if s.meta.passages]
+        if all(m.sparse for m in metas):
+            return SegmentedBM25([self.version_dir / str(m.sparse) for m in metas], self.dead, config)
+        return LegacySparseSide(self.version_dir, config)
 
     def _live_vids_for(self, ids: Sequence[str]) -> dict[str, int]:
         """id -> vid of the live passages among `ids` (newest segment first)."""
@@ -465,7 +474,14 @@ class Index:
 
     def add_sparse(self, config: SparseConfig) -> None:
         """Give an existing index a BM25 side (a new version; vectors and passages unchanged)."""
-        self._change(lambda draft, report: None, auto_compact=False,
+        old = self.sparse_config
+        retokenize = old is None or (old.stopwords, old.stemmer) != (config.stopwords, config.stemmer)
+
+        def edit(draft: Draft, report: ChangeReport) -> None:
+            if retokenize:  # k1 and b are applied at query time: new values alone keep every part
+                draft.drop_sparse_parts()
+
+        self._change(edit, auto_compact=False,
                      manifest={**self.manifest, "sparse": {"library": "bm25s", **config.to_json()}})
 
     # -- searching -------------------------------------------------------------------------------
@@ -621,7 +637,7 @@ class Index:
             raise ResourceError(f"{self.root} has no sparse (BM25) side",
                                 hint="Rebuild it with `ragkit index build --sparse`, or add one with `ragkit index sparse DIR`.")
         if self._sparse is None:
-            self._sparse = SparseSide(self.version_dir, config)
+            self._sparse = self._open_sparse()
         scores, vids = self._sparse.search(list(queries), k)
         passages = self._fetch({int(v) for row in vids for v in row if v >= 0 and int(v) not in self.tombstones})
         results = []

@@ -40,19 +40,21 @@ class SegmentMeta:
     vectors: str | None = None
     passages: str | None = None
     deletes: str | None = None
+    sparse: str | None = None  # its BM25 part (ragkit.index.sparse), when the index has a sparse side
 
     @property
     def files(self) -> list[str]:
-        return [f for f in (self.vectors, self.passages, self.deletes) if f]
+        return [f for f in (self.vectors, self.passages, self.deletes, self.sparse) if f]
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "rows": self.rows, "vid_min": self.vid_min, "vid_max": self.vid_max,
-                "vectors": self.vectors, "passages": self.passages, "deletes": self.deletes}
+                "vectors": self.vectors, "passages": self.passages, "deletes": self.deletes,
+                **({"sparse": self.sparse} if self.sparse else {})}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "SegmentMeta":
         return cls(str(obj["name"]), int(obj["rows"]), obj.get("vid_min"), obj.get("vid_max"), obj.get("vectors"),
-                   obj.get("passages"), obj.get("deletes"))
+                   obj.get("passages"), obj.get("deletes"), obj.get("sparse"))
 
 
 def segment_name(version: int) -> str:
