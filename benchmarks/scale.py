@@ -11,11 +11,14 @@ For each size, side by side with raw Faiss on the same vectors:
 - `ragkit embed` with a tiny 2-layer test encoder (so that the encoder costs little and the data path
   shows): wall time and peak RSS at each size (flat in corpus size is the goal), and a run killed with
   SIGKILL half-way then started again: the resumed files must equal an uninterrupted run's, byte for byte;
-- a row for 21M x 768 (psgs_w100 with Contriever) from `ragkit index plan`.
+- a row for 21M x 768 (psgs_w100 with Contriever) from `ragkit index plan`;
+- with a BM25 side (`--sparse`): add/remove of 10 (time, bytes written) against a bm25s rebuild over every
+  passage (what each change cost when the side was one bm25s index), and BM25 search QPS against plain bm25s
+  over the same passages, with how many scores agree.
 Each measured step runs in its own process, so peak RSS is that step's. The vectors are random (search
 quality is benchmarks/search_speed.py's business); the passages' text is random words.
 
-    python benchmarks/scale.py [--sizes 100000,1000000] [--parts index,embed] [--keep]
+    python benchmarks/scale.py [--sizes 100000,1000000] [--parts index,embed,sparse] [--keep]
 """
 
 from __future__ import annotations
@@ -118,6 +121,20 @@ def disk(index_dir: Path) -> int:
     return sum(p.stat().st_size for p in current.rglob("*") if p.is_file())
 
 
+def add_and_remove_10(idx: Path, folder: Path, n: int) -> dict[str, Any]:
+    """`ragkit index add` of 10 new passages (folder/new.jsonl) and `remove` of 10 old ones: time and bytes written."""
+    out: dict[str, Any] = {}
+    new = folder / "new.jsonl"
+    new.write_text("".join(json.dumps({"id": f"new{i}", "title": "New", "text": f"a new passage number {i}"}) + "\n" for i in range(10)))
+    before = inodes(idx)
+    out["add10"] = measured(["ragkit", "index", "add", str(idx), str(new)])
+    out["add10"]["bytes_written"] = written_since(idx, before)
+    before = inodes(idx)
+    out["remove10"] = measured(["ragkit", "index", "remove", str(idx), "--ids", ",".join(f"d{i}" for i in range(0, n, n // 10))])
+    out["remove10"]["bytes_written"] = written_since(idx, before)
+    return out
+
+
 def run_size(n: int, encoder: dict[str, Any]) -> dict[str, Any]:
     folder = WORK / f"n{n}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -134,14 +151,7 @@ def run_size(n: int, encoder: dict[str, Any]) -> dict[str, Any]:
     out["faiss_build"] = measured([str(script), str(folder / "emb" / "embeddings-00000-of-00001.npy"), str(folder / "raw.faiss")])
     print(f"[{n:,}] build {out['build']['seconds']:.1f}s vs faiss {out['faiss_build']['seconds']:.1f}s", file=sys.stderr)
 
-    new = folder / "new.jsonl"
-    new.write_text("".join(json.dumps({"id": f"new{i}", "title": "New", "text": f"a new passage number {i}"}) + "\n" for i in range(10)))
-    before = inodes(idx)
-    out["add10"] = measured(["ragkit", "index", "add", str(idx), str(new)])
-    out["add10"]["bytes_written"] = written_since(idx, before)
-    before = inodes(idx)
-    out["remove10"] = measured(["ragkit", "index", "remove", str(idx), "--ids", ",".join(f"d{i}" for i in range(0, n, n // 10))])
-    out["remove10"]["bytes_written"] = written_since(idx, before)
+    out.update(add_and_remove_10(idx, folder, n))
     script = folder / "raw_add.py"
     script.write_text(RAW_FAISS_ADD)
     out["faiss_rewrite_add10"] = measured([str(script), str(folder / "raw.faiss")])
@@ -149,6 +159,75 @@ def run_size(n: int, encoder: dict[str, Any]) -> dict[str, Any]:
     out["compact"] = measured(["ragkit", "index", "compact", str(idx)])
     print(f"[{n:,}] add10 {out['add10']['seconds']:.1f}s ({out['add10']['bytes_written']:,} B), "
           f"remove10 {out['remove10']['seconds']:.1f}s, compact {out['compact']['seconds']:.1f}s", file=sys.stderr)
+    return out
+
+
+BM25S_REBUILD = """
+import json, sys, time, bm25s, Stemmer
+texts = [(lambda r: f"{r['title']} {r['text']}")(json.loads(line)) for line in open(sys.argv[1])]
+retriever = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
+retriever.index(bm25s.tokenize(texts, stopwords="en", stemmer=Stemmer.Stemmer("english"), show_progress=False),
+                show_progress=False)
+"""
+
+SPARSE_SEARCH = """
+import json, sys, time, bm25s, Stemmer
+from ragkit.index import Index
+queries = json.load(open(sys.argv[2]))
+index = Index.open(sys.argv[1]).load()
+began = time.perf_counter()
+ours = index.search_sparse(queries, 10)
+ragkit_s = time.perf_counter() - began
+texts, ids = [], []
+for line in open(sys.argv[3]):
+    row = json.loads(line)
+    texts.append(f"{row['title']} {row['text']}")
+    ids.append(row["id"])
+stemmer = Stemmer.Stemmer("english")
+retriever = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
+retriever.index(bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
+tokens = bm25s.tokenize(queries, stopwords="en", stemmer=stemmer, show_progress=False)
+began = time.perf_counter()
+rows, scores = retriever.retrieve(tokens, k=10, show_progress=False, n_threads=1)
+bm25s_s = time.perf_counter() - began
+same = sum(abs(h.score - float(s)) < 1e-4 * max(1.0, abs(float(s))) for q, r in enumerate(ours)
+           for h, s in zip(r, scores[q]))
+json.dump({"queries": len(queries), "ragkit_qps": len(queries) / ragkit_s, "bm25s_qps": len(queries) / bm25s_s,
+           "equal_scores": same, "compared": sum(len(r) for r in ours)}, open(sys.argv[4], "w"))
+"""
+
+
+def run_sparse(n: int, encoder: dict[str, Any]) -> dict[str, Any]:
+    """An index with a BM25 side: build, add/remove 10 (time and bytes), against what a change cost when the side
+    was one bm25s index rebuilt from every passage; search QPS against plain bm25s over the same passages."""
+    folder = WORK / f"sparse{n}"
+    shutil.rmtree(folder, ignore_errors=True)
+    make_shards(folder / "emb", n, encoder["dim"], encoder)
+    idx = folder / "idx"
+    out: dict[str, Any] = {"n": n}
+    out["build"] = measured(["ragkit", "index", "build", "--embeddings", str(folder / "emb"), "-o", str(idx), "--sparse"])
+    out["build"]["disk_bytes"] = disk(idx)
+    out.update(add_and_remove_10(idx, folder, n))
+    passages = folder / "emb" / "passages-00000-of-00001.jsonl"
+    script = folder / "bm25s_rebuild.py"
+    script.write_text(BM25S_REBUILD)
+    out["bm25s_rebuild"] = measured([str(script), str(passages)])
+    rng = np.random.default_rng(3)
+    queries = [" ".join(f"w{i}" for i in rng.integers(0, 20_000, 3)) for _ in range(500)]
+    (folder / "queries.json").write_text(json.dumps(queries))
+    script = folder / "sparse_search.py"
+    script.write_text(SPARSE_SEARCH)
+    # the index searched after the changes; bm25s over the passages it holds now (the 10 removed left out)
+    removed = {f"d{i}" for i in range(0, n, n // 10)}
+    live = folder / "live.jsonl"
+    with open(passages) as source, open(live, "w") as target:
+        target.writelines(line for line in source if json.loads(line)["id"] not in removed)
+        target.writelines((folder / "new.jsonl").read_text())
+    measured([str(script), str(idx), str(folder / "queries.json"), str(live), str(folder / "search.json")])
+    out["search"] = json.loads((folder / "search.json").read_text())
+    print(f"[{n:,}] sparse: build {out['build']['seconds']:.1f}s, add10 {out['add10']['seconds']:.1f}s "
+          f"({out['add10']['bytes_written']:,} B) vs bm25s rebuild {out['bm25s_rebuild']['seconds']:.1f}s; "
+          f"QPS {out['search']['ragkit_qps']:.0f} vs bm25s {out['search']['bm25s_qps']:.0f}", file=sys.stderr)
     return out
 
 
@@ -192,7 +271,7 @@ def run_embed(n: int, tiny: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
-    parser.add_argument("--parts", default="index,embed", help="index, embed or both")
+    parser.add_argument("--parts", default="index,embed,sparse", help="comma-separated: index, embed, sparse")
     parser.add_argument("--keep", action="store_true", help="keep the generated data under benchmarks/.work/scale")
     args = parser.parse_args()
     from ragkit.index.plan import plan
@@ -214,9 +293,24 @@ def main() -> None:
                     ["passages", "wall s", "peak MiB", "killed at row", "resume s", "identical bytes"],
                     [[f"{e['n']:,}", e["whole"]["seconds"], e["whole"]["peak_rss"] / 2**20, e["killed_at_rows"],
                       e["resume"]["seconds"], e["resumed_identical"]] for e in embeds])
+    if "sparse" in parts:
+        sparse = [run_sparse(n, encoder) for n in sizes]
+        print_table("index with a BM25 side: a change against the old per-change bm25s rebuild; search against bm25s",
+                    ["passages", "build s", "build peak GiB", "add10 s", "add10 MiB", "remove10 s", "remove10 MiB",
+                     "bm25s rebuild s", "ragkit QPS", "bm25s QPS", "equal scores"],
+                    [[f"{r['n']:,}", r["build"]["seconds"], r["build"]["peak_rss"] / 2**30, r["add10"]["seconds"],
+                      r["add10"]["bytes_written"] / 2**20, r["remove10"]["seconds"], r["remove10"]["bytes_written"] / 2**20,
+                      r["bm25s_rebuild"]["seconds"], r["search"]["ragkit_qps"], r["search"]["bm25s_qps"],
+                      f"{r['search']['equal_scores']}/{r['search']['compared']}"] for r in sparse])
+        previous["sparse"] = sparse
+        if len(sparse) >= 2:
+            previous.setdefault("ratios", {})[f"sparse_add10_{sparse[-1]['n']}_over_{sparse[0]['n']}"] = (
+                sparse[-1]["add10"]["seconds"] / sparse[0]["add10"]["seconds"])
     if "index" not in parts:
         previous["embed"] = embeds
         write_result("scale", previous)
+        if not args.keep:
+            shutil.rmtree(WORK, ignore_errors=True)
         return
     runs = [run_size(n, encoder) for n in sizes]
     gib = 2**30
@@ -245,8 +339,8 @@ def main() -> None:
                 ["spec", "build GiB", "serve GiB", "disk GiB", "fits"],
                 [[c["spec"], c["build_bytes"] / gib, c["serve_bytes"] / gib, c["disk_bytes"] / gib, c["fits"]]
                  for c in wiki["candidates"]])
-    path = write_result("scale", {"hardware": hw, "runs": runs, "ratios": ratios, "wikipedia_plan": wiki,
-                                  "embed": embeds})
+    path = write_result("scale", {"hardware": hw, "runs": runs, "ratios": {**previous.get("ratios", {}), **ratios},
+                                  "wikipedia_plan": wiki, "embed": embeds, "sparse": previous.get("sparse", [])})
     print(f"wrote {path}")
     if not args.keep:
         shutil.rmtree(WORK, ignore_errors=True)
