@@ -475,7 +475,7 @@ class Index:
     def add_sparse(self, config: SparseConfig) -> None:
         """Give an existing index a BM25 side (a new version; vectors and passages unchanged)."""
         old = self.sparse_config
-        retokenize = old is None or (old.stopwords, old.stemmer) != (config.stopwords, config.stemmer)
+        retokenize = old is None or old.tokenization != config.tokenization
 
         def edit(draft: Draft, report: ChangeReport) -> None:
             if retokenize:  # k1 and b are applied at query time: new values alone keep every part

@@ -47,6 +47,11 @@ class SparseConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def tokenization(self) -> str:
+        """What a part's terms depend on (k1, b and the method apply at query time)."""
+        return f"{self.stopwords}|{self.stemmer}"
+
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> SparseConfig:
         return cls(**{k: obj[k] for k in ("k1", "b", "method", "stopwords", "stemmer") if k in obj})
@@ -117,7 +122,7 @@ def write_part(path: Path, docs: Iterable[tuple[int, str]], config: SparseConfig
                  lengths=np.asarray(lengths, dtype=np.int32),
                  indptr=tf.indptr.astype(np.int64), indices=tf.indices.astype(np.int32), tf=tf.data.astype(np.float32),
                  terms=np.frombuffer(terms, dtype=np.uint8), tokenizer=np.frombuffer(
-                     f"{config.stopwords}|{config.stemmer}".encode(), dtype=np.uint8))
+                     config.tokenization.encode(), dtype=np.uint8))
     return n
 
 
@@ -127,8 +132,10 @@ class Part:
     def __init__(self, path: Path) -> None:
         try:
             with np.load(path, allow_pickle=False) as z:
-                self.vids, self.lengths = z["vids"], z["lengths"].astype(np.float64)
-                self.indptr, self.indices, self.tf = z["indptr"], z["indices"], z["tf"].astype(np.float64)
+                # kept as stored (int32 lengths, float32 whole-number frequencies): scoring promotes each
+                # posting slice to float64, so a float64 copy of the whole part would only double its memory
+                self.vids, self.lengths = z["vids"], z["lengths"]
+                self.indptr, self.indices, self.tf = z["indptr"], z["indices"], z["tf"]
                 terms = z["terms"].tobytes().decode("utf-8")
                 self.tokenizer = z["tokenizer"].tobytes().decode()
         except (OSError, ValueError, KeyError) as exc:
@@ -158,10 +165,9 @@ class SegmentedBM25:
     def __init__(self, paths: Sequence[Path], dead: np.ndarray, config: SparseConfig) -> None:
         self.config = config
         self.parts = [load_part(p) for p in paths]
-        want = f"{config.stopwords}|{config.stemmer}"
         for part in self.parts:
-            if part.tokenizer != want:
-                raise ResourceError(f"{part.path}: tokenised with {part.tokenizer}, the index says {want}")
+            if part.tokenizer != config.tokenization:
+                raise ResourceError(f"{part.path}: tokenised with {part.tokenizer}, the index says {config.tokenization}")
         self.live = [~np.isin(p.vids, dead) if len(dead) else np.ones(len(p.vids), bool) for p in self.parts]
         self.n = int(sum(m.sum() for m in self.live))
         total = sum(float(p.lengths[m].sum()) for p, m in zip(self.parts, self.live))
@@ -205,13 +211,13 @@ class SegmentedBM25:
                 lo, hi = part.indptr[col], part.indptr[col + 1]
                 rows = part.indices[lo:hi]
                 keep = live[rows]
-                postings.append((i, rows[keep], part.tf[lo:hi][keep]))
+                postings.append((i, rows[keep], part.tf[lo:hi][keep].astype(np.float64)))
             df = sum(len(r) for _, r, _ in postings)
             if not df:
                 continue
             idf = math.log(1 + (self.n - df + 0.5) / (df + 0.5))
             for i, rows, tf in postings:
-                dl = self.parts[i].lengths[rows]
+                dl = self.parts[i].lengths[rows].astype(np.float64)
                 found_rows.append(rows.astype(np.int64) + self.offsets[i])
                 found_values.append(weight * idf * tf / (k1 * (1 - b + b * dl / self.avgdl) + tf))
         if not found_rows:
