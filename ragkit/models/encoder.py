@@ -81,6 +81,13 @@ def _pooling_mode(module: Any) -> str:
     return "+".join(mode) if isinstance(mode, (tuple, list)) else str(mode)
 
 
+def embedding_dimension(model: Any) -> int:
+    """A sentence-transformers model's output dimension (sentence-transformers >= 6 renamed
+    get_sentence_embedding_dimension to get_embedding_dimension)."""
+    dim_of = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(dim_of())
+
+
 def pool_as(model: Any, pooling: str, name: str) -> tuple[Any, str, str]:
     """`model` pooling by `pooling` ("model": as it is): (the model, its own pooling, the one it now uses).
     A changed model is a shallow copy sharing the weights: loaded models are cached and shared."""
@@ -185,9 +192,7 @@ class Encoder:
 
     @functools.cached_property
     def info(self) -> EncoderInfo:
-        # sentence-transformers >= 6 renamed get_sentence_embedding_dimension
-        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        dim = dim_of()
+        dim = embedding_dimension(self.model)
         fingerprint = pooled_fingerprint(self.model, self.own_pooling, self.pooling)
         return EncoderInfo(
             name=self.name,

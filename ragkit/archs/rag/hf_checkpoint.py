@@ -15,6 +15,7 @@ express is saved as the class its loss names, with both tokenizers, and checked 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,14 @@ from ragkit.errors import ResourceError, UsageError
 
 CLASSES = {"RagSequenceForGeneration": "sequence", "RagTokenForGeneration": "token"}
 HF_PROMPT = "hf-rag"
+# what RagTokenForGeneration generates with from its own generation config (not its generator's)
+GENERATION_SETTINGS = ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id")
+
+
+def _rag_class(name: str) -> Any:
+    import transformers
+
+    return getattr(transformers, name)
 
 
 def hf_rag_class(model: str | Path) -> str | None:
@@ -73,14 +82,11 @@ def _tokenizer(folder: Path, part: str) -> Any:
 
 
 def _convert(folder: Path, kind: str, target: Path) -> None:
-    from transformers import RagSequenceForGeneration, RagTokenForGeneration
-
     from ragkit.archs.rag.model import RagModelConfig
     from ragkit.io.atomic import staged_dir, write_json
     from ragkit.models.dpr import to_sentence_transformer
 
-    cls = RagTokenForGeneration if kind == "RagTokenForGeneration" else RagSequenceForGeneration
-    rag = cls.from_pretrained(folder)
+    rag = _rag_class(kind).from_pretrained(folder)
     question_encoder, generator = rag.rag.question_encoder, rag.rag.generator
     if type(question_encoder).__name__ != "DPRQuestionEncoder":
         raise UsageError(f"{folder}: its question encoder is a {type(question_encoder).__name__}; ragkit reads DPR ones")
@@ -90,7 +96,7 @@ def _convert(folder: Path, kind: str, target: Path) -> None:
     # rag-token-nq's BART forces <s> alone, not inside RAG); ragkit decodes with the generator's, so they are
     # copied. RagSequenceForGeneration runs the generator's own generate, with its own settings.
     settings = getattr(rag, "generation_config", None)
-    for name in ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id") if settings else ():
+    for name in GENERATION_SETTINGS if settings else ():
         value = getattr(settings, name, None)
         if value is not None or name != "decoder_start_token_id":
             setattr(generator.generation_config, name, value)
@@ -114,15 +120,12 @@ def export_hf_rag(checkpoint: Path, output: Path) -> str:
     """Save a ragkit RAG checkpoint as transformers' RAG class for its loss (RagTokenizer beside it); returns
     the class name. The folder appears complete or not at all."""
     from sentence_transformers import SentenceTransformer
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, RagConfig, RagSequenceForGeneration, \
-        RagTokenForGeneration
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, RagConfig
 
     from ragkit.archs.rag.model import RagModelConfig
     from ragkit.io.atomic import staged_dir
     from ragkit.models.dpr import to_dpr
     from ragkit.models.lm import refuse_used_folder
-
-    import json
 
     refuse_used_folder(output)
     config = RagModelConfig(**json.loads((checkpoint / "rag_config.json").read_text()))
@@ -141,13 +144,13 @@ def export_hf_rag(checkpoint: Path, output: Path) -> str:
     tokenizer = AutoTokenizer.from_pretrained(generator_dir)
     question_encoder, question_tokenizer = to_dpr(SentenceTransformer(str(checkpoint / "query_encoder"), device="cpu"))
     kind = "RagTokenForGeneration" if config.loss == "token" else "RagSequenceForGeneration"
-    cls = RagTokenForGeneration if config.loss == "token" else RagSequenceForGeneration
+    cls = _rag_class(kind)
     rag_config = RagConfig.from_question_encoder_generator_configs(
         question_encoder.config, generator.config, n_docs=config.n_docs, max_combined_length=config.max_source_tokens,
         label_smoothing=config.label_smoothing, title_sep=config.title_sep, doc_sep=config.doc_sep)
     rag_config.architectures = [kind]
     rag = cls(config=rag_config, question_encoder=question_encoder, generator=generator)
-    for name in ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id") if config.loss == "token" else ():
+    for name in GENERATION_SETTINGS if config.loss == "token" else ():
         setattr(rag.generation_config, name, getattr(generator.generation_config, name, None))  # as ragkit decoded
     with staged_dir(output) as tmp:
         rag.save_pretrained(tmp)

@@ -268,7 +268,7 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: LoraSettings
     from sentence_transformers import SentenceTransformer
 
     from ragkit.models.dpr import embedder_location
-    from ragkit.models.encoder import pool_as, pooled_fingerprint
+    from ragkit.models.encoder import embedding_dimension, pool_as, pooled_fingerprint
     from ragkit.models.generator import Generator
     from ragkit.models.registry import missing_model_error, quiet_transformers, resolve
 
@@ -288,10 +288,10 @@ def build_rag(config: RagModelConfig, *, device: str = "cpu", lora: LoraSettings
 
     # queries pool as the index records (its passages', or its own query encoder's)
     query_encoder, own, used = private_copy(name, queries.pooling or "model")
-    dim_of = getattr(query_encoder, "get_embedding_dimension", None) or query_encoder.get_sentence_embedding_dimension
-    if dim_of() != index.dim:
-        raise ResourceError(f"query encoder '{name}' gives dimension {dim_of()}; {config.index} holds dimension {index.dim}",
-                         hint="Retrieve from an index embedded by its passage encoder (a DPR pair: the context encoder).")
+    dim = embedding_dimension(query_encoder)
+    if dim != index.dim:
+        raise ResourceError(f"query encoder '{name}' gives dimension {dim}; {config.index} holds dimension {index.dim}",
+                            hint="Retrieve from an index embedded by its passage encoder (a DPR pair: the context encoder).")
     refreshed = index.manifest.get("end2end") is not None  # its vectors come from an end-to-end doc encoder
     if config.query_encoder is None and not refreshed and pooled_fingerprint(query_encoder, own, used) != queries.fingerprint:
         raise UsageError(f"{config.index}: its embedder '{name}' no longer matches the index fingerprint")
