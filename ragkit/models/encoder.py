@@ -17,6 +17,8 @@ import numpy as np
 from ragkit.errors import ResourceError, UsageError
 from ragkit.index.encoder_info import EncoderInfo
 from ragkit.models.dpr import embedder_location
+from ragkit.models.exported import (EXPORTED_BACKENDS, ExportedBackend, calibration_sample, check_available, is_exported,
+                                    load_engine, with_engine)
 from ragkit.models.registry import ALIASES, ModelRef, missing_model_error, quiet_transformers, resolve
 
 
@@ -60,7 +62,8 @@ def _load_sentence_transformer(location: str, device: str, trust_remote_code: bo
     return SentenceTransformer(location, device=device, trust_remote_code=trust_remote_code)
 
 
-ENCODER_BACKENDS = ("torch", "int8")
+ENCODER_BACKENDS = ("torch", "int8", *EXPORTED_BACKENDS)
+BLOCK_SIZE = 4096  # texts per encode() block: the unit of progress, streaming and calibration
 # "model": the model's own pooling (a sentence-transformers folder's Pooling module; mean for a plain HF model).
 # Contriever pools by mean without normalising (--pooling mean --no-normalize), DPR by CLS (--pooling cls
 # --no-normalize): the same weights pooled another way are another embedder.
@@ -134,8 +137,12 @@ class Encoder:
     """Embeds passages and queries with one sentence-transformers model.
 
     backend "int8": the Linear layers dynamically quantised to int8 (PyTorch's CPU kernels), a faster CPU
-    path whose vectors approximate the float model's; the fingerprint stays that of the float weights, so
-    an index built either way accepts queries embedded either way (docs/benchmarks.md measures the cost)."""
+    path whose vectors approximate the float model's; the exported backends (ragkit/models/exported.py): the
+    transformer exported once and run by ONNX Runtime (float, or its dynamic int8) or OpenVINO (float32,
+    bfloat16 matrix products where the CPU has them, or NNCF's static int8 calibrated on the first block
+    it embeds: for an index, on its first passages).
+    The fingerprint stays that of the float weights, so an index built on one backend accepts queries
+    embedded on another (docs/benchmarks.md measures what each costs)."""
 
     def __init__(
         self,
@@ -152,6 +159,10 @@ class Encoder:
             raise UsageError(f"--backend {backend}: expected one of {', '.join(ENCODER_BACKENDS)}")
         self.ref: ModelRef = resolve(name)
         self.device = resolve_device(device)
+        if backend in EXPORTED_BACKENDS:
+            check_available(EXPORTED_BACKENDS[backend])
+            if self.device != "cpu":
+                raise UsageError(f"--backend {backend} runs on the CPU; on --device {self.device} use --backend torch")
         try:
             self.model = _load_sentence_transformer(embedder_location(self.ref), self.device, trust_remote_code)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -169,6 +180,12 @@ class Encoder:
 
             _ = self.info  # fingerprint the float weights first
             self.model = quantize_int8_dynamic(self.model, self.device)  # a copy: the cached float model stays
+        elif backend in EXPORTED_BACKENDS:
+            spec = EXPORTED_BACKENDS[backend]
+            if spec.calibrated and not is_exported(spec, self._transformer_fingerprint):
+                self._calibrate = spec  # exported on the first encode(), calibrated on its texts
+            else:
+                self.model = self._exported(spec)
 
     @classmethod
     def for_index(cls, index: Any, *, model: str | None = None, device: str | None = None,
@@ -187,8 +204,35 @@ class Encoder:
             raise ResourceError(f"{exc.message} (the embedder {index.root} was built with)",
                                 hint="Restore it there, or pass --model with a copy of it.") from None
         index.check_encoder(encoder.info, queries=queries)
+        if encoder._calibrate is not None:  # openvino-int8's first export: on the passages its build read first
+            import itertools
+
+            encoder.calibrate([p.embedding_text() for _, p in itertools.islice(index.iter_passages(), BLOCK_SIZE)])
         return encoder
 
+
+    _calibrate: ExportedBackend | None = None
+
+    @functools.cached_property
+    def _transformer_fingerprint(self) -> str:
+        """What an export is keyed by: the weights of the transformer it runs (not pooling or a Dense layer)."""
+        return weights_fingerprint(self.model[0])
+
+    def _exported(self, backend: ExportedBackend, calibration: Sequence[str] | None = None) -> Any:
+        """The model with its transformer run by an exported engine (a copy: the cached model stays)."""
+        import torch
+
+        _ = self.info, self._transformer_fingerprint  # fingerprint the PyTorch weights first
+        engine = load_engine(self.model, backend, self._transformer_fingerprint, torch.get_num_threads(),
+                             calibration=calibration)
+        return with_engine(self.model, engine)
+
+    def calibrate(self, texts: Sequence[str]) -> None:
+        """openvino-int8 before its first export: export it now, calibrated on a sample of `texts` (what the
+        first block of a build would be). Otherwise nothing: an export is calibrated once."""
+        if self._calibrate is not None and texts:
+            sample = [self._bounded(t) for t in calibration_sample(texts)]
+            self.model, self._calibrate = self._exported(self._calibrate, sample), None
 
     @functools.cached_property
     def info(self) -> EncoderInfo:
@@ -208,7 +252,7 @@ class Encoder:
         texts: Sequence[str],
         *,
         batch_size: int = 64,
-        block_size: int = 4096,
+        block_size: int = BLOCK_SIZE,
         on_block: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """float32 array (len(texts), dim); `on_block(n)` is called after each block of n texts."""
@@ -216,6 +260,7 @@ class Encoder:
         out = np.empty((len(texts), dim), dtype=np.float32)
         for start in range(0, len(texts), block_size):
             block = [self._bounded(t) for t in texts[start : start + block_size]]
+            self.calibrate(block)
             out[start : start + len(block)] = self.model.encode(
                 block,
                 batch_size=batch_size,
