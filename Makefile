@@ -35,7 +35,7 @@ $(RETRO_PEER)/bin/python:
 	$(RETRO_PEER)/bin/pip install -q torch==2.13.0 retro-pytorch==0.3.9 transformers==5.23.0 "pyarrow<18"
 
 bench: setup $(RETRO_PEER)/bin/python
-	cd benchmarks && for b in scifact_index_quality search_speed scifact_hybrid quantisation \
+	cd benchmarks && for b in scifact_index_quality search_speed scifact_hybrid quantisation encoder_backends \
 	    scifact_embedder_finetune generate_speed selfrag_speed retrieval_latency qa_real_data \
 	    rag_finetune_popqa selfrag_small_run distill_tradeoff retro_vs_retro_pytorch retro_quality; do ../$(VENV)/bin/python $$b.py || exit 1; done
 	$(VENV)/bin/python benchmarks/render_results.py
