@@ -144,6 +144,8 @@ class Encoder:
     The fingerprint stays that of the float weights, so an index built on one backend accepts queries
     embedded on another (docs/benchmarks.md measures what each costs)."""
 
+    _calibrate: ExportedBackend | None = None  # openvino-int8 waiting for its first texts to calibrate on
+
     def __init__(
         self,
         name: str = "minilm",
@@ -209,9 +211,6 @@ class Encoder:
 
             encoder.calibrate([p.embedding_text() for _, p in itertools.islice(index.iter_passages(), BLOCK_SIZE)])
         return encoder
-
-
-    _calibrate: ExportedBackend | None = None
 
     @functools.cached_property
     def _transformer_fingerprint(self) -> str:
