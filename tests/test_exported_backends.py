@@ -191,3 +191,33 @@ def test_openvino_int8_first_used_on_an_index_calibrates_on_its_passages(tiny_en
     passages = [p.embedding_text() for _, p in Index.open(index).iter_passages()]  # not the query
     digest = hashlib.sha256("\x00".join(passages).encode()).hexdigest()
     assert json.loads((folder / "export.json").read_text())["calibration"] == {"texts": 30, "sha256": digest}
+
+
+def test_openvino_exports_send_no_telemetry(tiny_encoder_path: Path, tmp_path: Path) -> None:
+    """OpenVINO's converter and NNCF report to Google Analytics when no consent file exists (they create
+    ~/intel/openvino_ga_cid first): an export in a fresh home must leave none."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}  # CI hosts decline anyway
+    env.update(HOME=str(home), RAGKIT_HOME=str(tmp_path / "cache"))
+    code = ("import sys; from ragkit.models.encoder import Encoder; "
+            "Encoder(sys.argv[1], device='cpu', backend='openvino-int8').encode(sys.argv[2].split('|'))")
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_encoder_path), "|".join(texts_of_many_lengths())],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert any((tmp_path / "cache" / "exports").iterdir())  # it did export (and calibrate through NNCF)
+    assert not (home / "intel").exists()
+
+
+def test_openvino_int8_calibrated_on_too_little_is_refused_with_the_way_out(tiny_encoder_path: Path, cache: Path) -> None:
+    from ragkit.errors import ResourceError
+    from ragkit.models.encoder import Encoder
+
+    encoder = Encoder(str(tiny_encoder_path), device="cpu", backend="openvino-int8")
+    with pytest.raises(ResourceError) as caught:
+        encoder.encode(["the", "a"])  # two one-word texts cannot set activation ranges
+    assert "calibrated on 2 texts" in caught.value.hint and not cache.exists() or not any(cache.iterdir())

@@ -81,8 +81,7 @@ def check_available(backend: ExportedBackend) -> None:
         raise ResourceError(f"--backend {backend.name} needs {', '.join(missing)}, which is not installed",
                             hint=f"pip install 'ragkit[{backend.extra}]'")
     if backend.precision == "bf16":
-        import openvino as ov
-
+        ov = openvino_module()
         if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise ResourceError(f"--backend {backend.name}: this CPU has no bfloat16 arithmetic (AVX-512 BF16 or AMX)",
                                 hint="Use --backend openvino (float32).")
@@ -92,9 +91,7 @@ def engine_version(backend: ExportedBackend) -> str:
     import torch
 
     if backend.engine == "openvino":
-        import openvino
-
-        return f"openvino-{openvino.__version__.split('-')[0]}"
+        return f"openvino-{openvino_module().__version__.split('-')[0]}"
     import onnxruntime
 
     return f"onnxruntime-{onnxruntime.__version__}-torch-{torch.__version__.split('+')[0]}"
@@ -163,10 +160,29 @@ def _export_onnx(module: Any, features: dict[str, Any], folder: Path, *, int8: b
             stale.unlink()
 
 
+def openvino_module() -> Any:
+    """`import openvino`, with its telemetry declined first.
+
+    OpenVINO (at import and in its converter) and NNCF (at import) send usage events to Google Analytics
+    unless the user has opted out: openvino-telemetry takes a missing consent file
+    (~/intel/openvino_telemetry) as consent when it shows no dialog, as they do. ragkit does not report
+    on its users, so in its process every consent check declines, before either is imported."""
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:  # without the package both use a stub that sends nothing
+        pass
+    else:
+        OptInChecker.check = lambda self, *args, **kwargs: ConsentCheckResult.DECLINED
+    import openvino
+
+    return openvino
+
+
 def _export_openvino(module: Any, features: dict[str, Any], folder: Path,
                      calibration: list[dict[str, np.ndarray]] | None = None) -> None:
-    import openvino as ov
     import torch
+
+    ov = openvino_module()
 
     with torch.no_grad():
         converted = ov.convert_model(module, example_input=tuple(features.values()))
@@ -207,9 +223,7 @@ class Engine:
         self.backend = backend
         try:
             if backend.engine == "openvino":
-                import openvino as ov
-
-                core = ov.Core()
+                core = openvino_module().Core()
                 self._compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU",
                                                     {"INFERENCE_NUM_THREADS": threads,
                                                      "INFERENCE_PRECISION_HINT": backend.precision})
@@ -275,9 +289,12 @@ def load_engine(st_model: Any, backend: ExportedBackend, fingerprint: str, threa
             (tmp / "export.json").write_text(json.dumps(meta, indent=1))
             agreement = probe_agreement(st_model, Engine(backend, tmp, threads))
             if agreement < backend.min_cosine:
+                hint = "Use --backend torch; the export is not cached."
+                if backend.calibrated:
+                    hint = (f"It was calibrated on {len(calibration)} texts: embed a larger first block (up to "
+                            f"{CALIBRATION_TEXTS} are used), or use --backend openvino-bf16 / openvino; not cached.")
                 raise ResourceError(f"--backend {backend.name}: the exported encoder embeds the probe texts at "
-                                    f"cosine {agreement:.5f} to PyTorch's (needs {backend.min_cosine})",
-                                    hint="Use --backend torch; the export is not cached.")
+                                    f"cosine {agreement:.5f} to PyTorch's (needs {backend.min_cosine})", hint=hint)
     return Engine(backend, folder, threads)
 
 
