@@ -221,3 +221,23 @@ def test_openvino_int8_calibrated_on_too_little_is_refused_with_the_way_out(tiny
     with pytest.raises(ResourceError) as caught:
         encoder.encode(["the", "a"])  # two one-word texts cannot set activation ranges
     assert "calibrated on 2 texts" in caught.value.hint and not cache.exists() or not any(cache.iterdir())
+
+
+@pytest.mark.slow
+def test_embed_on_ray_with_openvino_int8_writes_the_shards_one_process_writes(tiny_encoder_path: Path, tmp_path: Path,
+                                                                              cache: Path) -> None:
+    """Ray actors share the one export (calibrated on the first block of whoever exports first), so the
+    shards are the bytes that single-process --shard-id runs write."""
+    pytest.importorskip("ray")
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"d{i}", "text": t}
+                                                      for i, t in enumerate(texts_of_many_lengths(23) * 20)])
+    common = ["-m", tiny_encoder_path, "--device", "cpu", "--num-shards", 3, "--backend", "openvino-int8"]
+    for shard in range(3):
+        done = run_cli("embed", corpus, "-o", tmp_path / "single", *common, "--shard-id", shard)
+        assert done.exit_code == 0, done.stderr
+    done = run_cli("embed", corpus, "-o", tmp_path / "ray", *common, "--ray", "--ray-actors", 2)
+    assert done.exit_code == 0, done.stderr
+    shards = sorted(p.name for p in (tmp_path / "single").iterdir() if p.suffix == ".npy")
+    assert len(shards) == 3 and len(list(cache.iterdir())) == 1
+    for name in shards:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
