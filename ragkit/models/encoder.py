@@ -18,7 +18,7 @@ from ragkit.errors import ResourceError, UsageError
 from ragkit.index.encoder_info import EncoderInfo
 from ragkit.models.dpr import embedder_location
 from ragkit.models.exported import (EXPORTED_BACKENDS, ExportedBackend, calibration_sample, check_available, is_exported,
-                                    load_engine, with_engine)
+                                    load_engine, with_engine, with_module)
 from ragkit.models.registry import ALIASES, ModelRef, missing_model_error, quiet_transformers, resolve
 
 
@@ -117,9 +117,6 @@ def pooled_fingerprint(model: Any, own: str, pooling: str) -> str:
 def _with_pooling(model: Any, layer: tuple[int, Any], mode: str) -> Any:
     """A copy of `model` (same module objects, so the same weights) whose Pooling module (`layer`: its place
     and the module) pools by `mode` (sentence-transformers' own module)."""
-    import copy
-    from collections import OrderedDict
-
     index, module = layer
     try:  # sentence-transformers >= 6 moved the module
         from sentence_transformers.sentence_transformer.modules import Pooling
@@ -127,10 +124,7 @@ def _with_pooling(model: Any, layer: tuple[int, Any], mode: str) -> Any:
         from sentence_transformers.models import Pooling
     config = module.get_config_dict()
     dim = config.get("embedding_dimension", config.get("word_embedding_dimension"))
-    clone = copy.copy(model)
-    clone._modules = OrderedDict(model._modules)
-    clone._modules[str(index)] = Pooling(dim, pooling_mode=mode).to(next(model.parameters()).device)
-    return clone
+    return with_module(model, index, Pooling(dim, pooling_mode=mode).to(next(model.parameters()).device))
 
 
 class Encoder:

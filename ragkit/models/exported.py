@@ -35,7 +35,7 @@ class ExportedBackend:
     """One engine path: what it exports, how it computes, the probe agreement it must reach."""
 
     name: str
-    export: str  # the cached export it runs: "onnx", "onnx-int8" or "openvino" (both OpenVINO precisions share one)
+    export: str  # the cached export it runs: "onnx", "onnx-int8", "openvino" (float32 and bf16 share it), "openvino-int8"
     min_cosine: float  # per-probe-text cosine between engine and PyTorch sentence vectors
     precision: str = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT; its CPU default is bf16 where the CPU has it
     calibrated: bool = False  # static int8: activation ranges measured on texts before the export is cached
@@ -113,11 +113,15 @@ def _hf_model(module: Any) -> Any:
     return getattr(module, "model", None) or module.auto_model
 
 
+def _tokenize(st_model: Any, texts: Sequence[str]) -> dict[str, Any]:
+    """`texts` tokenised as sentence-transformers tokenises them for encode (>= 6: preprocess; 5.x: tokenize)."""
+    tokenize = getattr(st_model, "preprocess", None) or st_model.tokenize
+    return tokenize(list(texts))
+
+
 def _probe_features(st_model: Any) -> dict[str, Any]:
-    """The probe texts tokenised as sentence-transformers tokenises for encode (two lengths, so that
-    the export sees a padded batch)."""
-    tokenize = getattr(st_model, "preprocess", None) or st_model.tokenize  # sentence-transformers >= 6: preprocess
-    features = tokenize(list(PROBE))
+    """The probe texts as token-id tensors (two lengths, so that the export sees a padded batch)."""
+    features = _tokenize(st_model, PROBE)
     return {k: v for k, v in features.items() if hasattr(v, "dim") and v.dim() == 2}
 
 
@@ -206,10 +210,9 @@ def calibration_sample(texts: Sequence[str]) -> list[str]:
 
 
 def _calibration_batches(st_model: Any, texts: Sequence[str], names: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
-    tokenize = getattr(st_model, "preprocess", None) or st_model.tokenize
     batches = []
     for start in range(0, len(texts), CALIBRATION_BATCH):
-        features = tokenize(list(texts[start:start + CALIBRATION_BATCH]))
+        features = _tokenize(st_model, texts[start:start + CALIBRATION_BATCH])
         batches.append({n: features[n].numpy().astype(np.int64) for n in names})
     return batches
 
@@ -261,10 +264,10 @@ def is_exported(backend: ExportedBackend, fingerprint: str) -> bool:
 def load_engine(st_model: Any, backend: ExportedBackend, fingerprint: str, threads: int,
                 calibration: Sequence[str] | None = None) -> Engine:
     """The engine for `st_model`'s transformer (module 0), exported and probe-checked the first time
-    (a calibrated backend's first time needs `calibration`, the texts its activation ranges come from)."""
+    (a calibrated backend's first time needs `calibration`, the texts its activation ranges come from).
+    The caller has run check_available (Encoder does, before loading the model)."""
     from ragkit.io.atomic import staged_dir
 
-    check_available(backend)
     folder = export_folder(backend, fingerprint)
     if not (folder / "export.json").exists():
         if backend.calibrated and not calibration:
@@ -327,15 +330,21 @@ def probe_agreement(st_model: Any, engine: Engine) -> float:
     return float(cosine.min())
 
 
-def with_engine(st_model: Any, engine: Engine) -> Any:
-    """A shallow copy of `st_model` (the loaded model is cached and shared) whose first module runs in `engine`."""
+def with_module(st_model: Any, index: int, module: Any) -> Any:
+    """A shallow copy of `st_model` whose module `index` is `module`, the others shared with it (loaded
+    models are cached and shared, so they are never changed in place): a new Pooling, an engine."""
     import copy
     from collections import OrderedDict
 
     clone = copy.copy(st_model)
     clone._modules = OrderedDict(st_model._modules)
-    clone._modules["0"] = _engine_module(st_model[0], engine)
+    clone._modules[str(index)] = module
     return clone
+
+
+def with_engine(st_model: Any, engine: Engine) -> Any:
+    """`st_model` with its first module (the transformer) run in `engine`."""
+    return with_module(st_model, 0, _engine_module(st_model[0], engine))
 
 
 def _engine_module(transformer: Any, engine: Engine) -> Any:
