@@ -77,13 +77,10 @@ def test_candidate_score_paper_definition() -> None:
     assert weighted.final == pytest.approx(2 * 0.75 + 0.5)
 
 
-def test_candidate_score_upstream_ignores_weights_and_seqscore() -> None:
-    cfg = ScoringConfig(w_rel=2.0, w_sup=0.0, w_use=1.0, use_seqscore=True, compat_upstream=True)
-    short = score_candidate(hand_step(), IDS, cfg)
-    assert short.final == pytest.approx(0.75 + 0.6 + 0.5 * 0.5)  # 1.0 / 1.0 / 0.5, no sequence score
-    long = score_candidate(hand_step(), IDS, cfg, long_form=True)
-    assert long.utility == 0.0  # utility read with the support ids in the reference long form
-    assert long.final == pytest.approx(0.75 + 0.6)
+def test_long_form_utility_paper_and_upstream() -> None:
+    """(compat weights and switches: tests/test_selfrag_upstream.py)"""
+    upstream = ScoringConfig(compat_upstream=True, use_groundness=True, use_utility=True)
+    assert score_candidate(hand_step(), IDS, upstream, long_form=True).utility == 0.0  # read with the support ids
     paper_long = score_candidate(hand_step(), IDS, ScoringConfig(use_seqscore=False), long_form=True)
     assert paper_long.utility == pytest.approx(0.5)
 

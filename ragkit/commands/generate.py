@@ -37,13 +37,15 @@ RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a mo
 # Self-RAG (--arch selfrag); defaults follow the paper, --compat-upstream reproduces the reference scripts
 ModeOpt = Annotated[str, typer.Option("--mode", help="Self-RAG: adaptive_retrieval, always_retrieve or no_retrieval.")]
 ThresholdOpt = Annotated[float, typer.Option("--threshold", help="Self-RAG: retrieve when P([Retrieval]) normalised against [No Retrieval] exceeds this; negative: retrieve iff the model writes [Retrieval].")]
-WRelOpt = Annotated[float, typer.Option("--w-rel", help="Self-RAG: weight of the relevance score.")]
-WSupOpt = Annotated[float, typer.Option("--w-sup", help="Self-RAG: weight of the support (groundness) score.")]
-WUseOpt = Annotated[float, typer.Option("--w-use", help="Self-RAG: weight of the utility score.")]
-GroundOpt = Annotated[bool, typer.Option("--use-groundness/--no-groundness", help="Self-RAG: add the support score.")]
-UtilityOpt = Annotated[bool, typer.Option("--use-utility/--no-utility", help="Self-RAG: add the utility score.")]
-SeqScoreOpt = Annotated[bool, typer.Option("--use-seqscore/--no-seqscore", help="Self-RAG: add exp(mean token log-prob) of the continuation.")]
-CompatOpt = Annotated[bool, typer.Option("--compat-upstream", help="Self-RAG: reproduce the reference scripts exactly, faults included (docs/selfrag.md).")]
+# Self-RAG scores: None = the default of the rules in force (ragkit.archs.selfrag.scoring), shown in the help
+_PAPER_OR_HEAD = "Default: {paper} (the paper); {head} with --compat-upstream (run_short_form.py's default)."
+WRelOpt = Annotated[float | None, typer.Option("--w-rel", show_default=False, help="Self-RAG: weight of the relevance score. " + _PAPER_OR_HEAD.format(paper="1.0", head="1.0"))]
+WSupOpt = Annotated[float | None, typer.Option("--w-sup", show_default=False, help="Self-RAG: weight of the support (groundness) score. " + _PAPER_OR_HEAD.format(paper="1.0", head="1.0"))]
+WUseOpt = Annotated[float | None, typer.Option("--w-use", show_default=False, help="Self-RAG: weight of the utility score. " + _PAPER_OR_HEAD.format(paper="0.5", head="1.0"))]
+GroundOpt = Annotated[bool | None, typer.Option("--use-groundness/--no-groundness", show_default=False, help="Self-RAG: add the support score. " + _PAPER_OR_HEAD.format(paper="on", head="off"))]
+UtilityOpt = Annotated[bool | None, typer.Option("--use-utility/--no-utility", show_default=False, help="Self-RAG: add the utility score. " + _PAPER_OR_HEAD.format(paper="on", head="off"))]
+SeqScoreOpt = Annotated[bool | None, typer.Option("--use-seqscore/--no-seqscore", show_default=False, help="Self-RAG: add exp(mean token log-prob) of the continuation. " + _PAPER_OR_HEAD.format(paper="on", head="off"))]
+CompatOpt = Annotated[bool, typer.Option("--compat-upstream", help="Self-RAG: reproduce the reference scripts at HEAD 1fcdc42 exactly, faults included (docs/selfrag.md); the long form refuses the --w-* and --use-seqscore flags its script ignores.")]
 LongFormOpt = Annotated[bool | None, typer.Option("--long-form/--short-form", help="Self-RAG: segment-level beam search (long answers) or one scored answer per passage. Default: long form for asqa, short otherwise.", show_default=False)]
 BeamOpt = Annotated[int, typer.Option("--beam-width", min=1, help="Self-RAG long form: segments kept per level.")]
 DepthOpt = Annotated[int, typer.Option("--max-depth", min=2, help="Self-RAG long form: levels of the segment tree (the root counts).")]
@@ -88,12 +90,12 @@ def generate(
     num_beams: NumBeamsOpt = 4,
     mode: ModeOpt = "adaptive_retrieval",
     threshold: ThresholdOpt = 0.2,
-    w_rel: WRelOpt = 1.0,
-    w_sup: WSupOpt = 1.0,
-    w_use: WUseOpt = 0.5,
-    use_groundness: GroundOpt = True,
-    use_utility: UtilityOpt = True,
-    use_seqscore: SeqScoreOpt = True,
+    w_rel: WRelOpt = None,
+    w_sup: WSupOpt = None,
+    w_use: WUseOpt = None,
+    use_groundness: GroundOpt = None,
+    use_utility: UtilityOpt = None,
+    use_seqscore: SeqScoreOpt = None,
     compat_upstream: CompatOpt = False,
     long_form: LongFormOpt = None,
     beam_width: BeamOpt = 2,

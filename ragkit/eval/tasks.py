@@ -36,6 +36,7 @@ class Example:
     line: int = 0
     query: str = ""  # what the retriever searches with: the bare question or claim, without instructions
     fields: dict[str, Any] = field(default_factory=dict)  # the row's own scalar fields (pop, prop, ...): eval --stratify
+    upstream_text: str | None = None  # the question as the Self-RAG reference scripts write it, where that differs
 
     def to_generation_row(self) -> dict[str, Any]:
         return {"id": self.id, "question": self.question, "retrieval_query": self.query or self.question,
@@ -142,10 +143,16 @@ def load_arc(obj: dict[str, Any], where: Location) -> Example:
         answer_key = str(_require(obj, "answerKey", where))
     by_letter = {qm.choice_letter(label): text for label, text in zip(labels, texts)}
     ordered = [by_letter.get(letter, "") for letter in "ABCD"] + ([by_letter["E"]] if "E" in by_letter else [])
-    shown = "".join(f"\n{letter}: {text}" for letter, text in zip(qm.CHOICE_LABELS, ordered))
-    prompt = f"{ARC_INSTRUCTION}\n\n### Input:\n{question}{shown}"
-    return Example(_id(obj, where), prompt, [answer_key], _ctxs(obj), {"choices": ordered, "answer_key": answer_key},
-                   line=where.line or 0, query=question)
+    # run_short_form.py (line 231) maps only A-D and 1-4, so a fifth choice never reaches its prompt
+    upstream = _arc_prompt(question, ordered[:4]) if len(ordered) > 4 else None
+    return Example(_id(obj, where), _arc_prompt(question, ordered), [answer_key], _ctxs(obj),
+                   {"choices": ordered, "answer_key": answer_key}, line=where.line or 0, query=question,
+                   upstream_text=upstream)
+
+
+def _arc_prompt(question: str, choices: list[str]) -> str:
+    shown = "".join(f"\n{letter}: {text}" for letter, text in zip(qm.CHOICE_LABELS, choices))
+    return f"{ARC_INSTRUCTION}\n\n### Input:\n{question}{shown}"
 
 
 def score_arc(example: Example, prediction: str) -> dict[str, float]:

@@ -57,6 +57,7 @@ class Question:
     text: str
     ctxs: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    upstream_text: str | None = None  # Self-RAG --compat-upstream: the reference scripts' prompt, where it differs
 
 
 PASSAGE_FIELDS = ("ctxs", "hits")  # Self-RAG / DPR files carry `ctxs`; `ragkit index search` writes `hits`
@@ -80,7 +81,8 @@ def question_from_json(obj: dict[str, Any], where: Location) -> Question:
 
 def questions_from_examples(examples: Sequence[Any]) -> list[Question]:
     """Eval-task examples as questions; the retriever searches with the bare question or claim."""
-    return [Question(ex.id, ex.question, ex.ctxs, {"retrieval_query": ex.query or ex.question}) for ex in examples]
+    return [Question(ex.id, ex.question, ex.ctxs, {"retrieval_query": ex.query or ex.question}, ex.upstream_text)
+            for ex in examples]
 
 
 def read_questions(path: str, *, limit: int = 0, task: str | None = None) -> list[Question]:

@@ -30,6 +30,7 @@ from ragkit.archs.selfrag.tokens import (
     generator_prompt,
     reflection_ids,
 )
+from ragkit.archs.selfrag import upstream as reference
 
 MODES = ("adaptive_retrieval", "always_retrieve", "no_retrieval")
 
@@ -55,6 +56,7 @@ class SelfRagConfig:
             raise UsageError(f"--threshold {self.threshold}: expected a probability in [0, 1]")
         if self.ndocs < 1 or self.beam_width < 1 or self.max_depth < 2:
             raise UsageError("--k/--ndocs and --beam-width must be >= 1, --max-depth >= 2")
+        self.scoring.weights(long_form=self.long_form)  # refuses what the reference long form would ignore
 
 
 @dataclass
@@ -114,8 +116,15 @@ class SelfRagDecoder:
                     token_ids=ids,
                     logprobs=[dict(zip(self.tracked, reflection[b, t].tolist())) for t in range(end)],
                     cumulative_logprob=float(chosen[b, :end].sum()),
+                    plain_text=self._plain(enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist(), ids),
                 )
         return [o for o in outputs if o is not None]
+
+    def _plain(self, prompt_ids: list[int], new_ids: list[int]) -> str:
+        """The reference's view of a continuation (compat_upstream only; empty otherwise)."""
+        if not self.config.scoring.compat_upstream:
+            return ""
+        return reference.vllm_plain_text(self.tokenizer, prompt_ids, new_ids)
 
     def prompt(self, question: SelfRagQuestion) -> str:
         return generator_prompt(question.instruction)
@@ -151,21 +160,10 @@ class SelfRagDecoder:
             per_question[qi].append((pi, s))
         seconds = (time.perf_counter() - began) / max(1, len(questions))
         rows = []
-        upstream = cfg.scoring.compat_upstream
         for qi, q in enumerate(questions):
             retrieve, prob = decisions[qi]
-            candidates = []
-            for pi, s in per_question[qi]:
-                cand: dict[str, Any] = {"passage": pi if pi >= 0 else None, "raw": s.text,
-                                        "answer": clean_answer(s.text, upstream=upstream)}
-                if pi >= 0:
-                    cand["scores"] = score_candidate(s, self.ids, cfg.scoring).to_json()
-                candidates.append(cand)
-            if retrieve:
-                best = aggregate([c["answer"] for c in candidates], [c["scores"]["final"] for c in candidates],
-                                 closed=cfg.closed)
-            else:
-                best = 0
+            candidates = [self._candidate(pi, s, retrieve) for pi, s in per_question[qi]]
+            best = self._choose(candidates, per_question[qi]) if retrieve else 0
             rows.append({
                 "id": q.id, "question": q.instruction, "output": candidates[best]["answer"],
                 "raw_output": candidates[best]["raw"], "retrieved": retrieve, "retrieve_prob": prob,
@@ -173,6 +171,23 @@ class SelfRagDecoder:
                 "timings": {"generate_s": seconds}, **q.extra,
             })
         return rows
+
+    def _candidate(self, passage: int, s: StepOutput, retrieved: bool) -> dict[str, Any]:
+        cfg = self.config
+        if cfg.scoring.compat_upstream:
+            answer = reference.candidate_answer(s.plain_text, retrieved=retrieved, closed=cfg.closed)
+        else:
+            answer = clean_answer(s.text)
+        cand: dict[str, Any] = {"passage": passage if passage >= 0 else None, "raw": s.text, "answer": answer}
+        if passage >= 0:
+            cand["scores"] = score_candidate(s, self.ids, cfg.scoring).to_json()
+        return cand
+
+    def _choose(self, candidates: list[dict[str, Any]], steps: list[tuple[int, StepOutput]]) -> int:
+        scores = [c["scores"]["final"] for c in candidates]
+        if self.config.scoring.compat_upstream:  # grouped on the reference's post-processing, not ragkit's
+            return reference.choose([s.plain_text for _, s in steps], scores, closed=self.config.closed)
+        return aggregate([c["answer"] for c in candidates], scores, closed=self.config.closed)
 
     # -- long form (run_long_form_static): segment-level beam search ------------------------------
     def _segment(self, s: StepOutput) -> str:
@@ -297,8 +312,12 @@ class VLLMSelfRagDecoder(SelfRagDecoder):
         params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_new_tokens, logprobs=self.logprobs,
                                 skip_special_tokens=False, stop_token_ids=stop_ids or None)
         self.calls += 1
-        return [vllm_step_output(r.outputs[0], self.tokenizer.eos_token, tokenizer=self.tokenizer)
-                for r in self.llm.generate(list(prompts), params, use_tqdm=False)]
+        outputs = []
+        for r in self.llm.generate(list(prompts), params, use_tqdm=False):
+            step = vllm_step_output(r.outputs[0], self.tokenizer.eos_token, tokenizer=self.tokenizer)
+            step.plain_text = self._plain(list(r.prompt_token_ids or []), step.token_ids)
+            outputs.append(step)
+        return outputs
 
 
 def vllm_step_output(completion: Any, eos_token: str | None, *, tokenizer: Any = None) -> StepOutput:

@@ -77,7 +77,10 @@ class SelfRagAnswerer:
                 return lambda: [h.to_json() for h in self.retriever.retrieve([query], self.decoder.config.ndocs)[0]]
             return lambda: q.ctxs
 
-        return self.decoder.answer([SelfRagQuestion(q.id, q.text, fetch(q), q.extra) for q in questions])
+        def text(q: Question) -> str:
+            return q.upstream_text if self.options.compat_upstream and q.upstream_text else q.text
+
+        return self.decoder.answer([SelfRagQuestion(q.id, text(q), fetch(q), q.extra) for q in questions])
 
 
 def load(model: str, options: SelfRagOptions) -> SelfRagAnswerer:

@@ -5,17 +5,23 @@ log-probabilities of the reflection tokens. The same inputs come from transforme
 (top-k logprobs), so both backends share this module.
 
 The paper (Asai et al. 2023, Sec. 3.3) normalises each group's token probabilities. The reference scripts
-differ in ways that change results; `compat_upstream=True` reproduces them exactly (see docs/selfrag.md):
+(AkariAsai/self-rag at HEAD 1fcdc42) differ in ways that change results; `compat_upstream=True` reproduces
+them exactly (see docs/selfrag.md):
   * short form, adaptive retrieval: the ratio is taken on raw log-probabilities, not probabilities;
-  * the command-line weights are ignored (1.0 / 1.0 / 0.5 hard-coded) and the sequence score is never used;
+  * short form: weights and switches come from the flags with run_short_form.py's argparse defaults
+    (w_* = 1.0, every use_* off); long form: run_long_form_static.py's main() hard-codes 1.0 / 1.0 / 0.5
+    and its beam search never adds the sequence score, so those flags are refused there;
   * long form: the utility token probabilities are read with the support-token ids, so utility is always 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from ragkit.errors import UsageError
 
 from ragkit.archs.selfrag.tokens import (
     CONTINUE,
@@ -32,7 +38,6 @@ from ragkit.archs.selfrag.tokens import (
 )
 
 MISSING_LOGPROB = -100.0  # a token outside the returned top-k (vLLM) counts as log-probability -100
-UPSTREAM_WEIGHTS = (1.0, 1.0, 0.5)  # w_rel, w_sup, w_use hard-coded in the reference main()
 
 
 @dataclass
@@ -43,17 +48,59 @@ class StepOutput:
     token_ids: list[int]
     logprobs: list[dict[int, float]]  # per generated position: token id -> log-probability (reflection ids at least)
     cumulative_logprob: float
+    plain_text: str = ""  # compat_upstream: the text as vLLM's default decode gives it (upstream.vllm_plain_text)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The weights and switches one scoring run uses, every one decided."""
+
+    w_rel: float
+    w_sup: float
+    w_use: float
+    use_groundness: bool
+    use_utility: bool
+    use_seqscore: bool
+
+
+# the paper's weights (Sec. 3.3 / its Table 6 setting) with every score on, as the reference README's commands ask
+PAPER = Weights(1.0, 1.0, 0.5, use_groundness=True, use_utility=True, use_seqscore=True)
+# run_short_form.py at HEAD 1fcdc42: argparse defaults (--w_rel/--w_sup/--w_use 1.0, lines 281-286; the
+# store_true switches --use_seqscore/--use_groundness/--use_utility off, lines 272-276), all passed on (315-316)
+SHORT_FORM_HEAD = Weights(1.0, 1.0, 1.0, use_groundness=False, use_utility=False, use_seqscore=False)
+# run_long_form_static.py at HEAD: main() passes w_rel=1.0, w_sup=1.0, w_use=0.5 whatever the flags (line 364)
+# and the beam search calls the step scorer without use_seqscore (line 224); --use_grounding/--use_utility
+# are store_true (off unless given)
+LONG_FORM_HEAD = Weights(1.0, 1.0, 0.5, use_groundness=False, use_utility=False, use_seqscore=False)
+LONG_FORM_FIXED = ("w_rel", "w_sup", "w_use", "use_seqscore")  # what the reference long form ignores
 
 
 @dataclass
 class ScoringConfig:
-    w_rel: float = 1.0
-    w_sup: float = 1.0
-    w_use: float = 0.5
-    use_groundness: bool = True
-    use_utility: bool = True
-    use_seqscore: bool = True
+    """None: the default of the rules in force, the paper's (PAPER) or, with compat_upstream, the reference
+    script's (SHORT_FORM_HEAD / LONG_FORM_HEAD). A value given is used, except where the reference long form
+    ignores it: there it is refused rather than dropped."""
+
+    w_rel: float | None = None
+    w_sup: float | None = None
+    w_use: float | None = None
+    use_groundness: bool | None = None
+    use_utility: bool | None = None
+    use_seqscore: bool | None = None
     compat_upstream: bool = False
+
+    def weights(self, *, long_form: bool = False) -> Weights:
+        given = {name: getattr(self, name) for name in Weights.__dataclass_fields__ if getattr(self, name) is not None}
+        if not self.compat_upstream:
+            return dataclasses.replace(PAPER, **given)
+        if long_form:
+            ignored = [name for name in LONG_FORM_FIXED if name in given]
+            if ignored:
+                raise UsageError(f"{', '.join(ignored)}: the reference long form (run_long_form_static.py) ignores "
+                                 "them, so compat_upstream cannot honour them",
+                                 hint="Leave them out, or drop compat_upstream to use them.")
+            return dataclasses.replace(LONG_FORM_HEAD, **given)
+        return dataclasses.replace(SHORT_FORM_HEAD, **given)
 
 
 @dataclass
@@ -119,32 +166,27 @@ def score_candidate(step: StepOutput, ids: ReflectionIds, config: ScoringConfig,
                 ISUSE token was generated; support and utility are 0 when no such token was generated;
     final     = exp(mean token log-prob) [if use_seqscore] + w_rel relevance + w_sup support + w_use utility.
     """
-    if config.compat_upstream:
-        w_rel, w_sup, w_use = UPSTREAM_WEIGHTS
-        use_seqscore = False
-    else:
-        w_rel, w_sup, w_use = config.w_rel, config.w_sup, config.w_use
-        use_seqscore = config.use_seqscore
+    w = config.weights(long_form=long_form)
     groups: dict[str, dict[str, float]] = {}
     relevance = 0.0
     if step.logprobs:
         groups["isrel"] = _normalised(step.logprobs[0], ids.group(ISREL_GROUP))
         relevance = groups["isrel"][RELEVANT]
     support = 0.0
-    if config.use_groundness:
+    if w.use_groundness:
         at = _first_position(step.token_ids, ids.group(ISSUP_GROUP))
         if at is not None:
             groups["issup"] = _normalised(step.logprobs[at], ids.group(ISSUP_GROUP))
             support = groups["issup"][FULLY] + 0.5 * groups["issup"][PARTIALLY]
     utility = 0.0
-    if config.use_utility and not (long_form and config.compat_upstream):
+    if w.use_utility and not (long_form and config.compat_upstream):
         # (the reference long-form script reads utility with the support ids: 3 values != 5, so always 0)
         at = _first_position(step.token_ids, ids.group(ISUSE_GROUP))
         if at is not None:
             groups["isuse"] = _normalised(step.logprobs[at], ids.group(ISUSE_GROUP))
             utility = sum(w * groups["isuse"][name] for w, name in zip(UTILITY_WEIGHTS, ISUSE_GROUP))
     sequence = step.cumulative_logprob / max(len(step.token_ids), 1)
-    final = w_rel * relevance + w_sup * support + w_use * utility + (math.exp(sequence) if use_seqscore else 0.0)
+    final = w.w_rel * relevance + w.w_sup * support + w.w_use * utility + (math.exp(sequence) if w.use_seqscore else 0.0)
     return CandidateScore(final, relevance, support, utility, sequence, groups)
 
 
