@@ -20,9 +20,9 @@ pytest.importorskip("vllm", reason="vLLM is not installed here (make vllm-env, t
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on the CPU (the default is 4)
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.__stderr__")  # pytest swaps sys.stderr out and closes it
 
-from conftest import SHARED_DATA, build_tiny_selfrag_lm, write_jsonl  # noqa: E402
+from conftest import build_tiny_selfrag_lm, write_jsonl  # noqa: E402
 
-POPQA = SHARED_DATA / "popqa" / "popqa_longtail_w_gs.first100.jsonl"
+POPQA = Path(__file__).resolve().parent / "data" / "popqa_longtail_w_gs.first16.jsonl"  # tests/data/README.md
 RAGKIT = [sys.executable, "-m", "ragkit.cli"]
 
 
@@ -124,6 +124,34 @@ def test_self_rag_scores_agree_with_the_transformers_decoder(selfrag_engines, mo
             assert a["score"] == pytest.approx(b["score"], abs=1e-3)
             compared += 1
     assert compared > 0 or mode == "no_retrieval"  # something was scored on both sides
+
+
+def test_compat_plain_text_is_vllms_own_default_decode(selfrag_engines) -> None:
+    """--compat-upstream reads continuations as the reference does: vLLM's text with skip_special_tokens=True.
+    ragkit rebuilds it from token ids (ragkit/archs/selfrag/upstream.py); here vLLM itself decodes the same
+    prompts both ways, and both backends' compat answers agree."""
+    from vllm import SamplingParams
+
+    from ragkit.archs.selfrag import upstream as reference
+    from ragkit.archs.selfrag.decoding import SelfRagDecoder, VLLMSelfRagDecoder
+    from ragkit.archs.selfrag.inference import SelfRagAnswerer, SelfRagOptions
+    from ragkit.io.queries import Question
+
+    (llm, logprobs), (model, tokenizer) = selfrag_engines
+    prompts = ["### Instruction:\nwho was the king of france\n\n### Response:\n[Retrieval]<paragraph>paris\nthe king"
+               "</paragraph>", "### Instruction:\nthe river in london\n\n### Response:\n[No Retrieval]"]
+    params = SamplingParams(temperature=0.0, max_tokens=12, skip_special_tokens=True)
+    for out in llm.generate(prompts, params, use_tqdm=False):
+        completion = out.outputs[0]
+        assert reference.vllm_plain_text(tokenizer, out.prompt_token_ids, completion.token_ids) == completion.text
+    options = SelfRagOptions(mode="always_retrieve", k=2, max_new_tokens=8, compat_upstream=True, task="popqa")
+    ctxs = [{"title": "paris", "text": "the king of france was born in paris"},
+            {"title": "rome", "text": "music film poet of the city"}]
+    questions = [Question("a", "who was the king of france", ctxs), Question("b", "the river in london", ctxs)]
+    decoders = [VLLMSelfRagDecoder(llm, options.decoding(), logprobs=logprobs, device="cpu"),
+                SelfRagDecoder(model, tokenizer, options.decoding())]
+    ours, theirs = (SelfRagAnswerer(d, options, None).answer(questions) for d in decoders)
+    assert [r["output"] for r in ours] == [r["output"] for r in theirs]
 
 
 def test_cli_end_to_end_on_smollm_and_on_an_exported_self_rag_checkpoint(selfrag_model: Path, tmp_path: Path) -> None:

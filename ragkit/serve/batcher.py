@@ -53,7 +53,8 @@ class MicroBatcher:
     of its own. Under load the requests that arrive while a batch runs make the next batch, so even
     `window_s=0` batches; the window adds batching at light load for latency. `max_batch=1` serves one
     request at a time. `before_batch` runs on the worker thread before each batch and, every `idle_s` without work, on
-    its own (a server's hot reload). An exception in `handle` fails that batch's requests only."""
+    its own (a server's hot reload). An exception in `handle` for a batch of several requests retries them one
+    by one, so that one bad request fails alone, never the others that shared its batch."""
 
     def __init__(self, handle: Callable[[list[Any]], Sequence[Any]], *, window_s: float, max_batch: int,
                  max_pending: int, before_batch: Callable[[], None] | None = None, idle_s: float = 1.0,
@@ -122,6 +123,12 @@ class MicroBatcher:
             if closing:
                 return
 
+    def _alone(self, job: _Job) -> Any:
+        try:
+            return self.handle([job.payload])[0]
+        except Exception as exc:  # noqa: BLE001 (this request's own failure)
+            return exc
+
     def _run_hook(self) -> None:
         if self.before_batch is not None:
             try:
@@ -138,7 +145,12 @@ class MicroBatcher:
         self._run_hook()
         started = time.perf_counter()
         try:
-            results = self.handle([job.payload for job in live])
+            try:
+                results = list(self.handle([job.payload for job in live]))
+            except Exception:  # noqa: BLE001 (which request caused it is found by running each alone)
+                if len(live) == 1:
+                    raise
+                results = [self._alone(job) for job in live]
         except BaseException as exc:  # noqa: BLE001 (delivered to the requests, never kills the worker)
             for job in live:
                 job.future.set_exception(exc)

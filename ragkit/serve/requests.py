@@ -70,6 +70,7 @@ def parse_queries(body: SearchBody, config: ServeConfig, *, k_default: int | Non
     out = []
     for i, item in enumerate(items):
         name = where if body.queries is None else f"queries[{i}]"
+        refuse_unencodable(item, name)
         if isinstance(item, str):
             text, qid, extra = item, None, {}
         else:
@@ -85,6 +86,24 @@ def parse_queries(body: SearchBody, config: ServeConfig, *, k_default: int | Non
                                status=413)
         out.append(Query(str(qid) if qid is not None else str(i + 1), text, extra))
     return out
+
+
+def refuse_unencodable(value: Any, field: str) -> None:
+    """JSON may carry lone surrogates (`"\\ud800"`) that no UTF-8 text holds: the tokenizer, SQLite and the
+    response writer would each fail on them, inside a batch shared with other requests. Refused here, naming
+    the field, before the request joins a batch."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(field, f"not valid Unicode text: a lone surrogate at character {exc.start}") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            refuse_unencodable(key, field)
+            refuse_unencodable(item, f"{field}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            refuse_unencodable(item, f"{field}[{i}]")
 
 
 def check_k(k: int, limit: int, flag: str) -> int:
@@ -118,6 +137,7 @@ def chat_question(body: ChatBody, config: ServeConfig, served_model: str) -> str
         raise RequestError("messages", f"roles {roles}: send exactly one user message (ragkit's readers answer one "
                                        "question from retrieved passages; system prompts and earlier turns are not used)")
     content = body.messages[0].content
+    refuse_unencodable(content, "messages[0].content")
     if isinstance(content, list):
         parts = [p.get("text") for p in content if p.get("type") == "text"]
         if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
