@@ -10,6 +10,7 @@ Sharding follows the Self-RAG passage-embedding script: shard i of n takes rows
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ragkit.errors import InputError, Location, ResourceError, UsageError
-from ragkit.io.atomic import write_json
+from ragkit.errors import DiskFullError, InputError, Location, ResourceError, UsageError
+from ragkit.io.atomic import names_full_disk, write_json
 from ragkit.io.corpus import Passage, iter_passages_with_lines, resolve_corpus_path
 from ragkit.io.mapped import drop_pages
 from ragkit.index.encoder_info import EncoderInfo
@@ -155,20 +156,21 @@ def embed_shard(
         progress = json.loads(progress_path.read_text(encoding="utf-8"))
         if progress.get("identity") == identity:
             done, text_bytes = int(progress["rows_done"]), int(progress["passages_bytes"])
-    if rows == 0:  # an empty shard (more shards than passages): nothing to map
-        with open(emb_part, "wb") as handle:
-            np.save(handle, np.zeros((0, encoder.info.dim), dtype=dtype))
-        psg_part.write_bytes(b"")
+    with names_full_disk(out, kept="nothing was embedded"):
+        vectors = _open_shard(emb_part, psg_part, rows, done, (rows, encoder.info.dim), dtype)
+    if rows and not _reserved(emb_part):
         vectors = None
-    elif done == 0:
-        vectors = np.lib.format.open_memmap(emb_part, mode="w+", dtype=dtype, shape=(rows, encoder.info.dim))
-        psg_part.write_bytes(b"")
-    else:
-        vectors = np.lib.format.open_memmap(emb_part, mode="r+")
+        if done == 0:  # nothing written yet: leave nothing behind
+            for leftover in (emb_part, psg_part, progress_path):
+                leftover.unlink(missing_ok=True)
+        kept = "nothing was kept" if done == 0 else f"the {done} rows embedded so far are kept: rerun to resume"
+        raise DiskFullError(f"{out}: no space left on its device for {emb_name} ({rows} x {encoder.info.dim} "
+                            f"{dtype}); {kept}", hint="Free space there (or write elsewhere) and run the command again.")
     if on_plan is not None:
         on_plan(rows, done)
     began = time.perf_counter()
-    with open(psg_part, "r+b") as texts:
+    kept = "the rows embedded before it are kept: rerun to resume"
+    with names_full_disk(out, kept=kept), open(psg_part, "r+b") as texts:
         texts.truncate(text_bytes)  # what an interrupted run wrote past its last checkpoint goes
         texts.seek(text_bytes)
         block: list[Passage] = []
@@ -220,6 +222,37 @@ def embed_shard(
     progress_path.unlink(missing_ok=True)
     return ShardResult(rows, start, end, time.perf_counter() - began, [out / emb_name, out / psg_name, out / meta_name],
                        resumed_from=done)
+
+
+def _open_shard(emb_part: Path, psg_part: Path, rows: int, done: int, shape: tuple[int, int], dtype: str) -> Any:
+    """The shard's vectors memory-mapped for writing (new, or resumed after `done` rows); None when empty."""
+    if rows == 0:  # an empty shard (more shards than passages): nothing to map
+        with open(emb_part, "wb") as handle:
+            np.save(handle, np.zeros((0, shape[1]), dtype=dtype))
+        psg_part.write_bytes(b"")
+        return None
+    if done == 0:
+        psg_part.write_bytes(b"")
+        return np.lib.format.open_memmap(emb_part, mode="w+", dtype=dtype, shape=shape)
+    return np.lib.format.open_memmap(emb_part, mode="r+")
+
+
+def _reserved(path: Path) -> bool:
+    """Reserve the disk blocks of a memory-mapped shard before writing through the map: a sparse file on a
+    full disk would otherwise end the process with SIGBUS at the first page that finds no space, with no
+    message. False when the device has no room; where the filesystem cannot reserve, writes proceed as before."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return False
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+    return True
 
 
 @dataclass

@@ -39,6 +39,10 @@ class ResourceError(RagkitError):
     exit_code = ExitCode.MISSING_RESOURCE
 
 
+class DiskFullError(ResourceError):
+    """A write found its device full; the writer has cleaned up or left a resumable state, and says which."""
+
+
 @dataclass
 class Location:
     path: str

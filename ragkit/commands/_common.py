@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ragkit.errors import ExitCode, RagkitError
+from ragkit.io.atomic import is_disk_full
 
 
 def debug_enabled() -> bool:
@@ -47,15 +48,18 @@ def handle_errors() -> Iterator[None]:
         raise typer.Exit(0) from None
     except typer.Exit:
         raise
-    except sqlite3.DatabaseError as exc:
-        if isinstance(exc, sqlite3.IntegrityError):  # ragkit handles these itself: reaching here is a bug
-            raise fail(f"internal error: {type(exc).__name__}: {exc}", None, int(ExitCode.INTERNAL)) from None
-        # only an index's passage store is SQLite: a damaged one is a bad resource, not a bug
-        raise fail(f"an index's passage store is unreadable (SQLite: {exc})",
-                   "Check it with `ragkit index info DIR --verify`; restore it or rebuild.",
-                   int(ExitCode.MISSING_RESOURCE)) from None
-    except Exception as exc:  # anything else is a bug: say so in one line, traceback on request
-        if debug_enabled():
+    except Exception as exc:
+        if is_disk_full(exc):  # a writer that does not name its folder itself (those raise DiskFullError)
+            where = f" writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+            raise fail(f"no space left on the device{where}", "Free space and run the command again.",
+                       int(ExitCode.MISSING_RESOURCE)) from None
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
+            # only an index's passage store is SQLite: a damaged one is a bad resource, not a bug (an
+            # IntegrityError is: ragkit handles those itself)
+            raise fail(f"an index's passage store is unreadable (SQLite: {exc})",
+                       "Check it with `ragkit index info DIR --verify`; restore it or rebuild.",
+                       int(ExitCode.MISSING_RESOURCE)) from None
+        if debug_enabled():  # anything else is a bug: say so in one line, traceback on request
             traceback.print_exc()
         raise fail(
             f"internal error: {type(exc).__name__}: {exc}",

@@ -35,11 +35,12 @@ from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, segment_name
 from ragkit.index.sparse import LegacySparseSide, SegmentedBM25, SparseConfig
 from ragkit.index.spec import IndexSpec, parse_spec, resolve_spec
 from ragkit.index.store import PassageStore
-from ragkit.io.atomic import HASH_ON_READ_BYTES, sha256_file
+from ragkit.io.atomic import HASH_ON_READ_BYTES, names_full_disk, sha256_file
 from ragkit.io.corpus import Passage
 from ragkit.index.encoder_info import EncoderInfo
 
 FORMAT = "ragkit-index"
+KEPT = "the change was not published (the staged version is removed) and the last version is intact"
 VERIFY_ON_OPEN_BYTES = HASH_ON_READ_BYTES  # files up to this size are checksummed whenever an index opens
 HNSW_INSERT_FRACTION = 0.05  # HNSW deltas up to this share of the base are inserted into the loaded graph
 
@@ -213,7 +214,7 @@ class Index:
         cls.check_target(root, metric=metric, overwrite=overwrite)
         parsed = parse_spec(spec) if isinstance(spec, str) else spec
         fv.set_threads(threads)
-        with layout.writer_lock(root):
+        with names_full_disk(root, kept=KEPT), layout.writer_lock(root):
             layout.remove_stale(root)
             version = layout.next_version(root)
             staging = layout.new_staging_dir(root, version)
@@ -290,7 +291,7 @@ class Index:
         the newer version, and nothing either writer did is lost."""
         rebase = manifest is None
         manifest = dict(self.manifest if manifest is None else manifest)
-        with layout.writer_lock(self.root):
+        with names_full_disk(self.root, kept=KEPT), layout.writer_lock(self.root):
             if layout.current_version_dir(self.root) != self.version_dir:
                 if not rebase:
                     raise ResourceError(f"{self.root}: changed by another writer since it was opened; open it again")

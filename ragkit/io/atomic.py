@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -10,6 +11,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from ragkit.errors import DiskFullError
+
+# what a full disk looks like from the libraries that write for ragkit: the OS (ENOSPC, EDQUOT), SQLite
+# (SQLITE_FULL), Faiss and torch.save (C++ writers that report a failed fwrite with the OS's text)
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXTS = ("No space left on device", "database or disk is full", "Disk quota exceeded")
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,6 +45,33 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was raised from) is a write that found no space."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            return True
+        if any(text in str(seen) for text in _FULL_TEXTS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def names_full_disk(folder: str | Path, *, kept: str = "nothing was published") -> Iterator[None]:
+    """A full disk inside the block becomes one DiskFullError naming `folder` (exit 4 on the command line);
+    `kept` says what the writer left (its own cleanup runs before this, in the block)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise DiskFullError(f"{folder}: no space left on its device; {kept}",
+                            hint="Free space there (or write elsewhere) and run the command again.") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import pickle
 import resource
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ from ragkit.models.lm import quiet_bitsandbytes
 quiet_bitsandbytes()  # transformers.Trainer imports peft, which imports bitsandbytes: silence it first
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 
-from ragkit.errors import RagkitError, ResourceError
-from ragkit.io.atomic import write_json
+from ragkit.errors import DiskFullError, RagkitError, ResourceError
+from ragkit.io.atomic import is_disk_full, write_json
 from ragkit.train.checkpoints import mark_complete, resume_checkpoint, rotate
 from ragkit.train.config import TrainConfig
 
@@ -121,8 +122,18 @@ class RagkitTrainer(Trainer):
         torch.save(self.args, directory / "training_args.bin")
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """Trainer writes checkpoint-N; once every rank has, rank 0 marks it complete, then rotates."""
-        super()._save_checkpoint(model, trial)
+        """Trainer writes checkpoint-N; once every rank has, rank 0 marks it complete, then rotates. A full disk
+        removes the incomplete checkpoint and names the run folder; the last complete one stays to resume from."""
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            raise DiskFullError(f"{self.args.output_dir}: no space left on its device for {folder.name}; the "
+                                "incomplete checkpoint was removed, the last complete one is kept to resume from",
+                                hint="Free space there and rerun with --resume.") from None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
