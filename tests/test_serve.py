@@ -137,7 +137,8 @@ def test_short_api_keys_and_bad_config_are_refused_before_loading(built: dict[st
 
     for options, words in [({"api_key": "short"}, "--api-key"), ({"port": 0}, "--port"),
                            ({"max_batch": 0}, "--max-batch"), ({"host": "not a host"}, "--host"),
-                           ({"arch": "selfrag"}, "--model"), ({"index": ["a", "b"]}, "--shards")]:
+                           ({"arch": "selfrag"}, "--model"), ({"index": ["a", "b"]}, "--shards"),
+                           ({"shards": True}, "--shards: 1 index folder")]:  # one shard hung (issue 27.4)
         config = ServeConfig(**{"index": [str(built["dense"])], **options})
         with pytest.raises(UsageError, match=words.replace("-", r"\-")):
             config.check()

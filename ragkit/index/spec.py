@@ -251,4 +251,10 @@ def resolve_spec(spec: IndexSpec, n: int, dim: int, max_memory: int | None) -> t
             f"for {n} vectors, over --max-memory {format_bytes(max_memory)}",
             hint="Use --spec auto to pick an index that fits.",
         )
+    if estimate_memory(spec, n, dim) > available_memory():  # e.g. hnsw:M=100000000 grew until the OOM killer
+        raise UsageError(
+            f"index spec {spec.text} needs ~{format_bytes(estimate_memory(spec, n, dim))} for {n} vectors, more "
+            f"than this machine's memory ({format_bytes(available_memory())})",
+            hint="Use --spec auto (with --max-memory) to pick an index that fits, or `ragkit index plan`.",
+        )
     return spec, reason

@@ -56,6 +56,9 @@ class ServeConfig:
             raise UsageError("several index folders are served as shards of one collection: add --shards")
         if self.shards and self.replicas:
             raise UsageError("--shards and --replicas are two layouts; choose one")
+        if self.shards and len(self.index) < 2:  # one Ray shard would wait for the others forever
+            raise UsageError(f"--shards: {len(self.index)} index folder given; a sharded collection has two or more",
+                             hint="Serve one index without --shards (or with --replicas N on Ray actors).")
         if not 0 < self.port < 65536:
             raise UsageError(f"--port {self.port}: expected 1-65535")
         try:

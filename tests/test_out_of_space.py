@@ -1,4 +1,5 @@
-"""A full disk in a writer is one line, exit 4, naming the folder, with nothing half-published (issue 27.2).
+"""Out of disk or memory: a full disk in a writer is one line, exit 4, naming the folder, with nothing half-published
+(issue 27.2); an index spec that cannot fit in memory is refused before Faiss allocates it (27.3).
 
 Real full disks where this machine lets the tests mount a small tmpfs (root, as here and in CI); injected
 ENOSPC where the writer's failure point must be chosen (an add whose new version cannot be written, a training
@@ -128,3 +129,12 @@ def test_a_training_checkpoint_on_a_full_disk_is_removed_and_named(tmp_path: Pat
     assert "no space left" in result.stderr and str(run) in result.stderr and "checkpoint-4" in result.stderr
     assert not (run / "checkpoint-4").exists() and (run / "checkpoint-2").is_dir()
     assert json.loads((run / "checkpoint-2" / "ragkit-checkpoint.json").read_text())["step"] == 2
+
+
+def test_a_spec_that_cannot_fit_in_memory_is_refused_not_oom_killed(tmp_path: Path, tiny_encoder_path: Path) -> None:
+    """hnsw:M=100000000 was accepted and grew to 22 GB until the kernel killed it (issue 27.3)."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_passages(40))
+    result = run_cli("index", "build", corpus, "-o", tmp_path / "idx", "-m", tiny_encoder_path, "--device", "cpu",
+                     "--spec", "hnsw:M=100000000")
+    assert result.exit_code == 2, result.stderr
+    assert "more than this machine's memory" in result.stderr and not (tmp_path / "idx" / "CURRENT").exists()
