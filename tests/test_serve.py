@@ -273,6 +273,20 @@ def test_a_batch_that_raises_is_retried_request_by_request() -> None:
         batcher.close()
 
 
+def test_api_docs_are_served_from_the_package_not_a_cdn(built: dict[str, Path]) -> None:
+    """FastAPI's default /docs page loads Swagger UI from a public CDN (issue 27.13)."""
+    import re
+
+    with client_for(built["dense"]) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        sources = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text) + re.findall(r"url: '([^']+)'", page.text)
+        assert sources and all(s.startswith("/") for s in sources), sources  # this origin only
+        for asset in sources:
+            assert client.get(asset).status_code == 200, asset
+        assert "swagger" in client.get("/static/swagger/swagger-ui-bundle.js").text.lower()[:5000]
+
+
 def _ragkit(*args: object, timeout: int = 120) -> None:
     import subprocess
     import sys

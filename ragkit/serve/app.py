@@ -186,7 +186,9 @@ def create_app(config: ServeConfig, *, server: Server | None = None) -> Any:
         stats = server.search_batcher.stats
         say(f"serve: stopped ({stats.jobs} index requests answered in {stats.batches} batches)")
 
-    app = FastAPI(title="ragkit serve", version=_version(), lifespan=lifespan,
+    # docs_url=None: FastAPI's own /docs loads Swagger UI from a public CDN into this origin; _swagger_docs
+    # serves the same page from the swagger-ui-bundle package instead (the server is often offline)
+    app = FastAPI(title="ragkit serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Search a ragkit index (and generate from it) over HTTP. See docs/serve.md.")
     app.state.server = server
     static = resources.files("ragkit.serve") / "static"
@@ -268,8 +270,29 @@ def create_app(config: ServeConfig, *, server: Server | None = None) -> Any:
     async def page() -> Any:
         return FileResponse(str(static / "index.html"), media_type="text/html")
 
+    _swagger_docs(app)
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     return _wrap(app, server.config)
+
+
+def _swagger_docs(app: Any) -> None:
+    """/docs from Swagger UI's files in the swagger-ui-bundle package (the `serve` extra), mounted under
+    /static/swagger; without the package there is no /docs page, /openapi.json stays."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static/swagger", StaticFiles(directory=str(swagger_ui_path)), name="swagger")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Any:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="ragkit serve - API",
+                                   swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger/swagger-ui.css",
+                                   swagger_favicon_url="/static/swagger/favicon-32x32.png")
 
 
 def _wrap(app: Any, config: ServeConfig) -> Any:
