@@ -138,3 +138,20 @@ def test_a_spec_that_cannot_fit_in_memory_is_refused_not_oom_killed(tmp_path: Pa
                      "--spec", "hnsw:M=100000000")
     assert result.exit_code == 2, result.stderr
     assert "more than this machine's memory" in result.stderr and not (tmp_path / "idx" / "CURRENT").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["index", "plan", "--passages", "1000", "--dim", "8", "--max-memory", "0"],  # ZeroDivisionError before
+    ["generate", "-", "--seed", "-1"],
+    ["train", "--arch", "embedder", "--data", "x.jsonl", "-o", "run", "--seed", "-1"],  # ValueError before
+    ["train", "--arch", "embedder", "--data", "x.jsonl", "-o", "run", "--lr", "inf"],  # trained into NaN, exit 0
+])
+def test_flags_out_of_range_are_usage_errors_before_any_work(args: list[str], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 27.7-27.8: values that reached a library unchecked are exit 2 naming the flag."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.jsonl").write_text('{"query": "q", "positive": "p"}\n')
+    result = run_cli(*args, input_="q\n")
+    assert result.exit_code == 2, (result.exit_code, result.stderr[-1500:])
+    flag = next(a for a in args if a in ("--max-memory", "--seed", "--lr"))
+    assert flag in result.stderr

@@ -31,7 +31,7 @@ BackendOpt = Annotated[str, typer.Option("--backend", help="transformers, or vll
 TensorParallelOpt = Annotated[int, typer.Option("--tensor-parallel-size", "--world-size", "--world_size", min=1, help="--backend vllm: GPUs one model is split over (--world_size: the Self-RAG scripts' name).")]
 TemplateOpt = Annotated[str | None, typer.Option("--template", help="Prompt template with {prompt}, for models without a chat template.")]
 PassageWordsOpt = Annotated[int, typer.Option("--max-passage-words", min=0, help="Cut each passage to this many words (0 = whole).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Random seed for sampling.")]
 LimitOpt = Annotated[int, typer.Option("--limit", min=0, help="Only the first N questions (0 = all).")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code (off unless you ask).")]
 # Self-RAG (--arch selfrag); defaults follow the paper, --compat-upstream reproduces the reference scripts

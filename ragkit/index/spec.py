@@ -162,7 +162,10 @@ def parse_memory(text: str | None) -> int | None:
     if not match:
         raise UsageError(f"--max-memory '{text}': expected a size such as 512M or 2G")
     scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2).upper()]
-    return int(float(match.group(1)) * scale)
+    value = int(float(match.group(1)) * scale)
+    if value <= 0:  # a zero budget divided the planner by zero
+        raise UsageError(f"--max-memory '{text}': expected a positive size such as 512M or 2G")
+    return value
 
 
 def format_bytes(n: float) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,12 @@ class TrainConfig:
     def _check_ranges(self) -> None:
         """Numbers a config file or a flag may set outside what they mean (`--max-steps -5` trained a full
         epoch): refused, naming the flag, wherever they came from."""
+        for f in dataclasses.fields(self):  # `--lr inf` trained 101 of 103 tensors into NaN and exited 0
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{f.name.replace('_', '-')} {value}: must be a finite number")
+        if not 0 <= self.seed < 2**32:  # numpy's and torch's seed range (`--seed -1` was a ValueError)
+            raise UsageError(f"--seed {self.seed}: expected 0 to {2**32 - 1}")
         positive = ("n_docs", "refresh_steps", "refresh_shards", "max_source_tokens", "max_target_tokens",
                     "max_passage_words", "max_seq_length", "chunk_size", "seq_len", "num_neighbors", "retro_dim",
                     "retro_dec_depth", "retro_enc_depth", "retro_heads", "retro_dim_head", "batch_size", "grad_accum",
