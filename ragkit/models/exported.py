@@ -157,11 +157,28 @@ def _export_onnx(module: Any, features: dict[str, Any], folder: Path, *, int8: b
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(folder / "model.onnx", folder / "model.int8.onnx", weight_type=QuantType.QInt8,
-                         per_channel=True, use_external_data_format=True,
+                         per_channel=True, use_external_data_format=True, reduce_range=int8_saturates(),
                          # the exporter's fused ops carry no inferred types; everything here is float
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         for stale in folder.glob("model.onnx*"):
             stale.unlink()
+
+
+def int8_saturates() -> bool:
+    """Whether this CPU lacks an int8 dot-product instruction (VNNI, AMX). Without one, x86 int8 kernels multiply
+    u8 x s8 pairs with AVX2's vpmaddubsw, whose int16 sums saturate: on such a CPU the int8 exports here
+    embedded at cosine 0.66 to PyTorch (AMD EPYC without AVX-512) and were refused. ONNX Runtime's
+    `reduce_range` and NNCF's `overflow_fix` quantise weights to 7 bits to stay clear of it; where VNNI is
+    present they cost accuracy for nothing, so they follow the CPU. Not x86 (or no /proc/cpuinfo): False."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split()))
 
 
 def openvino_module() -> Any:
@@ -196,8 +213,12 @@ def _export_openvino(module: Any, features: dict[str, Any], folder: Path,
     if calibration:
         import nncf
 
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+        overflow = OverflowFix.ENABLE if int8_saturates() else OverflowFix.FIRST_LAYER  # the latter: NNCF's default
         converted = nncf.quantize(converted, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=len(calibration))
+                                  subset_size=len(calibration),
+                                  advanced_parameters=AdvancedQuantizationParameters(overflow_fix=overflow))
     ov.save_model(converted, str(folder / "model.xml"), compress_to_fp16=False)
 
 
@@ -280,6 +301,8 @@ def load_engine(st_model: Any, backend: ExportedBackend, fingerprint: str, threa
         module = _token_embeddings_module(hf_model, tuple(features))
         meta: dict[str, Any] = {"inputs": list(features), "export": backend.export, "fingerprint": fingerprint,
                                 "engine": engine_version(backend)}
+        if backend.export in ("onnx-int8", "openvino-int8"):
+            meta["int8_7bit_weights"] = int8_saturates()  # made for a CPU without VNNI (see int8_saturates)
         with staged_dir(folder) as tmp, _quiet():
             if backend.engine == "openvino":
                 batches = _calibration_batches(st_model, calibration, tuple(features)) if backend.calibrated else None
