@@ -104,7 +104,7 @@ def evaluate(
 
       ragkit eval --task lm --data heldout/ -m runs/retro/final -o lm.json
 
-      ragkit eval --task popqa --data popqa.jsonl -m smollm2 --sample 500 --stratify pop   # 500 answered, estimate for all
+      ragkit eval --task popqa --data popqa.jsonl -m smollm2-135m --sample 500 --stratify pop   # 500 answered, estimate for all
 
       ragkit eval compare closed.json rag.json --plot cmp.png
     """

@@ -13,7 +13,7 @@ from ragkit.commands._common import JsonOpt, handle_errors
 
 
 def prune(
-    model: Annotated[str, typer.Argument(help="The generator: hub id, local folder, .gguf or alias (smollm2), or a `ragkit export`ed model.", show_default=False)],
+    model: Annotated[str, typer.Argument(help="The generator: hub id, local folder, .gguf or alias (smollm2-135m), or a `ragkit export`ed model.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the pruned model (must not exist, or be empty).", show_default=False)],
     keep_every: Annotated[int, typer.Option("--keep-every", min=0, help="Structured: keep every N-th layer from the first (2 halves the depth; 0 = keep all).")] = 0,
     keep_layers: Annotated[str | None, typer.Option("--keep-layers", help="Structured: the 0-indexed layers to keep, comma-separated (instead of --keep-every).", show_default=False)] = None,
@@ -28,7 +28,7 @@ def prune(
 
     Examples:
 
-      ragkit prune smollm2 --keep-every 2 -o models/smollm2-15l         # 15 of 30 layers (a student to distil)
+      ragkit prune smollm2-135m --keep-every 2 -o models/smollm2-15l         # 15 of 30 layers (a student to distil)
 
       ragkit prune runs/rag/final/generator --sparsity 0.3 -o models/rag-30pct
     """

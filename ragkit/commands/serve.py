@@ -35,7 +35,7 @@ def serve(
     replicas: Annotated[int, typer.Option("--replicas", help="Serve through this many Ray actors each holding the index (0 = in this process).")] = _D.replicas,
     shards: Annotated[bool, typer.Option("--shards", help="The index folders are shards of one collection, one Ray actor each; hits are merged.")] = _D.shards,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster for --replicas/--shards (default: $RAY_ADDRESS, else a private local Ray on 127.0.0.1).", show_default=False)] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Generator (hub id, local folder, or alias smollm2) for POST /generate and /v1/chat/completions; without it the server only searches.", show_default=False)] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Generator (hub id, local folder, or alias smollm2-135m) for POST /generate and /v1/chat/completions; without it the server only searches.", show_default=False)] = None,
     arch: Annotated[str, typer.Option("--arch", help="How --model answers: rag (retrieve-then-read), selfrag (a Self-RAG model) or none (closed book).")] = _D.arch,
     k: Annotated[int, typer.Option("--k", help="Passages retrieved per generated answer (a request may ask for fewer).")] = _D.k,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens generated per answer at most.")] = _D.max_new_tokens,
@@ -54,7 +54,7 @@ def serve(
 
       ragkit serve idx/                                   # http://127.0.0.1:8000/
 
-      ragkit serve idx/ --model smollm2 --k 3             # also /generate and /v1/chat/completions
+      ragkit serve idx/ --model smollm2-135m --k 3            # also /generate and /v1/chat/completions
 
       RAGKIT_API_KEY=... ragkit serve idx/ --host 0.0.0.0 --port 8080
     """
