@@ -181,7 +181,7 @@ def test_openvino_int8_first_used_on_an_index_calibrates_on_its_passages(tiny_en
 
     from ragkit.index import Index
 
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_passages(30))
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_passages(120))
     index = tmp_path / "idx"
     assert run_cli("index", "build", corpus, "-o", index, "-m", tiny_encoder_path).exit_code == 0
     out = run_cli("index", "search", index, "--k", "3", "--backend", "openvino-int8", input_="city river\n")
@@ -190,7 +190,7 @@ def test_openvino_int8_first_used_on_an_index_calibrates_on_its_passages(tiny_en
     (folder,) = cache.iterdir()
     passages = [p.embedding_text() for _, p in Index.open(index).iter_passages()]  # not the query
     digest = hashlib.sha256("\x00".join(passages).encode()).hexdigest()
-    assert json.loads((folder / "export.json").read_text())["calibration"] == {"texts": 30, "sha256": digest}
+    assert json.loads((folder / "export.json").read_text())["calibration"] == {"texts": 120, "sha256": digest}
 
 
 def test_openvino_exports_send_no_telemetry(tiny_encoder_path: Path, tmp_path: Path) -> None:
