@@ -145,6 +145,7 @@ def test_a_spec_that_cannot_fit_in_memory_is_refused_not_oom_killed(tmp_path: Pa
     ["generate", "-", "--seed", "-1"],
     ["train", "--arch", "embedder", "--data", "x.jsonl", "-o", "run", "--seed", "-1"],  # ValueError before
     ["train", "--arch", "embedder", "--data", "x.jsonl", "-o", "run", "--lr", "inf"],  # trained into NaN, exit 0
+    ["train", "--arch", "embedder", "--data", "x.jsonl", "--output", "x.jsonl"],  # FileExistsError, exit 1
 ])
 def test_flags_out_of_range_are_usage_errors_before_any_work(args: list[str], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,5 +154,5 @@ def test_flags_out_of_range_are_usage_errors_before_any_work(args: list[str], tm
     (tmp_path / "x.jsonl").write_text('{"query": "q", "positive": "p"}\n')
     result = run_cli(*args, input_="q\n")
     assert result.exit_code == 2, (result.exit_code, result.stderr[-1500:])
-    flag = next(a for a in args if a in ("--max-memory", "--seed", "--lr"))
+    flag = next(a for a in args if a in ("--max-memory", "--seed", "--lr", "--output"))
     assert flag in result.stderr

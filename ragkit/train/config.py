@@ -203,6 +203,8 @@ class TrainConfig:
         for name in ("data", "output"):
             if not getattr(self, name):
                 raise UsageError(f"--{name} is required")
+        if Path(self.output).exists() and not Path(self.output).is_dir():  # was FileExistsError, exit 1
+            raise UsageError(f"--output {self.output}: exists and is not a folder (a run folder is written there)")
         for name in ("deepspeed", "fsdp_config"):
             value = getattr(self, name)
             if value and not Path(value).is_file():
