@@ -25,6 +25,7 @@ from ragkit.errors import DiskFullError, InputError, Location, ResourceError, Us
 from ragkit.io.atomic import names_full_disk, write_json
 from ragkit.io.corpus import Passage, iter_passages_with_lines, resolve_corpus_path
 from ragkit.io.mapped import drop_pages
+from ragkit.index.builder import finite_rows
 from ragkit.index.encoder_info import EncoderInfo
 from ragkit.models.encoder import Encoder
 
@@ -272,10 +273,7 @@ class ShardSet:
         row order, `size` passages at a time: nothing but one block is held in memory."""
         for meta in self.metas:
             emb_path, psg_path = self.root / meta["embeddings"], self.root / meta["passages"]
-            vectors = np.load(emb_path, mmap_mode="r", allow_pickle=False)
-            if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
-                raise InputError(Location(str(emb_path)), f"vectors of shape {tuple(vectors.shape)}, the shards' "
-                                 f"embedder gives dimension {self.encoder.dim}")
+            vectors = self._vectors(emb_path, meta)
             row = 0
             block: list[Passage] = []
             lines: list[int] = []
@@ -285,7 +283,7 @@ class ShardSet:
                 if len(block) == size:
                     if row + size > vectors.shape[0]:
                         break
-                    yield block, vectors[row : row + size], lines, str(psg_path)
+                    yield block, finite_rows(vectors[row : row + size], emb_path, row), lines, str(psg_path)
                     row += size
                     block, lines = [], []
             if row + len(block) != vectors.shape[0]:
@@ -293,7 +291,28 @@ class ShardSet:
                 raise InputError(Location(str(psg_path)), f"{'more than ' if count > vectors.shape[0] else ''}{count} "
                                  f"passages for {vectors.shape[0]} vectors in {emb_path.name}")
             if block:
-                yield block, vectors[row : row + len(block)], lines, str(psg_path)
+                yield block, finite_rows(vectors[row : row + len(block)], emb_path, row), lines, str(psg_path)
+
+    def _vectors(self, path: Path, meta: dict[str, Any]) -> np.ndarray:
+        """The shard's vectors, memory-mapped, after the checks a damaged or foreign file fails (exit 3, naming
+        it): readable as .npy without pickles, float16/float32, (rows, dim) as its description says."""
+        try:
+            vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise InputError(Location(str(path)), "the shard's vectors file is missing") from None
+        except (ValueError, OSError, EOFError) as exc:  # not .npy, truncated, or object dtype (a pickle)
+            raise InputError(Location(str(path)), f"not a readable .npy array of vectors ({exc})") from None
+        if vectors.dtype not in (np.float16, np.float32):
+            raise InputError(Location(str(path)), f"vectors stored as {vectors.dtype}; shards hold float16 or float32")
+        if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
+            raise InputError(Location(str(path)), f"vectors of shape {tuple(vectors.shape)}, the shards' "
+                             f"embedder gives dimension {self.encoder.dim}")
+        if vectors.shape[0] != meta.get("rows"):
+            raise InputError(Location(str(path), None, "rows"), f"{vectors.shape[0]} vectors, its shard description "
+                             f"says {meta.get('rows')}")
+        return vectors
+
+
 
 
 def _plain_name(root: Path, meta_path: Path, meta: dict[str, Any], key: str) -> str:
@@ -330,6 +349,11 @@ def open_shards(directory: str | Path) -> ShardSet:
     missing = sorted(set(range(num_shards)) - set(metas))
     if missing:
         raise ResourceError(f"{root}: shards {missing} of {num_shards} are missing", hint="Run `ragkit embed` for them.")
+    for shard_id, meta in metas.items():  # a description copied from another run's shard set
+        if meta.get("num_shards") != num_shards or meta.get("shard_id") != shard_id:
+            raise InputError(Location(str(root / _names(shard_id, num_shards)[2]), None, "num_shards"),
+                             f"describes shard {meta.get('shard_id')} of {meta.get('num_shards')}, but is named "
+                             f"shard {shard_id} of {num_shards}")
     encoders = {json.dumps(m["encoder"], sort_keys=True) for m in metas.values()}
     if len(encoders) != 1:
         raise ResourceError(f"{root}: shards were embedded with different models or settings")

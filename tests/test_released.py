@@ -99,6 +99,7 @@ def test_a_malicious_pickle_is_refused_and_runs_nothing(tmp_path: Path, tiny_enc
     ("missing-vector", r"psgs.tsv.*10 passages but 9 embeddings"),
     ("wrong-dim", r"passages_00.*dimension 7"),
     ("not-a-pair", r"passages_00.*expected a pickled"),
+    ("non-finite", r"passages_00:4: row 4: the vector is not finite"),  # built with exit 0, then no hits (27.10)
 ])
 def test_bad_released_files_name_the_file(tmp_path: Path, tiny_encoder_path: Path, problem: str, message: str) -> None:
     rows = make_passages(10)
@@ -114,6 +115,10 @@ def test_bad_released_files_name_the_file(tmp_path: Path, tiny_encoder_path: Pat
         payload = (ids, np.zeros((10, 7), np.float32))
     elif problem == "not-a-pair":
         payload = {"ids": ids}
+    elif problem == "non-finite":
+        vectors = vectors.copy()
+        vectors[3, 0] = np.nan
+        payload = (ids, vectors)
     folder = tmp_path / "emb"
     folder.mkdir()
     with open(folder / "passages_00", "wb") as handle:

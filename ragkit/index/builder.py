@@ -33,6 +33,22 @@ def check_vectors(rows: int, vectors: np.ndarray, dim: int) -> None:
         raise ResourceError(f"vectors have dimension {vectors.shape[1]}, the index holds dimension {dim}")
 
 
+# a row whose squared norm overflows float32 makes every inner product with it infinite (a shard scaled by 1e30)
+_MAX_SQUARED_NORM = float(np.finfo(np.float32).max)
+
+
+def finite_rows(vectors: np.ndarray, path: Path, first_row: int) -> np.ndarray:
+    """`vectors` when every row is finite with a norm float32 arithmetic can square; otherwise the first bad
+    row is named (1-based): such a passage would never come back from a search, or would break every search."""
+    squared = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+    bad = ~np.isfinite(squared) | (squared > _MAX_SQUARED_NORM)
+    if bad.any():
+        row = int(np.argmax(bad))
+        what = "is not finite" if not np.isfinite(vectors[row]).all() else f"has norm {np.sqrt(squared[row]):.3g}"
+        raise InputError(Location(str(path), first_row + row + 1), f"row {first_row + row + 1}: the vector {what}")
+    return vectors
+
+
 class SegmentWriter:
     def __init__(self, staging: Path, name: str, dim: int, first_vid: int, *, source: str = "<passages>") -> None:
         self.staging, self.name, self.dim = staging, name, dim

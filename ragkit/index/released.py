@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ragkit.errors import InputError, Location, ResourceError
+from ragkit.index.builder import finite_rows
 
 RELEASED_RE = re.compile(r"^(?:passages_(\d+)|wikipedia_passages_(\d+)\.pkl)$")  # Contriever, DPR
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric",
@@ -67,6 +68,7 @@ def read_released(path: Path) -> tuple[list[str], np.ndarray]:
         raise InputError(Location(str(path), None, "embeddings"), "expected a 2-d float array")
     if len(ids) != len(vectors):
         raise InputError(Location(str(path)), f"{len(ids)} ids for {len(vectors)} embeddings")
+    finite_rows(vectors, path, 0)  # non-finite vectors built, then every search found nothing (and --verify passed)
     return [_plain_id(str(i)) for i in ids], vectors
 
 
