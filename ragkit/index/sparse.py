@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ragkit.errors import ResourceError
+from ragkit.errors import ResourceError, UsageError
 
 SPARSE_DIR = "sparse"  # the older layout: one bm25s folder per version
 VIDS_FILE = "vids.npy"
@@ -43,6 +43,13 @@ class SparseConfig:
     method: str = "lucene"
     stopwords: str = "en"
     stemmer: str | None = "english"
+
+    def __post_init__(self) -> None:
+        # `--bm25-k1 inf` was written into the manifest as Infinity and every sparse search found nothing
+        if not (math.isfinite(self.k1) and self.k1 >= 0):
+            raise UsageError(f"bm25 k1 {self.k1}: expected a finite number >= 0")
+        if not (math.isfinite(self.b) and 0 <= self.b <= 1):
+            raise UsageError(f"bm25 b {self.b}: expected a number in [0, 1]")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

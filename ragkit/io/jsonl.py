@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -109,6 +110,35 @@ def _refuse_constant(name: str) -> None:
     raise _NotJson(name)
 
 
+class _Overflow(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400
+        raise _Overflow(text)
+    return value
+
+
+def _refuse_surrogates(value: Any, where: Location, field: str | None = None) -> None:
+    """A lone surrogate (`"\\ud800"`) is valid JSON but no UTF-8 text: SQLite, the tokenizer and every writer
+    would fail on it later, as an internal error."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(Location(where.path, where.line, field or "text"),
+                             "holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_surrogates(key, where, field or "key")
+            _refuse_surrogates(item, where, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_surrogates(item, where, f"{field}[{i}]" if field else f"[{i}]")
+
+
 def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """Non-blank lines as (line number, JSON object) when they start with '{', else (line number, text).
 
@@ -124,12 +154,19 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]
                 yield lineno, text
                 continue
             try:
-                obj = json.loads(text, parse_constant=_refuse_constant)
+                obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
             except json.JSONDecodeError as exc:
                 raise InputError(Location(name, lineno), f"malformed JSON ({exc.msg} at column {exc.colno})") from None
             except _NotJson as exc:
                 raise InputError(Location(name, lineno), f"{exc} is not JSON (Python writes it for a float NaN "
                                                          "or infinity); use null") from None
+            except _Overflow as exc:
+                raise InputError(Location(name, lineno), f"{exc} is beyond a float64's range (it would be "
+                                                         "written back as Infinity)") from None
+            except RecursionError:
+                raise InputError(Location(name, lineno), "JSON nested too deeply to read") from None
+            if "\\ud" in text or "\\uD" in text:  # only \u escapes can make a lone surrogate
+                _refuse_surrogates(obj, Location(name, lineno))
             yield lineno, obj
 
 

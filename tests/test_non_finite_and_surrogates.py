@@ -1,0 +1,65 @@
+"""Values that no JSON reader but Python's accepts never go in or out (issue 27.7): numbers beyond float64
+(1e400 came back from `index search` as Infinity), a passage score "nan", --bm25-k1 inf (written into the
+manifest as Infinity); and JSON that Python reads but ragkit cannot keep is exit 3 naming file, line and field,
+not exit 1: a line nested 100,000 deep (RecursionError), lone surrogates in an id, a text or a question."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import make_passages, run_cli
+
+
+def corpus_with(tmp_path: Path, bad_line: str) -> Path:
+    import json
+
+    good = [json.dumps(p) for p in make_passages(3)]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join([good[0], good[1], bad_line, good[2]]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"id": "x", "text": "t", "views": 1e400}', r"c.jsonl:3: 1e400 is beyond a float64's range"),
+    ('{"id": "x\\ud800", "text": "t"}', r"c.jsonl:3: field 'id': holds a lone surrogate"),
+    ('{"id": "x", "text": "a \\udfff b"}', r"c.jsonl:3: field 'text': holds a lone surrogate"),
+    ('{"id": "x", "text": "t", "meta": {"tags": ["ok", "\\ud83d"]}}', r"field 'meta.tags\[1\]': holds a lone"),
+    ('{"id": "x", "text": "t", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}", r"c.jsonl:3: JSON nested too deeply"),
+])
+def test_bad_corpus_values_are_exit_3_naming_the_line(tmp_path: Path, tiny_encoder_path: Path, line: str,
+                                                      message: str) -> None:
+    import re
+
+    result = run_cli("index", "build", corpus_with(tmp_path, line), "-o", tmp_path / "idx", "-m", tiny_encoder_path,
+                     "--device", "cpu")
+    assert result.exit_code == 3, (result.exit_code, result.stderr[-1500:])
+    assert re.search(message, result.stderr), result.stderr
+
+
+def test_generate_input_lone_surrogate_exit_3(tmp_path: Path, tiny_lm_path: Path) -> None:
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "1", "question": "who \\ud800 wrote it"}\n')
+    result = run_cli("generate", questions, "-m", tiny_lm_path, "--device", "cpu")
+    assert result.exit_code == 3 and "q.jsonl:1: field 'question': holds a lone surrogate" in result.stderr, result.stderr
+
+
+def test_passage_scores_that_are_not_finite_are_dropped() -> None:
+    from ragkit.io.passages import passage_json
+
+    for score in ("nan", "1e999", "-inf", float("nan")):
+        assert passage_json({"id": "a", "text": "t", "score": score})["score"] is None
+    assert passage_json({"id": "a", "text": "t", "score": "0.5"})["score"] == 0.5
+
+
+def test_bm25_parameters_must_be_finite(tmp_path: Path, tiny_encoder_path: Path) -> None:
+    import json
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in make_passages(5)))
+    for flag, value in (("--bm25-k1", "inf"), ("--bm25-b", "nan")):
+        result = run_cli("index", "build", corpus, "-o", tmp_path / "idx", "-m", tiny_encoder_path, "--sparse",
+                         flag, value, "--device", "cpu")
+        assert result.exit_code == 2, (flag, result.stderr)
+        assert not (tmp_path / "idx" / "CURRENT").exists()
