@@ -7,6 +7,7 @@ file and line number before anything is embedded or stored.
 from __future__ import annotations
 
 import csv
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,6 +87,10 @@ def _tsv_header(row: list[str], where: Location) -> list[str] | None:
         if len(names) >= 2 and all(name in TSV_COLUMNS for name in names[1:]):  # "key\ttext\ttitle"
             raise InputError(where, f"the header's first column '{row[0]}' is not an id column "
                                     f"({', '.join(k for k, v in TSV_COLUMNS.items() if v == 'id')})")
+        if _looks_like_header(row):  # "identifier\tbody\theading" was stored as a passage
+            raise InputError(where, f"the first row looks like a header of column names ragkit does not know "
+                                    f"({', '.join(repr(c) for c in row)}), not a passage",
+                             hint="name the columns id, text, title (DPR's psgs_w100 layout), or remove the row")
         return None
     mapped = [TSV_COLUMNS.get(name, cell.strip()) for name, cell in zip(names, row)]
     if "text" not in mapped:
@@ -96,15 +101,39 @@ def _tsv_header(row: list[str], where: Location) -> list[str] | None:
     return mapped
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,39}")
+
+
+def _looks_like_header(row: list[str]) -> bool:
+    """At least two cells, every one a bare name (one word, no spaces), the first without a digit: a header,
+    whatever names it uses; a passage row has an id (ids carry digits) and a text of several words."""
+    cells = [cell.strip() for cell in row]
+    return (len(cells) >= 2 and all(_NAME.fullmatch(cell) for cell in cells)
+            and not any(ch.isdigit() for ch in cells[0]))
+
+
 def _read_tsv_passages(path: Path) -> Iterator[tuple[int, Passage]]:
     """DPR `psgs_w100.tsv`: columns id, text, title, with or without that header row (or a header of
     known names in any order: docid/contents, pid/passage, ...)."""
     name = str(path)
     csv.field_size_limit(sys.maxsize)
     with open_text(path) as handle:
-        reader = csv.reader(handle, delimiter="\t")
+        reader = csv.reader(handle, delimiter="\t", strict=True)
         columns = ["id", "text", "title"]
-        for lineno, row in enumerate(reader, start=1):
+        while True:
+            lineno = reader.line_num + 1  # the physical line this record starts on
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # a quote still open at the end of the file
+                raise InputError(Location(name, lineno), f"unreadable TSV row ({exc})",
+                                 hint="a field that starts with a double quote must end with one on the same line") from None
+            if reader.line_num > lineno:  # a quoted field ran on over the next lines, swallowing their rows
+                raise InputError(Location(name, lineno), f"a double quote opened on this line is closed only on line "
+                                 f"{reader.line_num}: rows would merge",
+                                 hint="a field that starts with a double quote must end with one on the same line "
+                                      "(write a quote inside it as two)")
             if not row or all(not cell.strip() for cell in row):
                 continue
             if lineno == 1 and (header := _tsv_header(row, Location(name, 1))) is not None:

@@ -1,4 +1,4 @@
-"""Values that no JSON reader but Python's accepts never go in or out (issue 27.7): numbers beyond float64
+"""Input that must not be taken as it stands. Values that no JSON reader but Python's accepts never go in or out (issue 27.7): numbers beyond float64
 (1e400 came back from `index search` as Infinity), a passage score "nan", --bm25-k1 inf (written into the
 manifest as Infinity); and JSON that Python reads but ragkit cannot keep is exit 3 naming file, line and field,
 not exit 1: a line nested 100,000 deep (RecursionError), lone surrogates in an id, a text or a question."""
@@ -63,3 +63,34 @@ def test_bm25_parameters_must_be_finite(tmp_path: Path, tiny_encoder_path: Path)
                          flag, value, "--device", "cpu")
         assert result.exit_code == 2, (flag, result.stderr)
         assert not (tmp_path / "idx" / "CURRENT").exists()
+
+
+# -- TSV corpora (issue 27.5, 27.6) -------------------------------------------------------------------------
+@pytest.mark.parametrize(("content", "message"), [
+    # an unbalanced quote swallowed the next rows: 1 of 3 passages stored, exit 0
+    ('1\t"Aaron was a prophet\tAaron\n2\tMoses led the people"\tMoses\n3\tMiriam sang\tMiriam\n',
+     r"c.tsv:1: a double quote opened on this line is closed only on line 2"),
+    ('1\tAaron was a prophet\tAaron\n2\t"Moses led\tMoses\n', r"c.tsv:2: unreadable TSV row"),
+    # a header of names ragkit does not know was stored as a passage
+    ("identifier\tbody\theading\n1\tAaron was a prophet\tAaron\n", r"c.tsv:1: the first row looks like a header"),
+])
+def test_tsv_rows_never_merge_and_unknown_headers_are_refused(tmp_path: Path, tiny_encoder_path: Path, content: str,
+                                                              message: str) -> None:
+    import re
+
+    corpus = tmp_path / "c.tsv"
+    corpus.write_text(content)
+    result = run_cli("index", "build", corpus, "-o", tmp_path / "idx", "-m", tiny_encoder_path, "--device", "cpu")
+    assert result.exit_code == 3, (result.exit_code, result.stderr[-1500:])
+    assert re.search(message, result.stderr), result.stderr
+
+
+def test_dpr_quoting_still_reads(tmp_path: Path) -> None:
+    """psgs_w100.tsv quotes its texts and doubles the quotes inside them."""
+    from ragkit.io.corpus import iter_passages
+
+    corpus = tmp_path / "psgs.tsv"
+    corpus.write_text('id\ttext\ttitle\n1\t"Aaron ( or ; ""Ahärôn"") is a prophet"\tAaron\n2\tplain text\tB\n'
+                      'doc7\tParis\tCity\n')
+    passages = list(iter_passages(corpus))
+    assert [p.text for p in passages] == ['Aaron ( or ; "Ahärôn") is a prophet', "plain text", "Paris"]
