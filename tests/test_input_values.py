@@ -94,3 +94,47 @@ def test_dpr_quoting_still_reads(tmp_path: Path) -> None:
                       'doc7\tParis\tCity\n')
     passages = list(iter_passages(corpus))
     assert [p.text for p in passages] == ['Aaron ( or ; "Ahärôn") is a prophet', "plain text", "Paris"]
+
+
+# -- model folders (issue 27.11) ----------------------------------------------------------------------------
+def test_a_weights_file_carrying_a_pickle_payload_is_exit_4_and_never_runs(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    import torch
+
+    from conftest import build_tiny_encoder
+
+    bert = build_tiny_encoder(tmp_path / "model") .parent / "bert"
+    for weights in bert.glob("*.safetensors"):
+        weights.unlink()
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"x": Payload()}, bert / "pytorch_model.bin")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "1", "text": "hello world"}\n')
+    result = run_cli("index", "build", corpus, "-o", tmp_path / "idx", "-m", bert, "--device", "cpu")
+    assert result.exit_code == 4, (result.exit_code, result.stderr[-1500:])  # was 1: "internal error: UnpicklingError"
+    assert "holds pickled objects beyond plain tensors" in result.stderr and not marker.exists()
+
+
+def test_a_config_naming_its_own_code_is_said_when_that_code_is_not_run(tmp_path: Path, tiny_encoder_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import shutil
+
+    from ragkit.models.registry import say_if_own_code_is_ignored
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_encoder_path.parent / "bert", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling_x.XModel"}}))
+    say_if_own_code_is_ignored(str(folder), trust_remote_code=False)
+    assert "auto_map: AutoModel" in capsys.readouterr().err
+    say_if_own_code_is_ignored(str(folder), trust_remote_code=True)
+    say_if_own_code_is_ignored(str(tiny_encoder_path.parent / "bert"), trust_remote_code=False)
+    assert capsys.readouterr().err == ""

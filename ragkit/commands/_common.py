@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import sqlite3
 import sys
 import traceback
@@ -52,6 +53,11 @@ def handle_errors() -> Iterator[None]:
         if is_disk_full(exc):  # a writer that does not name its folder itself (those raise DiskFullError)
             where = f" writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
             raise fail(f"no space left on the device{where}", "Free space and run the command again.",
+                       int(ExitCode.MISSING_RESOURCE)) from None
+        if isinstance(exc, pickle.UnpicklingError):  # torch.load(weights_only=True) met more than tensors
+            raise fail("a model's weights file (.bin/.pt) holds pickled objects beyond plain tensors: not loaded "
+                       "(ragkit reads weights only and never runs a pickle's code)",
+                       "Use a safetensors checkpoint, or convert this one where you trust its source.",
                        int(ExitCode.MISSING_RESOURCE)) from None
         if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
             # only an index's passage store is SQLite: a damaged one is a bad resource, not a bug (an

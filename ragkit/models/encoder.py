@@ -19,7 +19,8 @@ from ragkit.index.encoder_info import EncoderInfo
 from ragkit.models.dpr import embedder_location
 from ragkit.models.exported import (EXPORTED_BACKENDS, ExportedBackend, calibration_sample, check_available, is_exported,
                                     load_engine, with_engine, with_module)
-from ragkit.models.registry import ALIASES, ModelRef, missing_model_error, quiet_transformers, resolve
+from ragkit.models.registry import (ALIASES, ModelRef, missing_model_error, quiet_transformers, resolve,
+                                    say_if_own_code_is_ignored)
 
 
 def resolve_device(device: str | None) -> str:
@@ -58,7 +59,7 @@ def _load_sentence_transformer(location: str, device: str, trust_remote_code: bo
     from sentence_transformers import SentenceTransformer
 
     quiet_transformers()
-
+    say_if_own_code_is_ignored(location, trust_remote_code)
     return SentenceTransformer(location, device=device, trust_remote_code=trust_remote_code)
 
 

@@ -196,12 +196,14 @@ def _load_plain(name: str, device: str, dtype: str, quantize: str, trust_remote_
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from ragkit.models.quantize import quantize_int8_dynamic
-    from ragkit.models.registry import materialize, missing_model_error, quiet_transformers, resolve
+    from ragkit.models.registry import (materialize, missing_model_error, quiet_transformers, resolve,
+                                        say_if_own_code_is_ignored)
 
     ref = resolve(name)
     quiet_transformers()
     try:
         location = materialize(ref)
+        say_if_own_code_is_ignored(str(location), trust_remote_code)
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
         is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         side = padding_side or ("right" if is_seq2seq else "left")  # causal: a batch's prompts end together

@@ -250,3 +250,26 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         AutoConfig.from_pretrained(tmp)  # check that it reads back before publishing it
+
+
+def say_if_own_code_is_ignored(location: str, trust_remote_code: bool) -> None:
+    """A model folder whose config names its own classes (`auto_map`) loads, without trust_remote_code, as the
+    plain architecture its `model_type` names: it may then not be the model its authors meant. Said once on
+    stderr (the user decides; ragkit never turns remote code on by itself)."""
+    import json
+    from pathlib import Path
+
+    if trust_remote_code:
+        return
+    for folder in (Path(location), Path(location) / "0_Transformer"):  # a sentence-transformers folder nests it
+        config = folder / "config.json"
+        try:
+            auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map") if config.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            return
+        if auto_map:
+            from ragkit.console import info
+
+            info(f"{location}: its config names its own code (auto_map: {', '.join(sorted(auto_map))}); without "
+                 "trust_remote_code it loads as the plain architecture of its model_type")
+            return
