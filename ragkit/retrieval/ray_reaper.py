@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 Process = tuple[int, int]  # pid, start time in clock ticks since boot
+STARTUP_S, STARTUP_POLL_S, POLL_S = 30.0, 0.1, 1.0
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -38,8 +39,22 @@ def _names_session(pid: int, session: str) -> bool:
         return False
 
 
-def track(session: str, known: set[Process]) -> set[Process]:
-    """`known` plus every live process whose parent is known or whose command line names `session`."""
+def _raylet_of(pid: int) -> int | None:
+    """RAY_RAYLET_PID from a process's environment: Ray's agents carry it (their command lines are overwritten
+    by their process titles, so they do not name the session folder)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    value = next((e[len(b"RAY_RAYLET_PID="):] for e in environ if e.startswith(b"RAY_RAYLET_PID=")), None)
+    return int(value) if value and value.isdigit() else None
+
+
+def track(session: str, known: set[Process], raylets: set[int] = frozenset()) -> set[Process]:  # type: ignore[assignment]
+    """`known` plus every live process whose parent is known or whose command line names `session`, and with
+    `raylets` (the final sweep) every process whose environment names one of them as its raylet: the agents
+    that a raylet which already died had started, reparented to init before this process first saw them (a
+    driver killed in Ray's first second left them running for 60 s)."""
     me = os.getpid()
     stats = {}
     for entry in Path("/proc").iterdir():
@@ -52,7 +67,8 @@ def track(session: str, known: set[Process]) -> set[Process]:
     while grew:  # descendants of descendants
         pids = {pid for pid, _ in found}
         new = {(pid, start) for pid, (ppid, start) in stats.items()
-               if (pid, start) not in found and (ppid in pids or _names_session(pid, session))}
+               if (pid, start) not in found and (ppid in pids or _names_session(pid, session)
+                                                 or (raylets and _raylet_of(pid) in raylets))}
         found |= new
         grew = bool(new)
     return found
@@ -75,14 +91,19 @@ def reap(processes: set[Process], grace_s: float = 2.0) -> None:
 
 def main(argv: list[str]) -> None:
     session = argv[0]
-    known = {(int(p), stat[1]) for p in argv[1:] if (stat := _stat(int(p))) is not None}
+    given = {int(p) for p in argv[1:]}  # the session's processes when the driver started this (its raylet among them)
+    known = {(pid, stat[1]) for pid in given if (stat := _stat(pid)) is not None}
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is for the driver
+    started = time.monotonic()
     while True:
         known = alive(track(session, known))
-        ready, _, _ = select.select([0], [], [], 1.0)  # fd 0: the pipe from the driver
+        # the agents that outlive the driver are started in Ray's first seconds: watched closely then (a driver
+        # killed within a 1 s poll of their start left them untracked once the raylet, their parent, was gone)
+        poll = STARTUP_POLL_S if time.monotonic() - started < STARTUP_S else POLL_S
+        ready, _, _ = select.select([0], [], [], poll)  # fd 0: the pipe from the driver
         if ready and not os.read(0, 65536):
             break  # end of file: the driver is gone
-    reap(track(session, known))
+    reap(track(session, known, given | {pid for pid, _ in known}))
 
 
 if __name__ == "__main__":
