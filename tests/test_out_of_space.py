@@ -156,3 +156,15 @@ def test_flags_out_of_range_are_usage_errors_before_any_work(args: list[str], tm
     assert result.exit_code == 2, (result.exit_code, result.stderr[-1500:])
     flag = next(a for a in args if a in ("--max-memory", "--seed", "--lr", "--output"))
     assert flag in result.stderr
+
+
+def test_more_inverted_lists_than_vectors_is_a_usage_error(tmp_path: Path, tiny_encoder_path: Path) -> None:
+    """Issue 27.8: an IVF factory with more lists than training points was Faiss' RuntimeError, exit 1."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_passages(40))
+    result = run_cli("index", "build", corpus, "-o", tmp_path / "idx", "-m", tiny_encoder_path, "--device", "cpu",
+                     "--spec", "IVF64,Flat")
+    assert result.exit_code == 2, (result.exit_code, result.stderr[-1500:])
+    assert "64 inverted lists need at least 64 vectors to train; the corpus has 40" in result.stderr
+    assert not (tmp_path / "idx" / "CURRENT").exists()
+    assert run_cli("index", "build", corpus, "-o", tmp_path / "idx", "-m", tiny_encoder_path, "--device", "cpu",
+                   "--spec", "IVF4,Flat").exit_code == 0

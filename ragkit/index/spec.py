@@ -233,6 +233,18 @@ def check_trainable(spec: IndexSpec, n: int) -> None:
                          hint="Use --spec flat for small corpora.")
 
 
+def check_lists(spec: IndexSpec, n: int) -> None:
+    """k-means for an inverted file needs at least one training vector per list: more lists than vectors was a
+    Faiss RuntimeError (exit 1) after the whole corpus had been embedded."""
+    lists = spec.params.get("nlist") if spec.kind == "ivf-pq" else None
+    if spec.kind == "factory":
+        found = re.search(r"IVF(\d+)", spec.factory_string or "")
+        lists = int(found.group(1)) if found else None
+    if lists and n < lists:
+        raise UsageError(f"index spec {spec.text}: {lists} inverted lists need at least {lists} vectors to train; "
+                         f"the corpus has {n}", hint="Use fewer lists, or --spec flat / auto.")
+
+
 def resolve_spec(spec: IndexSpec, n: int, dim: int, max_memory: int | None) -> tuple[IndexSpec, str | None]:
     """Turn `auto` into a concrete spec and pin data-dependent defaults (nlist, m) for the manifest."""
     reason = None
@@ -248,6 +260,7 @@ def resolve_spec(spec: IndexSpec, n: int, dim: int, max_memory: int | None) -> t
         check_trainable(spec, n)
         params.setdefault("nprobe", min(params["nlist"], 16))
         spec = replace(spec, params=params)
+    check_lists(spec, n)
     if max_memory is not None and estimate_memory(spec, n, dim) > max_memory:
         raise UsageError(
             f"index spec {spec.text} needs ~{format_bytes(estimate_memory(spec, n, dim))} "
