@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ragkit.errors import DiskFullError, InputError, Location, ResourceError, UsageError
-from ragkit.io.atomic import names_full_disk, write_json
+from ragkit.errors import InputError, Location, ResourceError, UsageError
+from ragkit.io.atomic import disk_full, names_full_disk, write_json
 from ragkit.io.corpus import Passage, iter_passages_with_lines, resolve_corpus_path
 from ragkit.io.mapped import drop_pages
 from ragkit.index.builder import finite_rows
@@ -165,8 +165,7 @@ def embed_shard(
             for leftover in (emb_part, psg_part, progress_path):
                 leftover.unlink(missing_ok=True)
         kept = "nothing was kept" if done == 0 else f"the {done} rows embedded so far are kept: rerun to resume"
-        raise DiskFullError(f"{out}: no space left on its device for {emb_name} ({rows} x {encoder.info.dim} "
-                            f"{dtype}); {kept}", hint="Free space there (or write elsewhere) and run the command again.")
+        raise disk_full(out, kept, writing=f"{emb_name} ({rows} x {encoder.info.dim} {dtype})")
     if on_plan is not None:
         on_plan(rows, done)
     began = time.perf_counter()

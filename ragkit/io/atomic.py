@@ -70,8 +70,14 @@ def names_full_disk(folder: str | Path, *, kept: str = "nothing was published") 
     except Exception as exc:
         if not is_disk_full(exc):
             raise
-        raise DiskFullError(f"{folder}: no space left on its device; {kept}",
-                            hint="Free space there (or write elsewhere) and run the command again.") from None
+        raise disk_full(folder, kept) from None
+
+
+def disk_full(folder: str | Path, kept: str, *, writing: str | None = None,
+              hint: str = "Free space there (or write elsewhere) and run the command again.") -> DiskFullError:
+    """The one wording of a full disk: the folder, what was being written, what the writer kept."""
+    return DiskFullError(f"{folder}: no space left on its device{f' for {writing}' if writing else ''}; {kept}",
+                         hint=hint)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

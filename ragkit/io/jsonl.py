@@ -121,22 +121,29 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _refuse_surrogates(value: Any, where: Location, field: str | None = None) -> None:
-    """A lone surrogate (`"\\ud800"`) is valid JSON but no UTF-8 text: SQLite, the tokenizer and every writer
-    would fail on it later, as an internal error."""
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """The field path (`meta.tags[1]`, under `path`) of the first string in `value` that holds a lone surrogate
+    (`"\\ud800"`: valid JSON, but no UTF-8 text, so SQLite, a tokenizer and every writer would fail on it later);
+    None when there is none. A key that holds one is reported as its parent (or "key" at the top)."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise InputError(Location(where.path, where.line, field or "text"),
-                             "holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
-    elif isinstance(value, dict):
+            return path
+        return None
+    if isinstance(value, dict):
         for key, item in value.items():
-            _refuse_surrogates(key, where, field or "key")
-            _refuse_surrogates(item, where, f"{field}.{key}" if field else str(key))
+            if lone_surrogate_at(key) is not None:
+                return path or "key"
+            found = lone_surrogate_at(item, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            _refuse_surrogates(item, where, f"{field}[{i}]" if field else f"[{i}]")
+            found = lone_surrogate_at(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
@@ -166,7 +173,10 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]
             except RecursionError:
                 raise InputError(Location(name, lineno), "JSON nested too deeply to read") from None
             if "\\ud" in text or "\\uD" in text:  # only \u escapes can make a lone surrogate
-                _refuse_surrogates(obj, Location(name, lineno))
+                field = lone_surrogate_at(obj)
+                if field is not None:
+                    raise InputError(Location(name, lineno, field or "text"),
+                                     "holds a lone surrogate (\\ud800-\\udfff), which is not text")
             yield lineno, obj
 
 

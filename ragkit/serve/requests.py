@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ragkit.io.jsonl import lone_surrogate_at
 from ragkit.io.queries import QUERY_FIELDS, query_field
 from ragkit.serve.backend import Query
 from ragkit.serve.config import ServeConfig
@@ -89,21 +90,11 @@ def parse_queries(body: SearchBody, config: ServeConfig, *, k_default: int | Non
 
 
 def refuse_unencodable(value: Any, field: str) -> None:
-    """JSON may carry lone surrogates (`"\\ud800"`) that no UTF-8 text holds: the tokenizer, SQLite and the
-    response writer would each fail on them, inside a batch shared with other requests. Refused here, naming
-    the field, before the request joins a batch."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise RequestError(field, f"not valid Unicode text: a lone surrogate at character {exc.start}") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            refuse_unencodable(key, field)
-            refuse_unencodable(item, f"{field}.{key}")
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            refuse_unencodable(item, f"{field}[{i}]")
+    """Text the tokenizer, SQLite and the response writer would each fail on, inside a batch shared with other
+    requests (a lone surrogate): refused here, naming the field, before the request joins a batch."""
+    found = lone_surrogate_at(value, field)
+    if found is not None:
+        raise RequestError(found, "not valid Unicode text: it holds a lone surrogate")
 
 
 def check_k(k: int, limit: int, flag: str) -> int:

@@ -27,8 +27,8 @@ from ragkit.models.lm import quiet_bitsandbytes
 quiet_bitsandbytes()  # transformers.Trainer imports peft, which imports bitsandbytes: silence it first
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 
-from ragkit.errors import DiskFullError, RagkitError, ResourceError
-from ragkit.io.atomic import is_disk_full, write_json
+from ragkit.errors import RagkitError, ResourceError
+from ragkit.io.atomic import disk_full, is_disk_full, write_json
 from ragkit.train.checkpoints import mark_complete, resume_checkpoint, rotate
 from ragkit.train.config import TrainConfig
 
@@ -131,9 +131,9 @@ class RagkitTrainer(Trainer):
             if not is_disk_full(exc):
                 raise
             shutil.rmtree(folder, ignore_errors=True)
-            raise DiskFullError(f"{self.args.output_dir}: no space left on its device for {folder.name}; the "
-                                "incomplete checkpoint was removed, the last complete one is kept to resume from",
-                                hint="Free space there and rerun with --resume.") from None
+            raise disk_full(self.args.output_dir, "the incomplete checkpoint was removed, the last complete one is "
+                            "kept to resume from", writing=folder.name,
+                            hint="Free space there and rerun with --resume.") from None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"

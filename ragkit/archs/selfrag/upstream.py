@@ -12,12 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-# retrieval_lm/utils.py `control_tokens` (line 52): [Continue to Use Evidence] is not in it
-CONTROL_TOKENS = (
-    "[Fully supported]", "[Partially supported]", "[No support / Contradictory]", "[No Retrieval]", "[Retrieval]",
-    "[Irrelevant]", "[Relevant]", "<paragraph>", "</paragraph>", "[Utility:1]", "[Utility:2]", "[Utility:3]",
-    "[Utility:4]", "[Utility:5]",
-)
+from ragkit.archs.selfrag.tokens import UPSTREAM_CONTROL_TOKENS  # retrieval_lm/utils.py `control_tokens` (line 52)
+
 # vLLM's incremental detokeniser starts from the prompt's last tokens (vllm INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET)
 PROMPT_TAIL_TOKENS = 5
 
@@ -45,7 +41,7 @@ def _added_special_ids(tokenizer: Any) -> set[int]:
 
 def postprocess_answer_option_conditioned(answer: str) -> str:
     """run_short_form.py lines 36-48: control tokens, `</s>`, newlines and `<|endoftext|>` removed; no strip."""
-    for token in CONTROL_TOKENS:
+    for token in UPSTREAM_CONTROL_TOKENS:
         answer = answer.replace(token, "")
     for marker in ("</s>", "\n", "<|endoftext|>"):
         answer = answer.replace(marker, "")
