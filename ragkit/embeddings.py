@@ -267,9 +267,9 @@ class ShardSet:
     def rows(self) -> int:
         return sum(int(m["rows"]) for m in self.metas)
 
-    def blocks(self, size: int = 10_000) -> Iterator[tuple[list[Passage], np.ndarray, list[int], str]]:
-        """(passages, their vectors as a slice of the memory-mapped .npy, line numbers, passages file) in
-        row order, `size` passages at a time: nothing but one block is held in memory."""
+    def blocks(self, size: int = 10_000) -> Iterator[tuple[list[Passage], np.ndarray, list[int], str, tuple[Path, int]]]:
+        """(passages, their vectors as a slice of the memory-mapped .npy, line numbers, passages file, (the .npy,
+        first row)) in row order, `size` passages at a time: nothing but one block is held in memory."""
         for meta in self.metas:
             emb_path, psg_path = self.root / meta["embeddings"], self.root / meta["passages"]
             vectors = self._vectors(emb_path, meta)
@@ -282,7 +282,8 @@ class ShardSet:
                 if len(block) == size:
                     if row + size > vectors.shape[0]:
                         break
-                    yield block, finite_rows(vectors[row : row + size], emb_path, row), lines, str(psg_path)
+                    yield (block, finite_rows(vectors[row : row + size], emb_path, row), lines, str(psg_path),
+                           (emb_path, row))
                     row += size
                     block, lines = [], []
             if row + len(block) != vectors.shape[0]:
@@ -290,7 +291,8 @@ class ShardSet:
                 raise InputError(Location(str(psg_path)), f"{'more than ' if count > vectors.shape[0] else ''}{count} "
                                  f"passages for {vectors.shape[0]} vectors in {emb_path.name}")
             if block:
-                yield block, finite_rows(vectors[row : row + len(block)], emb_path, row), lines, str(psg_path)
+                yield (block, finite_rows(vectors[row : row + len(block)], emb_path, row), lines, str(psg_path),
+                       (emb_path, row))
 
     def _vectors(self, path: Path, meta: dict[str, Any]) -> np.ndarray:
         """The shard's vectors, memory-mapped, after the checks a damaged or foreign file fails (exit 3, naming

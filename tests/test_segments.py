@@ -362,7 +362,7 @@ RSS_SCRIPT = textwrap.dedent(
     from ragkit.embeddings import open_shards
     shards = open_shards(sys.argv[1])
     with Index.create(sys.argv[2], shards.encoder) as build:
-        for block, vectors, lines, source in shards.blocks():
+        for block, vectors, lines, source, _ in shards.blocks():
             build.add(block, vectors, lines=lines, source=source)
     print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
     """
@@ -450,7 +450,7 @@ def test_shards_with_fewer_passages_than_vectors_name_the_file(tmp_path: Path) -
     (tmp_path / "emb" / "passages-00000-of-00001.jsonl").write_text("\n".join(lines[:7]) + "\n")
     with pytest.raises(InputError, match=r"passages-00000-of-00001.jsonl.*7 passages for 10 vectors"):
         with Index.create(tmp_path / "idx", open_shards(tmp_path / "emb").encoder) as build:
-            for block, vectors, lines_, source in open_shards(tmp_path / "emb").blocks():
+            for block, vectors, lines_, source, _ in open_shards(tmp_path / "emb").blocks():
                 build.add(block, vectors, lines=lines_, source=source)
     assert not Index.exists(tmp_path / "idx")
 

@@ -53,8 +53,9 @@ def build(
     output: Annotated[Path, typer.Option("--output", "-o", help="Index directory to create (required).")],
     corpus: Annotated[str | None, typer.Argument(help="Corpus: JSONL, BEIR folder/corpus.jsonl, DPR TSV, or - for stdin.")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Embedder: hub id, local folder or alias (minilm).")] = "minilm",
-    spec: Annotated[str, typer.Option("--spec", help="flat, hnsw[:M=32,ef_search=128], ivf-pq[:nlist=,m=,nprobe=], auto, or a Faiss factory string.")] = "flat",
+    spec: Annotated[str, typer.Option("--spec", help="flat, hnsw[:M=32,ef_search=128], ivf-pq[:nlist=,m=,nprobe=,hnsw=,refine=], auto, or a Faiss factory string. ivf-pq's refine=R keeps the vectors on disk and re-ranks R candidates exactly; hnsw=M (default 32 from 4096 lists, 0 = exact) is its coarse quantiser.")] = "flat",
     max_memory: Annotated[str | None, typer.Option("--max-memory", help="Memory budget for the vectors, e.g. 2G (auto picks within it; default half the RAM).")] = None,
+    max_build_time: Annotated[str | None, typer.Option("--max-build-time", help="Build-time budget, e.g. 45m or 2h: auto picks an index whose estimated build (`ragkit index plan`) fits; another spec over it is refused. Default: none.")] = None,
     metric: Annotated[str, typer.Option("--metric", help="ip (inner product; cosine when normalised) or l2.")] = "ip",
     embeddings: Annotated[Path | None, typer.Option("--embeddings", help="Use precomputed shards from `ragkit embed` instead of embedding CORPUS; or a folder of released Contriever/DPR embeddings (passages_XX, read without running pickle code), matched by id to CORPUS, embedder named by --model.")] = None,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise embeddings.")] = True,
@@ -100,8 +101,11 @@ def build(
 
         from ragkit.index.layout import refuse_if_busy
 
+        from ragkit.index.build_time import parse_duration
+
         parsed = parse_spec(spec)
         budget = parse_memory(max_memory)
+        seconds = parse_duration(max_build_time)
         Index.check_target(output, metric=metric, overwrite=overwrite)  # before a model loads or a line is read
         refuse_if_busy(output, wait)
         from ragkit.index.released import import_released, released_files
@@ -114,7 +118,8 @@ def build(
             raise UsageError("give either CORPUS or --embeddings DIR (exactly one), or CORPUS with --embeddings DIR of "
                              "released embeddings")
         faiss_device = resolve_device(device)
-        options = dict(spec=parsed, metric=metric, max_memory=budget, overwrite=overwrite, threads=threads or None,
+        options = dict(spec=parsed, metric=metric, max_memory=budget, max_build_time=seconds, overwrite=overwrite,
+                       threads=threads or None,
                        device=faiss_device, sparse=SparseConfig(k1=bm25_k1, b=bm25_b) if sparse else None)
         query_encoder = (Encoder(query_model, device=faiss_device, normalize=normalize, backend=backend)
                          if query_model else None)
@@ -138,8 +143,8 @@ def build(
                                  f"{shards.encoder.normalize}; give the same --normalize/--no-normalize")
             record = with_query_encoder(shards.encoder, query_encoder)
             with Index.create(output, record, source=str(embeddings), **options) as build:
-                for block, vectors, lines, source in shards.blocks():
-                    build.add(block, vectors, lines=lines, source=source)
+                for block, vectors, lines, source, origin in shards.blocks():
+                    build.add(block, vectors, lines=lines, source=source, origin=origin)
             index = build.index
         else:
             assert corpus is not None
@@ -458,6 +463,7 @@ def plan_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="Embedder whose dimension to use when --dim is not given.")] = "minilm",
     embeddings: Annotated[Path | None, typer.Option("--embeddings", help="Size precomputed shards from `ragkit embed`.")] = None,
     max_memory: Annotated[str | None, typer.Option("--max-memory", help="Memory budget, e.g. 64G (default: half the RAM).")] = None,
+    max_build_time: Annotated[str | None, typer.Option("--max-build-time", help="Build-time budget for auto, e.g. 2h (default: none).")] = None,
     passage_bytes: Annotated[int, typer.Option("--passage-bytes", min=1, help="Average stored bytes per passage when no CORPUS is read (600: a 100-word passage).")] = 600,
     as_json: JsonOpt = False,
 ) -> None:
@@ -500,7 +506,10 @@ def plan_cmd(
             from ragkit.models.encoder import Encoder
 
             dim = Encoder(model, device="cpu").info.dim
-        result = plan(n, dim, max_memory=parse_memory(max_memory), passage_bytes=text_bytes)
+        from ragkit.index.build_time import parse_duration
+
+        result = plan(n, dim, max_memory=parse_memory(max_memory), max_seconds=parse_duration(max_build_time),
+                      passage_bytes=text_bytes)
         if as_json:
             sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
             return

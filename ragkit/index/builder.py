@@ -17,6 +17,7 @@ import numpy as np
 
 from ragkit.errors import InputError, Location, ResourceError, UsageError
 from ragkit.index import vectors as fv
+from ragkit.index.exact import ExactPart, npy_part
 from ragkit.index.segments import SegmentMeta
 from ragkit.index.store import DuplicateIdError, PassageStore
 from ragkit.io.corpus import Passage
@@ -62,15 +63,18 @@ class SegmentWriter:
         self._spill: Any = None
         self._spill_dtype: np.dtype | None = None
         self._spill_rows = 0
+        # (file, first row, rows) of each block given as a slice of a whole .npy on disk; None for the others
+        self._origins: list[tuple[Path, int, int] | None] = []
 
     @property
     def spill_path(self) -> Path:
         return self.staging / f".{self.name}.spill"
 
     def add(self, passages: Sequence[Passage], vectors: np.ndarray, *, vids: Sequence[int] | None = None,
-            lines: Sequence[int] | None = None) -> None:
+            lines: Sequence[int] | None = None, origin: tuple[Path, int] | None = None) -> None:
         """Store passages and their vectors (row i embeds passages[i]); `lines` are their line numbers in
-        `source`, for the error a duplicate id raises."""
+        `source`, for the error a duplicate id raises; `origin` (a .npy file, first row) says that `vectors`
+        are those rows of that file, which an index keeping exact vectors then links instead of copying."""
         if len(passages) == 0:
             return
         check_vectors(len(passages), vectors, self.dim)
@@ -83,6 +87,7 @@ class SegmentWriter:
         self.vectors += len(passages)
         if isinstance(vectors, np.memmap):
             self._blocks.append(vectors)
+            self._origins.append((Path(origin[0]), int(origin[1]), len(vectors)) if origin is not None else None)
         else:
             self._append_spill(np.asarray(vectors))
 
@@ -114,6 +119,7 @@ class SegmentWriter:
             self._spill_dtype = np.dtype(np.float16 if vectors.dtype == np.float16 else np.float32)
             self._spill = open(self.spill_path, "wb")
             self._blocks.append(None)  # type: ignore[arg-type]  # the spill's place among the blocks
+            self._origins.append(None)
         self._spill.write(np.ascontiguousarray(vectors, dtype=self._spill_dtype).tobytes())
         self._spill_rows += len(vectors)
 
@@ -132,31 +138,95 @@ class SegmentWriter:
     def vids(self) -> np.ndarray:
         return np.concatenate(self._vids) if self._vids else np.zeros(0, np.int64)
 
-    def finish(self, faiss_index: Any) -> SegmentMeta:
-        """Add every vector to `faiss_index` (trained already), block by block; write the segment's files."""
+    def finish(self, faiss_index: Any, *, keep_exact: bool = False) -> SegmentMeta:
+        """Add every vector to `faiss_index` (trained already), block by block; write the segment's files.
+        `keep_exact`: also keep the vectors on disk for re-ranking (linked from the shards when possible)."""
         import faiss
 
         blocks = self.blocks()
         vids = self.vids()
+        exact: tuple[ExactPart, ...] = ()
+        linked = keep_exact and self._linkable_files(vids)
+        copy = self._exact_copy(blocks, vids) if keep_exact and not linked else None
         start = 0
         for block in blocks:
             for offset in range(0, len(block), ADD_BLOCK):
                 chunk = np.ascontiguousarray(block[offset : offset + ADD_BLOCK], dtype=np.float32)
                 fv.add(faiss_index, chunk, vids[start : start + len(chunk)])
+                if copy is not None:
+                    copy[vids[start : start + len(chunk)] - int(vids.min())] = chunk
+                    drop_pages(copy)
                 start += len(chunk)
                 drop_pages(block)  # the shards' pages must not count against the build's memory
         self.store.commit()
         self.store.close()
         faiss.write_index(fv.to_cpu(faiss_index), str(self.staging / f"{self.name}.faiss"))
+        if linked:
+            exact = self._link_exact(linked, int(vids.min()))
+        elif copy is not None:
+            copy.flush()
+            name = f"{self.name}.exact-00000.npy"
+            del copy
+            exact = (npy_part(self.staging / name, name, int(vids.min())),)
         if self.spill_path.exists():
             os.unlink(self.spill_path)
         return SegmentMeta(self.name, self.rows, int(vids.min()) if len(vids) else None,
-                           int(vids.max()) if len(vids) else None, f"{self.name}.faiss", f"{self.name}.sqlite")
+                           int(vids.max()) if len(vids) else None, f"{self.name}.faiss", f"{self.name}.sqlite",
+                           exact=exact)
+
+    def _linkable_files(self, vids: np.ndarray) -> list[Path]:
+        """The .npy files the blocks are, when they cover each file whole, in order, with consecutive vids."""
+        if not len(vids) or any(o is None for o in self._origins):
+            return []
+        if not np.array_equal(vids, np.arange(int(vids[0]), int(vids[0]) + len(vids))):
+            return []
+        files: list[Path] = []
+        expected = 0
+        for path, first, rows in self._origins:  # type: ignore[misc]
+            if files and path == files[-1] and first == expected:
+                expected += rows
+                continue
+            if files and expected != np.load(files[-1], mmap_mode="r").shape[0]:
+                return []
+            if first != 0:
+                return []
+            files.append(path)
+            expected = rows
+        if expected != np.load(files[-1], mmap_mode="r").shape[0]:
+            return []
+        return files
+
+    def _link_exact(self, files: list[Path], first_vid: int) -> tuple[ExactPart, ...]:
+        parts = []
+        for i, path in enumerate(files):
+            name = f"{self.name}.exact-{i:05d}.npy"
+            _link(path, self.staging / name)
+            part = npy_part(self.staging / name, name, first_vid)
+            parts.append(part)
+            first_vid += part.rows
+        return tuple(parts)
+
+    def _exact_copy(self, blocks: list[np.ndarray], vids: np.ndarray) -> np.ndarray:
+        """A new .npy for the vectors in vid order (float16 when they all are), filled as Faiss is."""
+        dtype = np.float16 if all(b.dtype == np.float16 for b in blocks) else np.float32
+        span = int(vids.max()) - int(vids.min()) + 1
+        return np.lib.format.open_memmap(self.staging / f"{self.name}.exact-00000.npy", mode="w+", dtype=dtype,
+                                         shape=(span, self.dim))
 
     def abort(self) -> None:
         if self._spill is not None and not self._spill.closed:
             self._spill.close()
         self.store.close()
+
+
+def _link(source: Path, target: Path) -> None:
+    """A hard link (no bytes copied), or a copy where the two are on different file systems."""
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 class RowSource:

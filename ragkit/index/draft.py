@@ -47,7 +47,7 @@ def write_base(writer: SegmentWriter, spec: IndexSpec, dim: int, metric: str, de
         for block in blocks:
             drop_pages(block)
     faiss.write_index(fv.to_cpu(target), str(writer.staging / TEMPLATE))
-    return writer.finish(target)
+    return writer.finish(target, keep_exact=spec.refine > 0)
 
 
 class Draft:
@@ -56,8 +56,10 @@ class Draft:
     from what is on disk, so a corrupted file cannot be laundered into a fresh manifest)."""
 
     def __init__(self, root: Path, staging: Path, version: int, *, segments: list[Any], dead: set[int],
-                 next_vid: int, files: dict[str, tuple[Path, dict[str, Any]]], metric: str = "ip") -> None:
+                 next_vid: int, files: dict[str, tuple[Path, dict[str, Any]]], metric: str = "ip",
+                 keep_exact: bool = False) -> None:
         self.root, self.staging, self.version = root, staging, version
+        self.keep_exact = keep_exact  # new segments keep their vectors on disk for re-ranking (spec refine=R)
         self.segments: list[tuple[SegmentMeta, Path]] = list(segments)
         self.dead = dead
         self.next_vid = next_vid
@@ -75,7 +77,8 @@ class Draft:
     def new_segment(self, meta: SegmentMeta) -> None:
         self.segments.append((meta, self.staging))
         for name in meta.files:
-            self.new_file(name)
+            if name not in self.files:  # a compaction's merged segment keeps its parts' exact vectors files
+                self.new_file(name)
 
     def add_delta(self, passages: Sequence[Passage], vectors: np.ndarray, *, deletes: Sequence[int]) -> None:
         """One delta segment: the new passages (vids from the counter) and the vids they replace or remove."""
@@ -88,7 +91,8 @@ class Draft:
             try:
                 writer.add(passages, np.asarray(vectors, dtype=np.float32))
                 template_dir = self.files[TEMPLATE][0]
-                meta = writer.finish(fv.delta_index(faiss.read_index(str(template_dir / TEMPLATE))))
+                meta = writer.finish(fv.delta_index(faiss.read_index(str(template_dir / TEMPLATE))),
+                                     keep_exact=self.keep_exact)
             except BaseException:
                 writer.abort()
                 raise
@@ -151,7 +155,10 @@ class Draft:
         finally:
             for segment in open_segments:
                 segment.close()
+        exact = tuple(part for meta, _ in merging for part in meta.exact)
+        exact_files = {part.file: self.files[part.file] for part in exact}
         self._drop_segments(count)
+        self.files.update(exact_files)  # the merged segment reads its vectors' exact values where they were
         files: dict[str, str | None] = {"vectors": None, "passages": None, "deletes": None}
         if rows:
             faiss.write_index(merged, str(self.staging / f"{name}.faiss"))
@@ -167,7 +174,8 @@ class Draft:
         self.segments = [(dataclasses.replace(m, deletes=None), f) for m, f in kept]
         self.dead = set(still_dead)
         if rows or still_dead:
-            self.new_segment(SegmentMeta(name, rows, lo_hi[0] if rows else None, lo_hi[1] if rows else None, **files))
+            self.new_segment(SegmentMeta(name, rows, lo_hi[0] if rows else None, lo_hi[1] if rows else None, **files,
+                                         exact=exact if rows else ()))
 
     def drop_sparse_parts(self) -> None:
         """Forget every segment's BM25 part, so that publish writes them again (new tokenisation)."""

@@ -30,6 +30,7 @@ from ragkit.index.draft import (  # noqa: F401  (the thresholds are part of this
     utc_now,
     write_base,
 )
+from ragkit.index.exact import ExactVectors
 from ragkit.index.hits import Hit, HitRow, PassageLookup, fetch_rows
 from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, segment_name
 from ragkit.index.sparse import LegacySparseSide, SegmentedBM25, SparseConfig
@@ -82,6 +83,8 @@ class Index:
         self._vid_starts = np.asarray([s.meta.vid_min for s in live], dtype=np.int64)
         self._by_start = live
         params = self.spec.search_params()
+        self.refine = self.spec.refine  # candidates re-ranked exactly (0: the codes' order is final)
+        self.exact = ExactVectors(version_dir, [p for s in segments for p in s.meta.exact], self.dim)
         for segment in live:
             lo, hi = np.searchsorted(dead, [segment.meta.vid_min, int(segment.meta.vid_max) + 1])
             segment.set_dead(dead[lo:hi])
@@ -201,6 +204,7 @@ class Index:
         spec: str | IndexSpec = "flat",
         metric: str = "ip",
         max_memory: int | None = None,
+        max_build_time: float | None = None,
         overwrite: bool = False,
         threads: int | None = None,
         device: str = "cpu",
@@ -226,7 +230,7 @@ class Index:
                     raise InputError(Location(source), "empty corpus: no passages to index")
                 if writer.vectors != writer.rows:
                     raise InputError(Location(source), f"{writer.rows} passages but {writer.vectors} vectors")
-                resolved, reason = resolve_spec(parsed, writer.rows, encoder.dim, max_memory)
+                resolved, reason = resolve_spec(parsed, writer.rows, encoder.dim, max_memory, max_build_time)
                 manifest = {
                     "format": FORMAT, "format_version": FORMAT_VERSION, "ragkit_version": __version__,
                     "created_at": utc_now(), "encoder": encoder.to_json(), "metric": metric, "spec": resolved.text,
@@ -270,7 +274,7 @@ class Index:
         **options: Any,
     ) -> "Index":
         """Create an index from passages and their vectors (row i embeds passages[i]); options as `create`
-        (spec, metric, max_memory, overwrite, threads, device, sparse)."""
+        (spec, metric, max_memory, max_build_time (seconds), overwrite, threads, device, sparse)."""
         if not passages:
             raise InputError(Location("<passages>"), "empty corpus: no passages to index")
         _check_unique(passages)
@@ -305,7 +309,7 @@ class Index:
                                dead=set(self.tombstones), next_vid=int(self.manifest["next_vid"]),
                                files={n: (self.version_dir, m) for n, m in self.manifest["files"].items()
                                       if not n.startswith("sparse/")},
-                               metric=self.metric)
+                               metric=self.metric, keep_exact=self.spec.refine > 0)
                 self._ensure_template(draft)
                 report = ChangeReport()
                 edit(draft, report)
@@ -509,7 +513,15 @@ class Index:
                 hint=f"Search with --model {built.name}, or rebuild the index with the new model.",
             )
 
-    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
+    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None,
+                          refine: int | None = None) -> None:
+        """Search settings for this handle; `refine` (candidates re-ranked from the exact vectors, 0 = off)
+        needs an index built with refine=R in its spec, which keeps them."""
+        if refine is not None:
+            if refine and not self.exact:
+                raise UsageError(f"refine={refine}: {self.root} keeps no exact vectors to re-rank with",
+                                 hint="Build it with a spec such as ivf-pq:refine=100.")
+            self.refine = int(refine)
         params = {}
         if ef_search:
             params["efSearch"] = ef_search
@@ -526,16 +538,26 @@ class Index:
         if queries.shape[1] != self.dim:
             raise ResourceError(f"query vectors have dimension {queries.shape[1]}, the index holds {self.dim}")
         k = min(k, max(1, sum(segment.rows for segment in self.segments)))  # memory follows the index, not --k
+        if self.refine and self.exact:
+            scores, vids = self._search_codes(queries, max(k, self.refine))
+            return self._plausible(queries, *self.exact.rerank(queries, vids, k, self.metric))
+        return self._search_codes(queries, k, checked=True)
+
+    def _search_codes(self, queries: np.ndarray, k: int, *, checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The top k by the codes' (approximate) scores; `checked`: with the corruption check of `_plausible`
+        (re-ranked candidates are checked on their exact scores instead)."""
         parts = [segment.search(queries, k) for segment in self._searchers()]
         parts = [p for p in parts if p[1].shape[1]]
         if not parts:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         if len(parts) == 1:
-            return self._plausible(queries, *parts[0])
-        scores = np.concatenate([p[0] for p in parts], axis=1)
-        vids = np.concatenate([p[1] for p in parts], axis=1)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return self._plausible(queries, np.take_along_axis(scores, order, 1), np.take_along_axis(vids, order, 1))
+            scores, vids = parts[0]
+        else:
+            scores = np.concatenate([p[0] for p in parts], axis=1)
+            vids = np.concatenate([p[1] for p in parts], axis=1)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            scores, vids = np.take_along_axis(scores, order, 1), np.take_along_axis(vids, order, 1)
+        return self._plausible(queries, scores, vids) if checked else (scores, vids)
 
     def _plausible(self, queries: np.ndarray, scores: np.ndarray, vids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Refuse scores no stored vector can give: a bit flip in a large vectors file (only sizes are checked
@@ -654,6 +676,8 @@ class Index:
     def vectors_for_vids(self, vids: np.ndarray) -> np.ndarray:
         """The stored vectors of the given vids (exact for flat/HNSW; PQ/SQ codes give approximations)."""
         vids = np.asarray(vids, dtype=np.int64)
+        if self.exact and self.exact.covers(vids):
+            return self.exact.rows(vids)
         out = np.empty((len(vids), self.dim), np.float32)
         which = self._segment_of(vids)
         for s in np.unique(which):
@@ -718,11 +742,12 @@ class IndexBuild:
         return self._writer.rows
 
     def add(self, passages: Sequence[Passage], vectors: np.ndarray, *, lines: Sequence[int] | None = None,
-            source: str | None = None) -> None:
-        """Store a block; `lines` (and the file they are in, `source`) name a duplicate id's line."""
+            source: str | None = None, origin: tuple[Path, int] | None = None) -> None:
+        """Store a block; `lines` (and the file they are in, `source`) name a duplicate id's line; `origin`
+        (a .npy file, first row): `vectors` are those rows of it (see `SegmentWriter.add`)."""
         if source is not None:
             self._writer.source = source
-        self._writer.add(passages, vectors, lines=lines)
+        self._writer.add(passages, vectors, lines=lines, origin=origin)
 
     def add_passages(self, passages: Sequence[Passage], *, lines: Sequence[int] | None = None,
                      source: str | None = None) -> None:

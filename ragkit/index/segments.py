@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ragkit.index import vectors as fv
+from ragkit.index.exact import ExactPart
 from ragkit.index.store import PassageStore
 
 TEMPLATE = "template.faiss"  # the trained, empty Faiss index every new delta segment starts from
@@ -41,20 +42,23 @@ class SegmentMeta:
     passages: str | None = None
     deletes: str | None = None
     sparse: str | None = None  # its BM25 part (ragkit.index.sparse), when the index has a sparse side
+    exact: tuple[ExactPart, ...] = ()  # its vectors kept on disk for re-ranking (ragkit.index.exact)
 
     @property
     def files(self) -> list[str]:
-        return [f for f in (self.vectors, self.passages, self.deletes, self.sparse) if f]
+        return [f for f in (self.vectors, self.passages, self.deletes, self.sparse) if f] + [p.file for p in self.exact]
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "rows": self.rows, "vid_min": self.vid_min, "vid_max": self.vid_max,
                 "vectors": self.vectors, "passages": self.passages, "deletes": self.deletes,
-                **({"sparse": self.sparse} if self.sparse else {})}
+                **({"sparse": self.sparse} if self.sparse else {}),
+                **({"exact": [p.to_json() for p in self.exact]} if self.exact else {})}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "SegmentMeta":
         return cls(str(obj["name"]), int(obj["rows"]), obj.get("vid_min"), obj.get("vid_max"), obj.get("vectors"),
-                   obj.get("passages"), obj.get("deletes"), obj.get("sparse"))
+                   obj.get("passages"), obj.get("deletes"), obj.get("sparse"),
+                   tuple(ExactPart.from_json(p) for p in obj.get("exact") or ()))
 
 
 def segment_name(version: int) -> str:

@@ -18,6 +18,11 @@ from ragkit.errors import UsageError
 NAMED_KINDS = ("flat", "hnsw", "ivf-pq", "auto")
 IDMAP_BYTES = 48  # IndexIDMap2 keeps an id array and a reverse hash map: ~48 bytes per vector
 FLAT_AUTO_MAX_VECTORS = 100_000  # exact search stays fast (a few ms per query on a CPU) up to here
+# From this many inverted lists the coarse quantiser is an HNSW graph over the centroids: assigning 21M vectors
+# to 16,384 centroids by exact search is ~5e14 flops (hours on 2 cores); the graph does it in log time
+HNSW_QUANTIZER_MIN_LISTS = 4096
+HNSW_QUANTIZER_M = 32
+AUTO_REFINE = 100  # candidates auto's IVF-PQ re-ranks exactly from the float16 vectors kept on disk
 MIN_PQ_TRAIN = 256  # 8-bit PQ needs at least 256 training vectors per sub-quantiser
 
 
@@ -46,6 +51,11 @@ class IndexSpec:
     def is_ivf(self) -> bool:
         return self.factory(8, 1000).startswith("IVF")
 
+    @property
+    def refine(self) -> int:
+        """Candidates re-ranked by exact scores from the vectors kept on disk (0: none; ivf-pq only)."""
+        return int(self.params.get("refine", 0))
+
     def factory(self, dim: int, n: int) -> str:
         """The Faiss factory string (without the id map) for `n` vectors of `dim`."""
         if self.kind == "flat":
@@ -55,7 +65,8 @@ class IndexSpec:
         if self.kind == "ivf-pq":
             nlist = int(self.params.get("nlist") or default_nlist(n))
             m = int(self.params.get("m") or default_pq_m(dim))
-            return f"IVF{nlist},PQ{m}x8"
+            hnsw = int(self.params.get("hnsw", default_quantizer_m(nlist)))
+            return f"IVF{nlist}{f'_HNSW{hnsw}' if hnsw else ''},PQ{m}x8"
         if self.kind == "factory":
             return str(self.factory_string)
         raise UsageError(f"index spec '{self.kind}' must be resolved before use")
@@ -73,10 +84,18 @@ class IndexSpec:
 
 _PARAM_NAMES = {
     "hnsw": {"M": int, "ef_search": int, "ef_construction": int},
-    "ivf-pq": {"nlist": int, "m": int, "nprobe": int},
+    "ivf-pq": {"nlist": int, "m": int, "nprobe": int, "hnsw": int, "refine": int},
     "flat": {},
     "auto": {},
 }
+
+
+_ZERO_MEANS_OFF = {"hnsw", "refine"}  # hnsw=0: a flat coarse quantiser; refine=0: no exact re-ranking
+
+
+def default_quantizer_m(nlist: int) -> int:
+    """HNSW links of the coarse quantiser for `nlist` lists (0: exact search over the centroids)."""
+    return HNSW_QUANTIZER_M if nlist >= HNSW_QUANTIZER_MIN_LISTS else 0
 
 
 def parse_spec(text: str) -> IndexSpec:
@@ -101,8 +120,9 @@ def parse_spec(text: str) -> IndexSpec:
                 params[key] = allowed[key](value)
             except ValueError:
                 raise UsageError(f"index spec '{raw}': {key} must be an integer") from None
-            if params[key] <= 0:
-                raise UsageError(f"index spec '{raw}': {key} must be positive")
+            if params[key] < 0 or (params[key] == 0 and key not in _ZERO_MEANS_OFF):
+                raise UsageError(f"index spec '{raw}': {key} must be positive"
+                                 + (" (or 0 for none)" if key in _ZERO_MEANS_OFF else ""))
         return IndexSpec(kind, params)
     if _looks_like_factory(raw):
         _check_factory(raw)
@@ -187,7 +207,8 @@ def estimate_memory(spec: IndexSpec, n: int, dim: int) -> int:
     if spec.kind == "ivf-pq":
         nlist = int(spec.params.get("nlist") or default_nlist(n))
         m = int(spec.params.get("m") or default_pq_m(dim))
-        return n * (m + 8) + nlist * dim * 4 + 256 * dim * 4
+        graph = nlist * 8 * int(spec.params.get("hnsw", default_quantizer_m(nlist))) * 2  # the coarse HNSW links
+        return n * (m + 8) + nlist * dim * 4 + graph + 256 * dim * 4
     return n * (4 * dim + IDMAP_BYTES)  # a raw factory string: assume flat codes, the worst case
 
 
@@ -201,24 +222,67 @@ class AutoChoice:
     reason: str
 
 
-def choose_auto(n: int, dim: int, max_memory: int | None = None) -> AutoChoice:
-    """Pick flat, HNSW or IVF-PQ for n vectors of dim under a memory budget (default: half the RAM)."""
-    budget = max_memory if max_memory is not None else available_memory() // 2
+def auto_candidates(n: int, dim: int, budget: int) -> list[IndexSpec]:
+    """What `auto` may take for n vectors of dim within `budget` bytes, most accurate first: exact search
+    (small corpora), HNSW, then IVF-PQ re-ranking its candidates exactly from the vectors on disk, with the
+    default number of lists and then with fewer (cheaper to build, for a time budget)."""
+    out = []
     flat = IndexSpec("flat")
     if n <= FLAT_AUTO_MAX_VECTORS and estimate_memory(flat, n, dim) <= budget:
-        return AutoChoice(flat, f"{n} vectors fit exact search within {format_bytes(budget)}")
+        out.append(flat)
     hnsw = IndexSpec("hnsw", {"M": 32})
     if estimate_memory(hnsw, n, dim) <= budget:
-        return AutoChoice(hnsw, f"HNSW (M=32) needs ~{format_bytes(estimate_memory(hnsw, n, dim))} of {format_bytes(budget)}")
+        out.append(hnsw)
+    if n < MIN_PQ_TRAIN:
+        return out
+    nlist = default_nlist(n)
+    # Re-ranked codes need not be large: a sub-quantiser per 8 dims finds the candidates (the exact vectors
+    # decide the order); smaller codes where the budget requires
+    for m in sorted((m for m in range(1, dim + 1) if dim % m == 0 and m <= max(1, dim // 8)), reverse=True):
+        if estimate_memory(IndexSpec("ivf-pq", {"nlist": nlist, "m": m}), n, dim) <= budget:
+            while True:
+                out.append(IndexSpec("ivf-pq", {"nlist": nlist, "m": m, "refine": AUTO_REFINE}))
+                if nlist < 512:
+                    break
+                nlist //= 4
+            break
+    return out
+
+
+def describe(spec: IndexSpec, n: int, dim: int) -> str:
+    """One line on what a spec costs, as auto's reason."""
+    memory = format_bytes(estimate_memory(spec, n, dim))
+    if spec.kind == "flat":
+        return f"{n} vectors fit exact search: ~{memory}"
+    if spec.kind == "hnsw":
+        return f"HNSW (M={spec.params.get('M', 32)}) needs ~{memory}"
+    m = spec.params.get("m")
+    refine = f", re-ranking {spec.refine} candidates from the exact vectors on disk" if spec.refine else ""
+    return f"{spec.factory(dim, n)} ({m} bytes/vector{refine}) needs ~{memory}"
+
+
+def choose_auto(n: int, dim: int, max_memory: int | None = None, max_seconds: float | None = None) -> AutoChoice:
+    """The most accurate of `auto_candidates` within a memory budget (default: half the RAM) and, when
+    given, a build-time budget (the estimate of ragkit.index.build_time)."""
+    from ragkit.index.build_time import estimate_build_seconds, format_seconds
+
+    budget = max_memory if max_memory is not None else available_memory() // 2
+    options = auto_candidates(n, dim, budget)
+    for spec in options:
+        seconds = estimate_build_seconds(spec, n, dim)
+        if max_seconds is None or seconds <= max_seconds:
+            return AutoChoice(spec, f"{describe(spec, n, dim)} within {format_bytes(budget)}; ~{format_seconds(seconds)} "
+                                    "to build")
+    if options:
+        fastest = min(options, key=lambda s: estimate_build_seconds(s, n, dim))
+        raise UsageError(
+            f"max_build_time {format_seconds(max_seconds or 0)}: no index that fits {format_bytes(budget)} builds "
+            f"{n} vectors of dim {dim} in time; the fastest, {fastest.text}, needs "
+            f"~{format_seconds(estimate_build_seconds(fastest, n, dim))}",
+            hint="Allow more time, or build shards in parallel on several machines.")
     if n < MIN_PQ_TRAIN:
         raise UsageError(f"--max-memory {format_bytes(budget)} is too small even for {n} vectors")
     nlist = default_nlist(n)
-    for m in sorted((m for m in range(1, dim + 1) if dim % m == 0 and m <= dim // 2), reverse=True):
-        ivfpq = IndexSpec("ivf-pq", {"nlist": nlist, "m": m})
-        if estimate_memory(ivfpq, n, dim) <= budget:
-            return AutoChoice(
-                ivfpq, f"IVF{nlist},PQ{m} ({m} bytes/vector) needs ~{format_bytes(estimate_memory(ivfpq, n, dim))}"
-            )
     smallest = estimate_memory(IndexSpec("ivf-pq", {"nlist": nlist, "m": 1}), n, dim)
     raise UsageError(
         f"--max-memory {format_bytes(budget)} is too small for {n} vectors of dim {dim}",
@@ -245,11 +309,12 @@ def check_lists(spec: IndexSpec, n: int) -> None:
                          f"the corpus has {n}", hint="Use fewer lists, or --spec flat / auto.")
 
 
-def resolve_spec(spec: IndexSpec, n: int, dim: int, max_memory: int | None) -> tuple[IndexSpec, str | None]:
+def resolve_spec(spec: IndexSpec, n: int, dim: int, max_memory: int | None,
+                 max_seconds: float | None = None) -> tuple[IndexSpec, str | None]:
     """Turn `auto` into a concrete spec and pin data-dependent defaults (nlist, m) for the manifest."""
     reason = None
     if spec.kind == "auto":
-        choice = choose_auto(n, dim, max_memory)
+        choice = choose_auto(n, dim, max_memory, max_seconds)
         spec, reason = choice.spec, choice.reason
     if spec.kind == "ivf-pq":
         params = dict(spec.params)
@@ -259,6 +324,8 @@ def resolve_spec(spec: IndexSpec, n: int, dim: int, max_memory: int | None) -> t
             raise UsageError(f"index spec ivf-pq: m={params['m']} must divide the dimension {dim}")
         check_trainable(spec, n)
         params.setdefault("nprobe", min(params["nlist"], 16))
+        if default_quantizer_m(params["nlist"]) and "hnsw" not in params:
+            params["hnsw"] = default_quantizer_m(params["nlist"])  # pinned in the manifest: what was built
         spec = replace(spec, params=params)
     check_lists(spec, n)
     if max_memory is not None and estimate_memory(spec, n, dim) > max_memory:
@@ -267,6 +334,13 @@ def resolve_spec(spec: IndexSpec, n: int, dim: int, max_memory: int | None) -> t
             f"for {n} vectors, over --max-memory {format_bytes(max_memory)}",
             hint="Use --spec auto to pick an index that fits.",
         )
+    if max_seconds is not None:
+        from ragkit.index.build_time import estimate_build_seconds, format_seconds
+
+        if estimate_build_seconds(spec, n, dim) > max_seconds:
+            raise UsageError(f"index spec {spec.text} needs ~{format_seconds(estimate_build_seconds(spec, n, dim))} to "
+                             f"build {n} vectors, over max_build_time {format_seconds(max_seconds)}",
+                             hint="Use --spec auto to pick an index that builds in time, or `ragkit index plan`.")
     if estimate_memory(spec, n, dim) > available_memory():  # e.g. hnsw:M=100000000 grew until the OOM killer
         raise UsageError(
             f"index spec {spec.text} needs ~{format_bytes(estimate_memory(spec, n, dim))} for {n} vectors, more "

@@ -124,6 +124,21 @@ def set_search_params(index: Any, params: dict[str, int]) -> None:
             inner.hnsw.efSearch = int(value)
         elif name == "nprobe" and hasattr(inner, "nprobe"):
             inner.nprobe = int(value)
+            quantizer = _coarse_hnsw(inner)
+            if quantizer is not None:  # the graph over the centroids must find at least the nprobe nearest
+                quantizer.hnsw.efSearch = max(QUANTIZER_EF_MIN, 2 * int(value))
+
+
+QUANTIZER_EF_MIN = 64  # efSearch of an HNSW coarse quantiser: at least this, and twice nprobe
+
+
+def _coarse_hnsw(inner: Any) -> Any:
+    import faiss
+
+    if not isinstance(inner, faiss.IndexIVF):
+        return None
+    quantizer = faiss.downcast_index(inner.quantizer)
+    return quantizer if hasattr(quantizer, "hnsw") else None
 
 
 def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,143 @@
+"""Exact re-ranking from vectors kept on disk (`ivf-pq:...,refine=R`) and the HNSW coarse quantiser."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ragkit.errors import UsageError
+from ragkit.index.encoder_info import EncoderInfo
+from ragkit.index.index import Index
+from ragkit.index.spec import HNSW_QUANTIZER_MIN_LISTS, parse_spec, resolve_spec
+from ragkit.io.corpus import Passage
+
+DIM = 32
+
+
+def clustered(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, DIM))
+    x = centres[rng.integers(0, 40, n)] + 0.5 * rng.standard_normal((n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def passages(n: int, prefix: str = "p") -> list[Passage]:
+    return [Passage(f"{prefix}{i}", f"text {i}", "") for i in range(n)]
+
+
+ENCODER = EncoderInfo("test", DIM, True, None, "fp")
+
+
+@pytest.fixture(scope="module")
+def corpus() -> np.ndarray:
+    return clustered(4000)
+
+
+def test_refine_is_exact_search_over_the_codes_candidates(tmp_path, corpus):
+    index = Index.build(tmp_path / "i", passages(len(corpus)), corpus, ENCODER,
+                        spec="ivf-pq:nlist=32,m=4,nprobe=4,refine=40")
+    queries = clustered(50, seed=1)
+    index.set_search_params(refine=0)
+    _, candidates = index._search_codes(queries, 40)
+    index.set_search_params(refine=40)
+    found = index.search_ids(queries, 10)
+    for q, cands, hits in zip(queries, candidates, found):
+        cands = cands[cands >= 0]
+        exact = corpus[cands - 1] @ q  # vids start at 1, in row order
+        order = np.argsort(-exact, kind="stable")[:10]
+        assert [h[0] for h in hits] == [f"p{int(cands[i]) - 1}" for i in order]
+        np.testing.assert_allclose([h[1] for h in hits], exact[order], rtol=1e-5)
+
+
+def test_refine_recovers_the_recall_the_codes_lose(tmp_path, corpus):
+    index = Index.build(tmp_path / "i", passages(len(corpus)), corpus, ENCODER,
+                        spec="ivf-pq:nlist=32,m=8,nprobe=32,refine=100")
+    queries = clustered(100, seed=2)
+    truth = np.argsort(-(queries @ corpus.T), axis=1)[:, :10]
+
+    def recall() -> float:
+        found = index.search_ids(queries, 10)
+        return float(np.mean([len({int(i[1:]) for i, _ in hits} & set(t.tolist())) / 10
+                              for hits, t in zip(found, truth)]))
+
+    refined = recall()
+    index.set_search_params(refine=0)
+    codes_only = recall()
+    assert refined >= 0.98 and codes_only < 0.85, (refined, codes_only)
+
+
+def test_exact_vectors_are_the_shards_linked_not_copied(tmp_path, corpus):
+    from ragkit.commands.index import app  # noqa: F401  (the CLI path writes shards as `ragkit embed` does)
+    from ragkit.embeddings import open_shards
+
+    shards = tmp_path / "emb"
+    shards.mkdir()
+    halves = [(0, 2000), (2000, 4000)]
+    for number, (start, end) in enumerate(halves):
+        tag = f"{number:05d}-of-00002"
+        np.save(shards / f"embeddings-{tag}.npy", corpus[start:end].astype(np.float16))
+        (shards / f"passages-{tag}.jsonl").write_text(
+            "".join(json.dumps({"id": f"p{i}", "title": "", "text": f"text {i}"}) + "\n" for i in range(start, end)))
+        (shards / f"shard-{tag}.json").write_text(json.dumps({
+            "encoder": ENCODER.to_json(), "dtype": "float16", "rows": end - start, "corpus_rows": 4000,
+            "range": [start, end], "shard_id": number, "num_shards": 2, "embeddings": f"embeddings-{tag}.npy",
+            "passages": f"passages-{tag}.jsonl"}))
+    opened = open_shards(shards)
+    with Index.create(tmp_path / "i", opened.encoder, spec="ivf-pq:nlist=32,m=4,nprobe=32,refine=50") as build:
+        for block, vectors, lines, source, origin in opened.blocks(size=300):
+            build.add(block, vectors, lines=lines, source=source, origin=origin)
+    index = build.index
+    parts = index.manifest["segments"][0]["exact"]
+    assert [(p["first_vid"], p["rows"], p["dtype"]) for p in parts] == [(1, 2000, "float16"), (2001, 2000, "float16")]
+    for number, part in enumerate(parts):
+        stored = os.stat(index.version_dir / part["file"])
+        assert stored.st_ino == os.stat(shards / f"embeddings-{number:05d}-of-00002.npy").st_ino
+    query = corpus[2500:2501]
+    assert index.search_ids(query, 1)[0][0][0] == "p2500"
+    np.testing.assert_array_equal(index.vectors_for_vids(np.array([2501])), corpus[2500:2501].astype(np.float16))
+
+
+def test_changes_and_compaction_keep_refining(tmp_path, corpus):
+    index = Index.build(tmp_path / "i", passages(3000), corpus[:3000], ENCODER,
+                        spec="ivf-pq:nlist=32,m=4,nprobe=32,refine=50")
+    index.upsert(passages(1000, prefix="n"), corpus[3000:], ENCODER)
+    index.remove([f"p{i}" for i in range(10)])
+    probe = corpus[[5, 3500]]
+    assert [hits[0][0] for hits in index.search_ids(probe, 1)] != ["p5", "n500"]
+    assert index.search_ids(probe, 1)[1][0][0] == "n500"
+    assert index.search_ids(probe, 1)[1][0][1] == pytest.approx(1.0, abs=1e-5)  # an exact score, not a PQ one
+    index.compact()
+    assert len(index.manifest["segments"]) == 1
+    assert {p["first_vid"] for p in index.manifest["segments"][0]["exact"]} == {1, 3001}
+    hits = index.search_ids(probe, 1)
+    assert hits[0][0][0] != "p5" and hits[1][0] == ("n500", pytest.approx(1.0, abs=1e-5))
+    assert Index.open(tmp_path / "i").verify() == []
+
+
+def test_refine_needs_kept_vectors(tmp_path, corpus):
+    index = Index.build(tmp_path / "i", passages(len(corpus)), corpus, ENCODER, spec="ivf-pq:nlist=32,m=4")
+    assert "exact" not in index.manifest["segments"][0]
+    with pytest.raises(UsageError, match="keeps no exact vectors"):
+        index.set_search_params(refine=20)
+
+
+def test_spec_parameters_for_scale():
+    assert parse_spec("ivf-pq:refine=0,hnsw=0").refine == 0
+    with pytest.raises(UsageError, match="refine must be positive"):
+        parse_spec("ivf-pq:refine=-3")
+    big, _ = resolve_spec(parse_spec("ivf-pq:m=64"), 21_000_000, 768, None)
+    assert big.params["hnsw"] == 32 and big.factory(768, 21_000_000).startswith("IVF16384_HNSW32,")
+    small, _ = resolve_spec(parse_spec("ivf-pq:nlist=1024"), 100_000, 768, None)
+    assert "hnsw" not in small.params and small.factory(768, 100_000) == "IVF1024,PQ192x8"
+    assert HNSW_QUANTIZER_MIN_LISTS > 1024
+
+
+def test_hnsw_coarse_quantiser_builds_and_searches(tmp_path, corpus):
+    index = Index.build(tmp_path / "i", passages(len(corpus)), corpus, ENCODER,
+                        spec="ivf-pq:nlist=64,m=8,nprobe=64,hnsw=16,refine=100")
+    assert index.manifest["factory"] == "IVF64_HNSW16,PQ8x8"
+    queries = corpus[:20]
+    assert [hits[0][0] for hits in index.search_ids(queries, 1)] == [f"p{i}" for i in range(20)]
