@@ -252,7 +252,14 @@ class Run:
         plan = subprocess.run([sys.executable, "-m", "ragkit.cli", "index", "plan", "--passages", str(self.n),
                                "--dim", str(DIM), "--max-memory", self.args.max_memory, "--json"],
                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        return {**result, "spec": info.get("spec"), "index_bytes": disk(self.index), "argv": argv,
+        from ragkit.index.build_time import phases
+        from ragkit.index.plan import build_bytes
+        from ragkit.index.spec import parse_spec
+
+        built = parse_spec(info["spec"])
+        estimate = {"build_bytes": build_bytes(built, self.n, DIM), "phases": phases(built, self.n, DIM)}
+        estimate["build_seconds"] = sum(estimate["phases"].values())
+        return {**result, "spec": info.get("spec"), "estimate": estimate, "index_bytes": disk(self.index), "argv": argv,
                 "plan": json.loads(plan.stdout) if plan.returncode == 0 else plan.stderr[-500:]}
 
     def stage_search(self) -> dict[str, Any]:
@@ -339,6 +346,36 @@ class Run:
         return {"open_seconds": opened, "rss_after_open": rss, "clients": 8, **result}
 
 
+    def report(self) -> None:
+        """The goals of issue 26 beside what this run measured (stages not run yet show as -)."""
+        st = self.state
+        build, search, change, serve = (st.get(k, {}) for k in ("build", "search", "change", "serve"))
+        plan_row = build.get("estimate", {})
+
+        def val(x: Any, fmt: str) -> str:
+            return "-" if x is None else fmt.format(x)
+
+        rows = [
+            ["build from shards on disk: peak RSS", "<= 12 GiB", gib(build["peak_rss"]) if "peak_rss" in build else "-"],
+            ["build wall time", "<= 2 h", val(build.get("seconds") and build["seconds"] / 60, "{:.1f} min")],
+            ["plan's estimate for that spec: build RAM / time", "within 30%",
+             f"{gib(plan_row['build_bytes'])} / {plan_row['build_seconds'] / 60:.1f} min" if plan_row else "-"],
+            ["serve: RSS after open / time to open", "<= 8 GiB / <= 60 s",
+             f"{gib(serve['rss_after_open'])} / {serve['open_seconds']:.1f} s" if serve else "-"],
+            ["recall@10, default settings", ">= 0.95", val(search.get("default", {}).get("recall_at_10"), "{:.4f}")],
+            ["one query, k=10, 2 threads: p50 / p99", "p50 <= 30 ms",
+             f"{search['default']['p50_ms']:.1f} / {search['default']['p99_ms']:.1f} ms" if search else "-"],
+            ["serve, 8 clients: p50 / p99", "",
+             f"{serve['p50_ms']:.1f} / {serve['p99_ms']:.1f} ms" if serve else "-"],
+            ["index add of 10: wall / written", "<= 10 s, <= 50 MB",
+             f"{change['add']['seconds']:.1f} s / {change['add']['write_bytes'] / 1e6:.2f} MB" if change else "-"],
+            ["index remove of 10: wall / written", "<= 10 s, <= 50 MB",
+             f"{change['remove']['seconds']:.1f} s / {change['remove']['write_bytes'] / 1e6:.2f} MB" if change else "-"],
+        ]
+        print_table(f"{self.n:,} x {DIM} on this machine, spec {build.get('spec', '-')}", ["measure", "goal", "measured"],
+                    rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passages", type=int, default=21_000_000)
@@ -361,6 +398,7 @@ def main() -> None:
         run.state[stage] = getattr(run, f"stage_{stage}")()
         run.save()
         print(f"[{stage}] {run.state[stage]}", file=sys.stderr, flush=True)
+    run.report()
 
 
 if __name__ == "__main__":

@@ -141,3 +141,23 @@ def test_hnsw_coarse_quantiser_builds_and_searches(tmp_path, corpus):
     assert index.manifest["factory"] == "IVF64_HNSW16,PQ8x8"
     queries = corpus[:20]
     assert [hits[0][0] for hits in index.search_ids(queries, 1)] == [f"p{i}" for i in range(20)]
+
+
+def test_cli_refine_on_an_index_without_exact_vectors_is_refused_before_the_model_loads(tmp_path, corpus):
+    from typer.testing import CliRunner
+
+    from ragkit.cli import app
+
+    Index.build(tmp_path / "i", passages(len(corpus)), corpus, ENCODER, spec="ivf-pq:nlist=32,m=4")
+    result = CliRunner().invoke(app, ["index", "search", str(tmp_path / "i"), "--refine", "20"], input="a query\n")
+    assert result.exit_code == 2 and "keeps no exact vectors" in result.output  # the model 'test' never loads
+
+
+def test_a_reader_keeps_its_exact_vectors_after_writers_delete_its_version(tmp_path, corpus):
+    Index.build(tmp_path / "i", passages(len(corpus)), corpus, ENCODER, spec="ivf-pq:nlist=32,m=8,nprobe=32,refine=50")
+    reader = Index.open(tmp_path / "i")
+    writer = Index.open(tmp_path / "i")
+    writer.remove(["p1"])
+    writer.compact()
+    assert not reader.version_dir.exists()  # the reader's version folder is gone
+    assert reader.search_ids(corpus[[1]], 1)[0][0] == ("p1", pytest.approx(1.0, abs=1e-5))

@@ -276,6 +276,7 @@ def search(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Query embedder; must be the model that built the index, or its recorded query encoder (default: that model).")] = None,
     ef_search: Annotated[int, typer.Option("--ef-search", min=0, help="HNSW efSearch (0 = the index's setting).")] = 0,
     nprobe: Annotated[int, typer.Option("--nprobe", min=0, help="IVF lists probed (0 = the index's setting).")] = 0,
+    refine: Annotated[int, typer.Option("--refine", min=-1, help="Candidates re-ranked by exact scores from the vectors kept on disk (an index built with ivf-pq:refine=R); 0 = off, -1 = the index's setting.")] = -1,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
@@ -309,7 +310,7 @@ def search(
             raise UsageError(f"--format {output_format}: expected jsonl or table")
         torch_device = resolve_device(device)
         index = Index.open(index_dir, device=torch_device, threads=threads or None)
-        index.set_search_params(ef_search=ef_search or None, nprobe=nprobe or None)
+        index.set_search_params(ef_search=ef_search or None, nprobe=nprobe or None, refine=None if refine < 0 else refine)
         retriever = Retriever(index, model=model, device=torch_device, batch_size=batch_size,
                               mode=RetrievalMode.checked(mode, fusion, dense_weight, mode_flag="--mode"), backend=backend)
 

@@ -24,7 +24,8 @@ from ragkit.index.vectors import training_rows
 
 # Calibrated by benchmarks/plan_calibration.py on the reference machine (results/plan_calibration.json).
 GEMM_FLOPS = 4.0e10  # Faiss' exhaustive inner-product search through BLAS (k-means, flat assignment)
-PQ_ENCODE_FLOPS = 1.0e10  # PQ encoding: many small distance tables, far from BLAS speed
+PQ_TRAIN_FLOPS = 1.0e9  # k-means of 256 centroids in 8-dim sub-spaces: far from BLAS speed
+PQ_ENCODE_FLOPS = 1.0e10  # PQ encoding: many small distance tables
 HNSW_ASSIGN_SECONDS_PER_DIM = 1.0e-7  # one vector through an HNSW32 graph over the centroids, per dimension
 HNSW_INSERT_SECONDS_PER_DIM = 1.0e-6  # one vector inserted into an HNSW32 graph (efConstruction 40), per dim
 READ_BYTES_PER_SECOND = 1.0e9  # the shards, read once for the sample and once to fill the index
@@ -59,7 +60,7 @@ def phases(spec: IndexSpec, n: int, dim: int, *, vector_bytes: int = 2) -> dict[
                          else 2 * n * nlist * dim / GEMM_FLOPS)
     if "PQ" in factory:
         sample = min(training_rows(n, dim, max(nlist, 1)), PQ_MAX_TRAIN)
-        out["pq_train"] = PQ_ITERATIONS * 2 * sample * 256 * dim / GEMM_FLOPS
+        out["pq_train"] = PQ_ITERATIONS * 2 * sample * 256 * dim / PQ_TRAIN_FLOPS
         out["pq_encode"] = 2 * n * 256 * dim / PQ_ENCODE_FLOPS
         m = int(spec.params.get("m") or default_pq_m(dim)) if spec.kind == "ivf-pq" else dim // 4
         serve_bytes = n * (m + 8)

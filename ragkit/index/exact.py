@@ -15,6 +15,8 @@ A compaction keeps the merged segments' parts as they are (rows of removed passa
 
 from __future__ import annotations
 
+import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,9 @@ class ExactVectors:
         self.starts = np.asarray([p.first_vid for p in self.parts], dtype=np.int64)
         self.folder = folder
         self._maps: dict[int, np.ndarray] = {}
+        # opened now, mapped on first use: a reader keeps its version's files even after a writer has published
+        # a newer version and deleted this folder (as ragkit.index.segments.Segment does)
+        self._fds: dict[int, int] = {i: os.open(folder / p.file, os.O_RDONLY) for i, p in enumerate(self.parts)}
 
     def __bool__(self) -> bool:
         return bool(self.parts)
@@ -61,9 +66,32 @@ class ExactVectors:
     def _map(self, i: int) -> np.ndarray:
         if i not in self._maps:
             part = self.parts[i]
-            self._maps[i] = np.memmap(self.folder / part.file, dtype=part.dtype, mode="r", offset=part.offset,
-                                      shape=(part.rows, self.dim))
+            handle = mmap.mmap(self._fds[i], 0, access=mmap.ACCESS_READ)
+            if hasattr(mmap, "MADV_RANDOM"):  # no read-around: a candidate's row is a few KiB, not 128 KiB
+                handle.madvise(mmap.MADV_RANDOM)
+            self._maps[i] = np.frombuffer(handle, dtype=part.dtype, count=part.rows * self.dim,
+                                          offset=part.offset).reshape(part.rows, self.dim)
         return self._maps[i]
+
+    def _prefetch(self, i: int, local: np.ndarray) -> None:
+        """Ask the kernel for every row at once (asynchronous reads, in parallel on the device) before the
+        copy below faults them in one by one: on a cold cache, R candidates cost about one read's latency,
+        not R of them."""
+        if not hasattr(os, "posix_fadvise") or len(local) < 2:
+            return
+        part = self.parts[i]
+        row_bytes = self.dim * np.dtype(part.dtype).itemsize
+        for row in local.tolist():
+            os.posix_fadvise(self._fds[i], part.offset + row * row_bytes, row_bytes, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        self._maps.clear()
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+        self._fds = {}
+
+    def __del__(self) -> None:
+        self.close()
 
     def covers(self, vids: np.ndarray) -> bool:
         which = np.searchsorted(self.starts, vids, side="right") - 1
@@ -81,7 +109,9 @@ class ExactVectors:
             mask = np.flatnonzero(which == i)
             local = vids[mask] - self.starts[i]
             order = np.argsort(local, kind="stable")
-            out[mask[order]] = self._map(int(i))[local[order]]
+            mapped = self._map(int(i))
+            self._prefetch(int(i), local[order])
+            out[mask[order]] = mapped[local[order]]
         return out
 
     def rerank(self, queries: np.ndarray, vids: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,11 @@
 """Index specs: `flat`, `hnsw`, `ivf-pq`, a raw Faiss factory string, or `auto`.
 
 A spec names the Faiss index that holds the vectors. Parameters go after a colon, e.g.
-`hnsw:M=32,ef_search=128`, `ivf-pq:nlist=1024,m=48,nprobe=16`, `IVF256,SQ8`, `auto`.
-`auto` chooses from the corpus size and a memory budget, in the spirit of autofaiss.
+`hnsw:M=32,ef_search=128`, `ivf-pq:nlist=1024,m=48,nprobe=16,refine=100`, `IVF256,SQ8`, `auto`.
+ivf-pq's `refine=R` keeps the vectors on disk and re-ranks R candidates exactly (ragkit.index.exact);
+`hnsw=M` makes its coarse quantiser an HNSW graph (the default from 4096 lists; 0 = exact search).
+`auto` chooses from the corpus size, a memory budget and optionally a build-time budget, in the spirit
+of autofaiss.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ FLAT_AUTO_MAX_VECTORS = 100_000  # exact search stays fast (a few ms per query o
 HNSW_QUANTIZER_MIN_LISTS = 4096
 HNSW_QUANTIZER_M = 32
 AUTO_REFINE = 100  # candidates auto's IVF-PQ re-ranks exactly from the float16 vectors kept on disk
+AUTO_NPROBE = 32  # lists auto's IVF-PQ probes: with exact re-ranking, list coverage is what recall is left to lose
 MIN_PQ_TRAIN = 256  # 8-bit PQ needs at least 256 training vectors per sub-quantiser
 
 
@@ -241,7 +245,8 @@ def auto_candidates(n: int, dim: int, budget: int) -> list[IndexSpec]:
     for m in sorted((m for m in range(1, dim + 1) if dim % m == 0 and m <= max(1, dim // 8)), reverse=True):
         if estimate_memory(IndexSpec("ivf-pq", {"nlist": nlist, "m": m}), n, dim) <= budget:
             while True:
-                out.append(IndexSpec("ivf-pq", {"nlist": nlist, "m": m, "refine": AUTO_REFINE}))
+                out.append(IndexSpec("ivf-pq", {"nlist": nlist, "m": m, "nprobe": min(nlist, AUTO_NPROBE),
+                                                "refine": AUTO_REFINE}))
                 if nlist < 512:
                     break
                 nlist //= 4
