@@ -289,9 +289,15 @@ class Run:
             return row
 
         default = measure("default")
+        spec = index.spec
         for nprobe in (8, 16, 32, 64):
             index.set_search_params(nprobe=nprobe)
             measure(f"nprobe={nprobe}")
+        index.set_search_params(nprobe=int(spec.params.get("nprobe", 16)))
+        if index.exact:
+            for refine in (0, 50, 200):
+                index.set_search_params(refine=refine)
+                measure(f"refine={refine}")
         return {"default": default, "curve": rows}
 
 
