@@ -284,6 +284,9 @@ class ShardSet:
                         break
                     yield (block, finite_rows(vectors[row : row + size], emb_path, row), lines, str(psg_path),
                            (emb_path, row))
+                    # the checked pages leave the process (the page cache keeps them): a 32 GB shard set
+                    # otherwise counted whole in the build's resident memory by the time the last block came
+                    drop_pages(vectors)
                     row += size
                     block, lines = [], []
             if row + len(block) != vectors.shape[0]:

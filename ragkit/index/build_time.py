@@ -22,15 +22,16 @@ import re
 from ragkit.index.spec import IndexSpec, default_pq_m, default_quantizer_m
 from ragkit.index.vectors import training_rows
 
-# Calibrated by benchmarks/plan_calibration.py on the reference machine (results/plan_calibration.json).
-GEMM_FLOPS = 4.0e10  # Faiss' exhaustive inner-product search through BLAS (k-means, flat assignment)
-PQ_TRAIN_FLOPS = 1.0e9  # k-means of 256 centroids in 8-dim sub-spaces: far from BLAS speed
-PQ_ENCODE_FLOPS = 1.0e10  # PQ encoding: many small distance tables
-HNSW_ASSIGN_SECONDS_PER_DIM = 1.0e-7  # one vector through an HNSW32 graph over the centroids, per dimension
-HNSW_INSERT_SECONDS_PER_DIM = 1.0e-6  # one vector inserted into an HNSW32 graph (efConstruction 40), per dim
-READ_BYTES_PER_SECOND = 1.0e9  # the shards, read once for the sample and once to fill the index
-STORE_ROWS_PER_SECOND = 2.0e5  # passages inserted into SQLite (bulk mode, short passages)
-HASH_BYTES_PER_SECOND = 5.0e8  # SHA-256 of the version's files
+# Calibrated by benchmarks/plan_calibration.py on the reference machine, alone (results/plan_calibration.json,
+# 2026-12-07); under contention for the cores Faiss' OpenMP loops run many times slower than this.
+GEMM_FLOPS = 1.43e11  # Faiss' exhaustive inner-product search through BLAS (k-means, flat assignment)
+PQ_TRAIN_FLOPS = 3.1e10  # k-means of 256 centroids in 8-dim sub-spaces: far from BLAS speed
+PQ_ENCODE_FLOPS = 2.7e10  # PQ encoding: many small distance tables
+HNSW_ASSIGN_SECONDS_PER_DIM = 6.0e-8  # one vector through an HNSW32 graph over the centroids, per dimension
+HNSW_INSERT_SECONDS_PER_DIM = 5.9e-7  # one vector inserted into an HNSW32 graph (efConstruction 40), per dim
+READ_BYTES_PER_SECOND = 1.1e9  # the shards, read once for the sample and once to fill the index
+STORE_ROWS_PER_SECOND = 4.8e4  # passages inserted into SQLite (bulk mode, short passages)
+HASH_BYTES_PER_SECOND = 6.8e8  # SHA-256 of the version's files
 FIXED_SECONDS = 5.0  # starting Python, importing Faiss, publishing
 
 KMEANS_ITERATIONS = 10  # Faiss' IVF clustering default
