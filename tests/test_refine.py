@@ -44,9 +44,10 @@ def test_refine_is_exact_search_over_the_codes_candidates(tmp_path, corpus):
     _, candidates = index._search_codes(queries, 40)
     index.set_search_params(refine=40)
     found = index.search_ids(queries, 10)
+    stored = corpus.astype(np.float16).astype(np.float32)  # the exact vectors are kept in float16
     for q, cands, hits in zip(queries, candidates, found):
         cands = cands[cands >= 0]
-        exact = corpus[cands - 1] @ q  # vids start at 1, in row order
+        exact = stored[cands - 1] @ q  # vids start at 1, in row order
         order = np.argsort(-exact, kind="stable")[:10]
         assert [h[0] for h in hits] == [f"p{int(cands[i]) - 1}" for i in order]
         np.testing.assert_allclose([h[1] for h in hits], exact[order], rtol=1e-5)
@@ -135,12 +136,12 @@ def test_changes_and_compaction_keep_refining(tmp_path, corpus):
     probe = corpus[[5, 3500]]
     assert [hits[0][0] for hits in index.search_ids(probe, 1)] != ["p5", "n500"]
     assert index.search_ids(probe, 1)[1][0][0] == "n500"
-    assert index.search_ids(probe, 1)[1][0][1] == pytest.approx(1.0, abs=1e-5)  # an exact score, not a PQ one
+    assert index.search_ids(probe, 1)[1][0][1] == pytest.approx(1.0, abs=1e-3)  # an exact score, not a PQ one
     index.compact()
     assert len(index.manifest["segments"]) == 1
     assert {p["first_vid"] for p in index.manifest["segments"][0]["exact"]} == {1, 3001}
     hits = index.search_ids(probe, 1)
-    assert hits[0][0][0] != "p5" and hits[1][0] == ("n500", pytest.approx(1.0, abs=1e-5))
+    assert hits[0][0][0] != "p5" and hits[1][0] == ("n500", pytest.approx(1.0, abs=1e-3))
     assert Index.open(tmp_path / "i").verify() == []
 
 
@@ -187,7 +188,7 @@ def test_a_reader_keeps_its_exact_vectors_after_writers_delete_its_version(tmp_p
     writer.remove(["p1"])
     writer.compact()
     assert not reader.version_dir.exists()  # the reader's version folder is gone
-    assert reader.search_ids(corpus[[1]], 1)[0][0] == ("p1", pytest.approx(1.0, abs=1e-5))
+    assert reader.search_ids(corpus[[1]], 1)[0][0] == ("p1", pytest.approx(1.0, abs=1e-3))
 
 
 @pytest.mark.parametrize("text", ["ivf-pq:nlist=16,m=8", "IVF16,PQ8", "PQ8"])

@@ -207,10 +207,11 @@ class SegmentWriter:
         return tuple(parts)
 
     def _exact_copy(self, blocks: list[np.ndarray], vids: np.ndarray) -> np.ndarray:
-        """A new .npy for the vectors in vid order (float16 when they all are), filled as Faiss is."""
-        dtype = np.float16 if all(b.dtype == np.float16 for b in blocks) else np.float32
+        """A new float16 .npy for the vectors in vid order, filled as Faiss is: half of float32's disk (32 GB,
+        not 64, at 21M x 768), and re-ranking by float16 values reorders only candidates whose scores agree
+        to ~1e-3."""
         span = int(vids.max()) - int(vids.min()) + 1
-        return np.lib.format.open_memmap(self.staging / f"{self.name}.exact-00000.npy", mode="w+", dtype=dtype,
+        return np.lib.format.open_memmap(self.staging / f"{self.name}.exact-00000.npy", mode="w+", dtype=np.float16,
                                          shape=(span, self.dim))
 
     def abort(self) -> None:
