@@ -244,6 +244,21 @@ class RowSource:
         which = np.searchsorted(self.offsets, rows, side="right") - 1
         for b in np.unique(which):
             mask = which == b
-            out[mask] = self.blocks[b][rows[mask] - self.offsets[b]]
+            block = self.blocks[b]
+            advise(block, "MADV_RANDOM")
+            out[mask] = block[rows[mask] - self.offsets[b]]
+            drop_pages(block)
+            advise(block, "MADV_NORMAL")  # the fill reads it in order next, with read-ahead
         return out
+
+
+def advise(array: np.ndarray, advice: str) -> None:
+    """madvise a memory-mapped array. MADV_RANDOM for rows read at random: each fault otherwise maps up to
+    128 KiB around the row, and a training sample of 349k rows drawn from 21M x 768 shards mapped (and read)
+    nearly all 32 GB of them (16.8 GiB resident, two minutes into training)."""
+    import mmap
+
+    handle = getattr(array, "_mmap", None)
+    if isinstance(handle, mmap.mmap) and hasattr(mmap, advice):
+        handle.madvise(getattr(mmap, advice))
 
