@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-from ragkit.index.spec import IndexSpec, default_pq_m, default_quantizer_m
+from ragkit.index.spec import IndexSpec, default_pq_m, ivf_lists
 from ragkit.index.vectors import training_rows
 
 # Calibrated by benchmarks/plan_calibration.py on the reference machine, alone (results/plan_calibration.json,
@@ -39,12 +39,6 @@ PQ_ITERATIONS = 25
 PQ_MAX_TRAIN = 65_536  # 256 points per centroid x 256 centroids
 
 
-def ivf_lists(factory: str) -> int:
-    """The inverted lists a factory string names (0: not an IVF index)."""
-    found = re.match(r"IVF(\d+)", factory)
-    return int(found.group(1)) if found else 0
-
-
 def phases(spec: IndexSpec, n: int, dim: int, *, vector_bytes: int = 2) -> dict[str, float]:
     """Estimated seconds of each phase of building `spec` over n vectors of dim (float16 shards by default)."""
     factory = spec.factory(dim, n)
@@ -55,9 +49,8 @@ def phases(spec: IndexSpec, n: int, dim: int, *, vector_bytes: int = 2) -> dict[
     if nlist:
         sample = min(training_rows(n, dim, nlist), 256 * nlist)
         out["kmeans"] = KMEANS_ITERATIONS * 2 * sample * nlist * dim / GEMM_FLOPS
-        quantizer_m = int(spec.params.get("hnsw", default_quantizer_m(nlist))) if spec.kind == "ivf-pq" else (
-            1 if "_HNSW" in factory else 0)
-        out["assign"] = (n * dim * HNSW_ASSIGN_SECONDS_PER_DIM if quantizer_m
+        graph_quantizer = "_HNSW" in factory  # IVF{nlist}_HNSW{M}: an HNSW coarse quantiser
+        out["assign"] = (n * dim * HNSW_ASSIGN_SECONDS_PER_DIM if graph_quantizer
                          else 2 * n * nlist * dim / GEMM_FLOPS)
     if "PQ" in factory:
         sample = min(training_rows(n, dim, max(nlist, 1)), PQ_MAX_TRAIN)

@@ -18,10 +18,10 @@ import numpy as np
 from ragkit.errors import InputError, Location, ResourceError, UsageError
 from ragkit.index import vectors as fv
 from ragkit.index.exact import ExactPart, npy_part
-from ragkit.index.segments import SegmentMeta
+from ragkit.index.segments import SegmentMeta, link_or_copy
 from ragkit.index.store import DuplicateIdError, PassageStore
 from ragkit.io.corpus import Passage
-from ragkit.io.mapped import drop_pages
+from ragkit.io.mapped import advise, drop_pages
 
 ADD_BLOCK = 100_000  # vectors converted to float32 and added to Faiss at a time
 
@@ -147,7 +147,7 @@ class SegmentWriter:
         vids = self.vids()
         exact: tuple[ExactPart, ...] = ()
         linked = keep_exact and self._linkable_files(vids)
-        copy = self._exact_copy(blocks, vids) if keep_exact and not linked else None
+        copy = self._exact_copy(vids) if keep_exact and not linked else None
         start = 0
         for block in blocks:
             for offset in range(0, len(block), ADD_BLOCK):
@@ -200,13 +200,13 @@ class SegmentWriter:
         parts = []
         for i, path in enumerate(files):
             name = f"{self.name}.exact-{i:05d}.npy"
-            _link(path, self.staging / name)
+            link_or_copy(path, self.staging / name)
             part = npy_part(self.staging / name, name, first_vid)
             parts.append(part)
             first_vid += part.rows
         return tuple(parts)
 
-    def _exact_copy(self, blocks: list[np.ndarray], vids: np.ndarray) -> np.ndarray:
+    def _exact_copy(self, vids: np.ndarray) -> np.ndarray:
         """A new float16 .npy for the vectors in vid order, filled as Faiss is: half of float32's disk (32 GB,
         not 64, at 21M x 768), and re-ranking by float16 values reorders only candidates whose scores agree
         to ~1e-3."""
@@ -218,16 +218,6 @@ class SegmentWriter:
         if self._spill is not None and not self._spill.closed:
             self._spill.close()
         self.store.close()
-
-
-def _link(source: Path, target: Path) -> None:
-    """A hard link (no bytes copied), or a copy where the two are on different file systems."""
-    import shutil
-
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 class RowSource:
@@ -245,20 +235,11 @@ class RowSource:
         for b in np.unique(which):
             mask = which == b
             block = self.blocks[b]
+            # no read-around for rows read at random: each fault otherwise maps up to 128 KiB around the row,
+            # and a sample of 349k rows drawn from 21M x 768 shards mapped (and read) nearly all 32 GB of them
+            # (16.8 GiB resident, two minutes into training)
             advise(block, "MADV_RANDOM")
             out[mask] = block[rows[mask] - self.offsets[b]]
             drop_pages(block)
             advise(block, "MADV_NORMAL")  # the fill reads it in order next, with read-ahead
         return out
-
-
-def advise(array: np.ndarray, advice: str) -> None:
-    """madvise a memory-mapped array. MADV_RANDOM for rows read at random: each fault otherwise maps up to
-    128 KiB around the row, and a training sample of 349k rows drawn from 21M x 768 shards mapped (and read)
-    nearly all 32 GB of them (16.8 GiB resident, two minutes into training)."""
-    import mmap
-
-    handle = getattr(array, "_mmap", None)
-    if isinstance(handle, mmap.mmap) and hasattr(mmap, advice):
-        handle.madvise(getattr(mmap, advice))
-

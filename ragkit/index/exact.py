@@ -54,6 +54,7 @@ class ExactVectors:
         self.dim = dim
         self.parts = sorted(parts, key=lambda p: p.first_vid)
         self.starts = np.asarray([p.first_vid for p in self.parts], dtype=np.int64)
+        self.ends = self.starts + np.asarray([p.rows for p in self.parts], dtype=np.int64)
         self.folder = folder
         self._maps: dict[int, np.ndarray] = {}
         # opened now, mapped on first use: a reader keeps its version's files even after a writer has published
@@ -97,8 +98,7 @@ class ExactVectors:
         which = np.searchsorted(self.starts, vids, side="right") - 1
         if (which < 0).any():
             return False
-        ends = self.starts[which] + np.asarray([self.parts[w].rows for w in which], dtype=np.int64)
-        return bool((vids < ends).all())
+        return bool((vids < self.ends[which]).all())
 
     def rows(self, vids: np.ndarray) -> np.ndarray:
         """float32 (len(vids), dim); reads are sorted by position within each file (fewer seeks)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ragkit.errors import UsageError
-from ragkit.index.build_time import estimate_build_seconds, format_seconds, ivf_lists
+from ragkit.index.build_time import estimate_build_seconds, format_seconds
 from ragkit.index.builder import ADD_BLOCK
 from ragkit.index.spec import (
     IDMAP_BYTES,
@@ -28,6 +28,7 @@ from ragkit.index.spec import (
     default_pq_m,
     estimate_memory,
     format_bytes,
+    ivf_lists,
 )
 from ragkit.index.vectors import training_rows
 
@@ -74,7 +75,7 @@ def serve_bytes(spec: IndexSpec, n: int, dim: int) -> int:
     if spec.kind == "factory":
         text = str(spec.factory_string)
         if text.startswith("IVF") and text.endswith(",SQ8"):
-            nlist = int(text[3:].split(",")[0])
+            nlist = ivf_lists(text)
             return n * (dim + 8) + nlist * dim * 4
     return estimate_memory(spec, n, dim)
 
@@ -119,13 +120,13 @@ def plan(n: int, dim: int, *, max_memory: int | None = None, max_seconds: float 
                             max_seconds is None or seconds <= max_seconds))
     if chosen is not None:
         auto["build_seconds"] = round(next(r.build_seconds for r in rows if r.spec == chosen.text), 1)
+    spill = n * dim * 4  # from a corpus: the encoder's float32 vectors
     return {"passages": n, "dim": dim, "max_memory": budget, "max_build_seconds": max_seconds,
             "passage_bytes": passage_bytes, "candidates": [r.to_json() for r in rows], "auto": auto,
-            "build_spill_bytes": n * dim * 4,  # from a corpus: the encoder's float32 vectors
-            "advice": _advice(rows, budget, n, dim, auto)}
+            "build_spill_bytes": spill, "advice": _advice(rows, budget, spill, auto)}
 
 
-def _advice(rows: list[PlanRow], budget: int, n: int, dim: int, auto: dict[str, Any]) -> list[str]:
+def _advice(rows: list[PlanRow], budget: int, spill: int, auto: dict[str, Any]) -> list[str]:
     out = []
     fitting = [r for r in rows if r.fits and r.in_time]
     exact = rows[0]
@@ -143,7 +144,7 @@ def _advice(rows: list[PlanRow], budget: int, n: int, dim: int, auto: dict[str, 
         out.append(f"auto: {auto['reason']}")
     else:
         out.append("nothing fits one machine: shard across Ray actors or raise --max-memory")
-    out.append(f"building from a corpus spills the vectors to disk first: {format_bytes(n * dim * 4)} as float32 "
+    out.append(f"building from a corpus spills the vectors to disk first: {format_bytes(spill)} as float32 "
                f"(embedding shards in float16 are read in place)")
     return out
 

@@ -71,10 +71,16 @@ def link_into(source_dir: Path, names: list[str], target_dir: Path) -> None:
     for name in names:
         target = target_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source_dir / name, target)
-        except OSError:
-            shutil.copy2(source_dir / name, target)
+        link_or_copy(source_dir / name, target)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no bytes copied), or a copy where the file system has no hard links (or the two are on
+    different file systems)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 class Segment:

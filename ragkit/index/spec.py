@@ -302,13 +302,18 @@ def check_trainable(spec: IndexSpec, n: int) -> None:
                          hint="Use --spec flat for small corpora.")
 
 
+def ivf_lists(factory: str) -> int:
+    """The inverted lists a Faiss factory string names, after any transform (`OPQ16,IVF4096,...`); 0: none."""
+    found = re.search(r"IVF(\d+)", factory)
+    return int(found.group(1)) if found else 0
+
+
 def check_lists(spec: IndexSpec, n: int) -> None:
     """k-means for an inverted file needs at least one training vector per list: more lists than vectors was a
     Faiss RuntimeError (exit 1) after the whole corpus had been embedded."""
     lists = spec.params.get("nlist") if spec.kind == "ivf-pq" else None
     if spec.kind == "factory":
-        found = re.search(r"IVF(\d+)", spec.factory_string or "")
-        lists = int(found.group(1)) if found else None
+        lists = ivf_lists(spec.factory_string or "") or None
     if lists and n < lists:
         raise UsageError(f"index spec {spec.text}: {lists} inverted lists need at least {lists} vectors to train; "
                          f"the corpus has {n}", hint="Use fewer lists, or --spec flat / auto.")

@@ -14,3 +14,11 @@ def drop_pages(array: np.ndarray) -> None:
     handle = getattr(array, "_mmap", None)
     if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
         handle.madvise(mmap.MADV_DONTNEED)
+
+
+def advise(array: np.ndarray, advice: str) -> None:
+    """madvise a memory-mapped array's whole mapping (`advice` names an mmap.MADV_* constant); anything that
+    is not a mapping, or an advice this platform lacks, is left alone."""
+    handle = getattr(array, "_mmap", None)
+    if isinstance(handle, mmap.mmap) and hasattr(mmap, advice):
+        handle.madvise(getattr(mmap, advice))
