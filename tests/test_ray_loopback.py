@@ -122,3 +122,58 @@ def test_a_private_ray_listens_on_loopback_only_and_dies_with_its_driver(tmp_pat
             break
         time.sleep(0.25)
     assert not alive, f"Ray processes outlived the killed driver by 10 s: {alive}"
+
+
+def _raylet_children(raylets: set[int]) -> list[str]:
+    """Live processes whose environment names one of `raylets` as their raylet (Ray's agents and workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().split(") ")[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(e.startswith(b"RAY_RAYLET_PID=") and e[15:].isdigit() and int(e[15:]) in raylets
+                                for e in environ):
+            found.append(f"{entry.name} {(entry / 'comm').read_text().strip() if (entry / 'comm').exists() else ''}")
+    return found
+
+
+@pytest.mark.slow
+def test_a_driver_killed_inside_ray_init_leaves_no_ray_process() -> None:
+    """CI stop 35: the reaper started only after ray.init returned, so a driver killed inside it left Ray's
+    DashboardAgent running (60 s, then it gives up on the dead GCS by itself)."""
+    psutil = pytest.importorskip("psutil")
+    pytest.importorskip("ray")
+    driver = subprocess.Popen([sys.executable, "-c", "import ray, time\nfrom ragkit.retrieval.loopback import "
+                               "init_private_ray\ninit_private_ray(ray, 1)\ntime.sleep(300)\n"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: dict[int, str] = {}
+    raylets: set[int] = set()
+    deadline = time.time() + 120
+    while time.time() < deadline and not raylets:
+        for proc in _tree(driver.pid):
+            try:
+                seen[proc.pid] = proc.name()
+                if "raylet" in proc.name():
+                    raylets.add(proc.pid)
+            except psutil.Error:
+                continue
+        time.sleep(0.05)
+    assert raylets, "the driver started no raylet"
+    time.sleep(0.3)  # inside ray.init: the raylet is starting its agents
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 10
+    alive: list[str] = []
+    while time.time() < deadline:
+        alive = [f"{pid} {name}" for pid, name in seen.items() if pid != driver.pid and psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and "ray_reaper" not in
+                 " ".join(psutil.Process(pid).cmdline())]
+        alive += _raylet_children(raylets)
+        if not alive:
+            break
+        time.sleep(0.25)
+    assert not alive, f"Ray processes outlived a driver killed inside ray.init by 10 s: {alive}"

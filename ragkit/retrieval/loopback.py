@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 from ragkit.console import info
+from ragkit.retrieval.ray_reaper import DRIVER_VARIABLE
 
 _SHIM_SOURCE = r"""
 #define _GNU_SOURCE
@@ -155,7 +156,8 @@ def init_private_ray(ray: object, num_cpus: int | None) -> None:
     """`ray.init` of a local cluster advertising and listening on 127.0.0.1 only, reaped with the driver."""
     _advertise_loopback()
     shim = shim_path()
-    changed = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # the localhost switch again, in Ray's children
+    changed = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # the localhost switch again, in Ray's children
+               DRIVER_VARIABLE: str(os.getpid())}  # how the reaper knows this driver's Ray processes
     if shim is not None:
         changed["LD_PRELOAD"] = _with_preload(os.environ, shim)["LD_PRELOAD"]  # type: ignore[arg-type]
         if not _preloaded_in_this_process(shim):
@@ -164,6 +166,7 @@ def init_private_ray(ray: object, num_cpus: int | None) -> None:
     else:
         _warn_unbound("no C compiler to build the bind wrapper")
     saved = {key: os.environ.get(key) for key in changed}
+    reaper = _reaper()  # before ray.init: a driver killed inside it must not leave Ray's agents behind
     os.environ.update(changed)
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="ragkit",  # type: ignore[attr-defined]
@@ -175,7 +178,7 @@ def init_private_ray(ray: object, num_cpus: int | None) -> None:
             else:
                 os.environ[key] = value
     _private_token()
-    _start_reaper()
+    _announce_session(reaper)
 
 
 def _private_token() -> None:
@@ -194,18 +197,27 @@ def _preloaded_in_this_process(shim: Path) -> bool:
         return False
 
 
-_reapers: dict[str, subprocess.Popen[bytes]] = {}  # session folder -> its reaper (kept: it holds the pipe)
+_reaper_process: subprocess.Popen[bytes] | None = None  # kept: it holds the pipe's write end
 
 
-def _start_reaper() -> None:
-    """Spawn `ragkit.retrieval.ray_reaper`, which waits for this process to end and kills its Ray session."""
+def _reaper() -> subprocess.Popen[bytes]:
+    """This process's `ragkit.retrieval.ray_reaper` (spawned once): it waits for this process to end and then
+    kills the Ray processes this process started."""
+    global _reaper_process
+    if _reaper_process is None or _reaper_process.poll() is not None:
+        _reaper_process = subprocess.Popen(
+            [sys.executable, "-m", "ragkit.retrieval.ray_reaper", str(os.getpid())], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    return _reaper_process
+
+
+def _announce_session(reaper: subprocess.Popen[bytes]) -> None:
+    """Tell the reaper the session folder, which Ray's later processes name on their command lines."""
     import ray
 
     node = ray._private.worker._global_node  # Ray exposes no public handle on the local node
-    if node is None or node.get_session_dir_path() in _reapers:
+    if node is None or reaper.stdin is None:
         return
-    session = node.get_session_dir_path()
-    pids = [str(info.process.pid) for infos in node.all_processes.values() for info in infos if info.process]
-    _reapers[session] = subprocess.Popen(
-        [sys.executable, "-m", "ragkit.retrieval.ray_reaper", session, *pids], stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    with contextlib.suppress(OSError):
+        reaper.stdin.write(f"session {node.get_session_dir_path()}\n".encode("utf-8", "surrogateescape"))
+        reaper.stdin.flush()

@@ -1,11 +1,16 @@
-"""Kill a private Ray session once the process that started it is gone: `python -m ragkit.retrieval.ray_reaper`.
+"""Kill a private Ray session once the process that started it is gone: `python -m ragkit.retrieval.ray_reaper PID`.
 
-Started by `loopback.init_private_ray` with a pipe on stdin whose other end only the driver holds, so
-end-of-file means the driver exited, however it died. Ray's gcs_server and raylet share the driver's
-fate already; its agents (dashboard and runtime-env agents, reparented to init) wait 60 s trying to
-report to the dead GCS, and this kills them at once. While the driver lives, the reaper keeps a list of
-the session's processes (those the driver started, their descendants, anything naming the session
-folder), each with its start time, so that a pid reused by another program is never touched.
+Started by `loopback.init_private_ray` *before* `ray.init`, with a pipe on stdin whose other end only the
+driver (PID) holds, so end-of-file means the driver exited, however it died, even inside `ray.init`
+(a driver killed there left Ray's agents running when the reaper only started after it). Ray's
+gcs_server and raylet share the driver's fate already; its agents (dashboard and runtime-env agents,
+reparented to init) wait 60 s trying to report to the dead GCS, and this kills them at once.
+
+While the driver lives, the reaper keeps a list of the session's processes, each with its start time, so
+that a pid reused by another program is never touched: every process whose environment carries
+`RAGKIT_RAY_DRIVER=PID` (set by the driver around `ray.init`, so Ray's processes and the workers and
+agents they start inherit it), their descendants, and, once the driver writes `session FOLDER` lines on
+the pipe after `ray.init`, anything naming that folder. The driver's other children are left alone.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 Process = tuple[int, int]  # pid, start time in clock ticks since boot
 STARTUP_S, STARTUP_POLL_S, POLL_S = 30.0, 0.1, 1.0
+DRIVER_VARIABLE = "RAGKIT_RAY_DRIVER"  # in the environment of every Ray process a ragkit driver started
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -32,29 +38,34 @@ def _stat(pid: int) -> tuple[int, int] | None:
     return int(fields[1]), int(fields[19])
 
 
-def _names_session(pid: int, session: str) -> bool:
+def _cmdline(pid: int) -> bytes:
     try:
-        return session.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return False
+        return b""
 
 
-def _raylet_of(pid: int) -> int | None:
-    """RAY_RAYLET_PID from a process's environment: Ray's agents carry it (their command lines are overwritten
-    by their process titles, so they do not name the session folder)."""
+def _variable(pid: int, name: bytes) -> bytes | None:
+    """One variable of a process's environment as it was started (Ray's agents overwrite their command lines
+    with process titles, so they name no session folder; their environment still says whose they are)."""
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return None
-    value = next((e[len(b"RAY_RAYLET_PID="):] for e in environ if e.startswith(b"RAY_RAYLET_PID=")), None)
+    prefix = name + b"="
+    return next((e[len(prefix):] for e in environ if e.startswith(prefix)), None)
+
+
+def _raylet_of(pid: int) -> int | None:
+    value = _variable(pid, b"RAY_RAYLET_PID")
     return int(value) if value and value.isdigit() else None
 
 
-def track(session: str, known: set[Process], raylets: set[int] = frozenset()) -> set[Process]:  # type: ignore[assignment]
-    """`known` plus every live process whose parent is known or whose command line names `session`, and with
-    `raylets` (the final sweep) every process whose environment names one of them as its raylet: the agents
-    that a raylet which already died had started, reparented to init before this process first saw them (a
-    driver killed in Ray's first second left them running for 60 s)."""
+def track(driver: int, since: int, sessions: set[str], known: set[Process],
+          raylets: set[int] = frozenset()) -> set[Process]:  # type: ignore[assignment]
+    """`known` plus every live process started at or after `since` whose environment names `driver` as its
+    DRIVER_VARIABLE, a child of a known process, or one naming one of `sessions` on its command line; with
+    `raylets` (the final sweep) also every process whose environment names one of them as its raylet."""
     me = os.getpid()
     stats = {}
     for entry in Path("/proc").iterdir():
@@ -62,13 +73,18 @@ def track(session: str, known: set[Process], raylets: set[int] = frozenset()) ->
             stat = _stat(int(entry.name))
             if stat is not None:
                 stats[int(entry.name)] = stat
+    names = [s.encode() for s in sessions]
+    mark = str(driver).encode()
     found = set(known)
     grew = True
     while grew:  # descendants of descendants
         pids = {pid for pid, _ in found}
         new = {(pid, start) for pid, (ppid, start) in stats.items()
-               if (pid, start) not in found and (ppid in pids or _names_session(pid, session)
-                                                 or (raylets and _raylet_of(pid) in raylets))}
+               if (pid, start) not in found and (
+                   ppid in pids
+                   or (start >= since and _variable(pid, DRIVER_VARIABLE.encode()) == mark)
+                   or (names and any(name in _cmdline(pid) for name in names))
+                   or (raylets and _raylet_of(pid) in raylets))}
         found |= new
         grew = bool(new)
     return found
@@ -90,20 +106,31 @@ def reap(processes: set[Process], grace_s: float = 2.0) -> None:
 
 
 def main(argv: list[str]) -> None:
-    session = argv[0]
-    given = {int(p) for p in argv[1:]}  # the session's processes when the driver started this (its raylet among them)
-    known = {(pid, stat[1]) for pid in given if (stat := _stat(pid)) is not None}
+    driver = int(argv[0])
+    since = (_stat(os.getpid()) or (0, 0))[1]  # Ray's processes start after this one: an older pid was reused
+    sessions: set[str] = set()
+    known: set[Process] = set()
+    pending = b""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is for the driver
     started = time.monotonic()
     while True:
-        known = alive(track(session, known))
+        known = alive(track(driver, since, sessions, known))
         # the agents that outlive the driver are started in Ray's first seconds: watched closely then (a driver
         # killed within a 1 s poll of their start left them untracked once the raylet, their parent, was gone)
-        poll = STARTUP_POLL_S if time.monotonic() - started < STARTUP_S else POLL_S
+        poll = STARTUP_POLL_S if time.monotonic() - started < STARTUP_S or not sessions else POLL_S
         ready, _, _ = select.select([0], [], [], poll)  # fd 0: the pipe from the driver
-        if ready and not os.read(0, 65536):
+        if not ready:
+            continue
+        data = os.read(0, 65536)
+        if not data:
             break  # end of file: the driver is gone
-    reap(track(session, known, given | {pid for pid, _ in known}))
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            if line.startswith(b"session "):
+                sessions.add(line[len(b"session "):].decode("utf-8", "surrogateescape"))
+                started = time.monotonic()  # this session's agents start now
+    known = track(driver, since, sessions, known)
+    reap(track(driver, since, sessions, known, {pid for pid, _ in known}))
 
 
 if __name__ == "__main__":
