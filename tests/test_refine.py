@@ -231,3 +231,95 @@ def test_a_training_sample_reads_its_rows_not_the_shards_around_them(tmp_path):
     if read == 0:
         pytest.skip("this file system does not account reads to the process (or kept the file cached)")
     assert read < 500 * 4096 * 2, f"read {read / 2**20:.1f} MiB for 500 rows of 128 bytes"
+
+
+def test_tune_pins_new_search_settings_without_rebuilding(tmp_path, corpus):
+    root = tmp_path / "i"
+    index = Index.build(root, passages(len(corpus)), corpus, ENCODER, spec="ivf-pq:nlist=32,m=4,nprobe=2,refine=20")
+    queries = clustered(30, seed=5)
+    index.set_search_params(nprobe=16, refine=200)
+    wanted = index.search_ids(queries, 10)
+    vectors_before = sorted(p.name for p in index.version_dir.iterdir() if p.suffix == ".faiss")
+    index.tune(nprobe=16, refine=200)
+    reopened = Index.open(root)
+    assert reopened.spec.params == {"nlist": 32, "m": 4, "nprobe": 16, "refine": 200}
+    assert reopened.search_ids(queries, 10) == wanted  # the same results as the settings given at search time
+    assert sorted(p.name for p in reopened.version_dir.iterdir() if p.suffix == ".faiss") == vectors_before
+    reopened.upsert(passages(3, "new"), clustered(3, seed=9), ENCODER)  # changes keep the tuned settings
+    assert Index.open(root).spec.params["refine"] == 200
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"ef_search": 64}, "ef_search"),  # an ivf-pq index has no efSearch
+    ({"refine": 0}, "refine=0"),  # it keeps exact vectors: refine stays positive
+])
+def test_tune_refuses_settings_the_index_cannot_keep(tmp_path, corpus, settings, message):
+    index = Index.build(tmp_path / "i", passages(len(corpus)), corpus, ENCODER, spec="ivf-pq:nlist=32,m=4,refine=20")
+    version = index.version_dir
+    with pytest.raises(UsageError, match=message):
+        index.tune(**settings)
+    assert Index.open(tmp_path / "i").version_dir == version
+
+
+def test_tune_refuses_refine_without_exact_vectors(tmp_path, corpus):
+    index = Index.build(tmp_path / "i", passages(500), corpus[:500], ENCODER, spec="ivf-pq:nlist=8,m=4")
+    with pytest.raises(UsageError, match="keeps no exact vectors"):
+        index.tune(refine=100)
+
+
+def test_index_tune_command(tmp_path, corpus):
+    from typer.testing import CliRunner
+
+    from ragkit.cli import app
+
+    Index.build(tmp_path / "i", passages(len(corpus)), corpus, ENCODER, spec="ivf-pq:nlist=32,m=4,refine=20")
+    runner = CliRunner()
+    done = runner.invoke(app, ["index", "tune", str(tmp_path / "i"), "--nprobe", "8", "--refine", "50", "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["spec"] == "ivf-pq:m=4,nlist=32,nprobe=8,refine=50"
+    refused = runner.invoke(app, ["index", "tune", str(tmp_path / "i"), "--ef-search", "64"])
+    assert refused.exit_code == 2 and "ef_search" in refused.output
+
+
+def test_an_ivf_delta_does_not_copy_the_coarse_quantiser(tmp_path):
+    """Issue 26: at 21M x 768 (16,384 lists, HNSW quantiser) every `index add` of 10 passages wrote the
+    template's 53 MB quantiser again into its delta. A delta now borrows the template's on read."""
+    corpus = clustered(6000)
+    root = tmp_path / "i"
+    index = Index.build(root, passages(len(corpus)), corpus, ENCODER,
+                        spec="ivf-pq:nlist=1024,m=4,nprobe=1024,hnsw=16,refine=100")
+    added = clustered(10, seed=11)
+    index.upsert(passages(10, "new"), added, ENCODER)
+    opened = Index.open(root)
+    delta = opened.segments[-1]
+    assert delta.meta.shares_quantizer and opened.manifest["format_version"] == 3
+    template_bytes = (opened.version_dir / "template.faiss").stat().st_size
+    delta_bytes = (opened.version_dir / str(delta.meta.vectors)).stat().st_size
+    assert delta_bytes < template_bytes / 4, (delta_bytes, template_bytes)
+    hits = opened.search_ids(added, 1)
+    assert [h[0][0] for h in hits] == [f"new{i}" for i in range(10)]
+    # the delta searched on its own (not merged into the base) finds them too, through the borrowed quantiser
+    scores, vids = delta.search(added, 1)
+    assert (vids[:, 0] == np.arange(delta.meta.vid_min, delta.meta.vid_max + 1)).all()
+
+
+def test_deltas_sharing_the_quantiser_compact_and_keep_every_passage(tmp_path):
+    corpus = clustered(3000)
+    root = tmp_path / "i"
+    index = Index.build(root, passages(len(corpus)), corpus, ENCODER, spec="ivf-pq:nlist=64,m=4,nprobe=64,refine=50")
+    extra = clustered(90, seed=12)
+    for i in range(9):  # past MAX_DELTAS (8): the deltas are folded into one, the base left alone
+        index.upsert(passages(10, f"d{i}-"), extra[10 * i : 10 * i + 10], ENCODER)
+    opened = Index.open(root)
+    assert len(opened.segments) < 10
+    assert len(opened) == 3090
+    hits = opened.search_ids(extra, 1)
+    assert [h[0][0] for h in hits] == [f"d{i // 10}-{i % 10}" for i in range(90)]
+    opened.compact()
+    assert [h[0][0] for h in Index.open(root).search_ids(extra, 1)] == [h[0][0] for h in hits]
+
+
+def test_an_index_without_shared_deltas_keeps_format_2(tmp_path, corpus):
+    index = Index.build(tmp_path / "i", passages(500), corpus[:500], ENCODER, spec="flat")
+    index.upsert(passages(3, "x"), clustered(3, seed=3), ENCODER)
+    assert Index.open(tmp_path / "i").manifest["format_version"] == 2  # an older ragkit still reads it

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ragkit.commands._common import DenseWeightOpt, EncoderBackendOpt, FusionOpt, BatchOpt, DeviceOpt, JsonOpt, PoolingOpt, ThreadsOpt, WaitOpt, handle_errors
+from ragkit.commands._common import (BatchOpt, DenseWeightOpt, DeviceOpt, EfSearchOpt, EncoderBackendOpt, FusionOpt, JsonOpt,
+                                     NprobeOpt, PoolingOpt, RefineOpt, ThreadsOpt, WaitOpt, handle_errors)
 
 if TYPE_CHECKING:
     from ragkit.models.encoder import Encoder
@@ -274,9 +275,9 @@ def search(
     k: Annotated[int, typer.Option("--k", "-k", min=1, help="Hits per query.")] = 10,
     queries: Annotated[str, typer.Option("--queries", "-q", help="Queries file (JSONL with query/question, or plain lines); - for stdin.")] = "-",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Query embedder; must be the model that built the index, or its recorded query encoder (default: that model).")] = None,
-    ef_search: Annotated[int, typer.Option("--ef-search", min=0, help="HNSW efSearch (0 = the index's setting).")] = 0,
-    nprobe: Annotated[int, typer.Option("--nprobe", min=0, help="IVF lists probed (0 = the index's setting).")] = 0,
-    refine: Annotated[int, typer.Option("--refine", min=-1, help="Candidates re-ranked by exact scores from the vectors kept on disk (an index built with ivf-pq:refine=R); 0 = off, -1 = the index's setting.")] = -1,
+    ef_search: EfSearchOpt = 0,
+    nprobe: NprobeOpt = 0,
+    refine: RefineOpt = -1,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
@@ -424,6 +425,36 @@ def sparse_cmd(
         refuse_if_busy(index.root, wait)
         index.add_sparse(SparseConfig(k1=bm25_k1, b=bm25_b))
         _print_summary({k: index.info()[k] for k in ("path", "version", "passages", "sparse", "bytes_on_disk")}, as_json)
+
+
+@app.command("tune")
+def tune_cmd(
+    index_dir: IndexDir,
+    ef_search: EfSearchOpt = 0,
+    nprobe: NprobeOpt = 0,
+    refine: RefineOpt = -1,
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pin new default search settings in the index (a new atomic version; nothing is rebuilt).
+
+    Every later search, `ragkit serve` and Ray actors use them. They only change how a search runs, so an
+    index built before a default changed gets exactly the new default's results.
+
+    Examples:
+
+      ragkit index tune wiki/ --nprobe 64 --refine 400
+
+      ragkit index tune idx/ --ef-search 256
+    """
+    with handle_errors():
+        from ragkit.index import Index
+        from ragkit.index.layout import refuse_if_busy
+
+        index = Index.open(index_dir)
+        refuse_if_busy(index.root, wait)
+        index.tune(ef_search=ef_search or None, nprobe=nprobe or None, refine=None if refine < 0 else refine)
+        _print_summary({k: index.info()[k] for k in ("path", "version", "spec")}, as_json)
 
 
 @app.command("compact")

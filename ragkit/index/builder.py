@@ -138,10 +138,11 @@ class SegmentWriter:
     def vids(self) -> np.ndarray:
         return np.concatenate(self._vids) if self._vids else np.zeros(0, np.int64)
 
-    def finish(self, faiss_index: Any, *, keep_exact: bool = False) -> SegmentMeta:
+    def finish(self, faiss_index: Any, *, keep_exact: bool = False, share_quantizer: bool = False) -> SegmentMeta:
         """Add every vector to `faiss_index` (trained already), block by block; write the segment's files.
-        `keep_exact`: also keep the vectors on disk for re-ranking (linked from the shards when possible)."""
-        import faiss
+        `keep_exact`: also keep the vectors on disk for re-ranking (linked from the shards when possible);
+        `share_quantizer`: `faiss_index` is a copy of the template, whose IVF coarse quantiser is not written
+        again (readers take the template's)."""
 
         blocks = self.blocks()
         vids = self.vids()
@@ -160,7 +161,9 @@ class SegmentWriter:
                 drop_pages(block)  # the shards' pages must not count against the build's memory
         self.store.commit()
         self.store.close()
-        faiss.write_index(fv.to_cpu(faiss_index), str(self.staging / f"{self.name}.faiss"))
+        cpu_index = fv.to_cpu(faiss_index)
+        shares = share_quantizer and fv.is_ivf(cpu_index)
+        fv.write_index(cpu_index, str(self.staging / f"{self.name}.faiss"), share_quantizer=shares)
         if linked:
             exact = self._link_exact(linked, int(vids.min()))
         elif copy is not None:
@@ -172,7 +175,7 @@ class SegmentWriter:
             os.unlink(self.spill_path)
         return SegmentMeta(self.name, self.rows, int(vids.min()) if len(vids) else None,
                            int(vids.max()) if len(vids) else None, f"{self.name}.faiss", f"{self.name}.sqlite",
-                           exact=exact)
+                           exact=exact, shares_quantizer=shares)
 
     def _linkable_files(self, vids: np.ndarray) -> list[Path]:
         """The .npy files the blocks are, when they cover each file whole, in order, with consecutive vids."""

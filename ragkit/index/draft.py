@@ -22,7 +22,7 @@ from ragkit.index.store import PassageStore, copy_live_rows
 from ragkit.io.atomic import sha256_file
 from ragkit.io.corpus import Passage
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest format this ragkit reads and writes
 COMPACT_TOMBSTONE_FRACTION = 0.2  # fold everything back once a fifth of the vectors are dead
 MAX_DELTAS = 8  # fold the deltas into one past this many (the base is left alone)
 
@@ -92,7 +92,7 @@ class Draft:
                 writer.add(passages, np.asarray(vectors, dtype=np.float32))
                 template_dir = self.files[TEMPLATE][0]
                 meta = writer.finish(fv.delta_index(faiss.read_index(str(template_dir / TEMPLATE))),
-                                     keep_exact=self.keep_exact)
+                                     keep_exact=self.keep_exact, share_quantizer=True)
             except BaseException:
                 writer.abort()
                 raise
@@ -140,11 +140,11 @@ class Draft:
             return
         merging = self.segments[-count:]
         kept = self.segments[:-count]
-        open_segments = [Segment(folder, meta, self.metric) for meta, folder in merging]
+        template = faiss.read_index(str(self.files[TEMPLATE][0] / TEMPLATE))
+        open_segments = [Segment(folder, meta, self.metric, lambda: template) for meta, folder in merging]
         inside = {v for v in self.dead if any(m.rows and m.vid_min <= v <= m.vid_max for m, _ in merging)}
         in_merged = np.asarray(sorted(inside), dtype=np.int64)
         still_dead = sorted(self.dead - inside)
-        template = faiss.read_index(str(self.files[TEMPLATE][0] / TEMPLATE))
         name = self.next_name()
         try:
             merged = merge_segments(open_segments, in_merged, template)
@@ -207,8 +207,9 @@ class Draft:
         for name, (folder, _) in self.files.items():
             if folder != self.staging:
                 link_into(folder, [name], self.staging)
-        manifest["format_version"] = FORMAT_VERSION
         segments = [meta for meta, _ in self.segments]
+        # 3 only where a delta shares the template's quantiser: an older ragkit would search it with none
+        manifest["format_version"] = FORMAT_VERSION if any(m.shares_quantizer for m in segments) else 2
         manifest["updated_at"] = utc_now()
         manifest["version"] = self.version
         manifest["segments"] = [m.to_json() for m in segments]

@@ -32,7 +32,7 @@ from ragkit.index.draft import (  # noqa: F401  (the thresholds are part of this
 )
 from ragkit.index.exact import ExactVectors
 from ragkit.index.hits import Hit, HitRow, PassageLookup, fetch_rows
-from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, segment_name
+from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, SharedTemplate, segment_name
 from ragkit.index.sparse import LegacySparseSide, SegmentedBM25, SparseConfig
 from ragkit.index.spec import IndexSpec, parse_spec, resolve_spec
 from ragkit.index.store import PassageStore
@@ -171,7 +171,9 @@ class Index:
             manifest, dead = _upgrade_format1(version_dir, manifest)
         else:
             dead = _read_deletes(version_dir, manifest)
-        segments = [Segment(version_dir, SegmentMeta.from_json(m), manifest["metric"]) for m in manifest["segments"]]
+        metas = [SegmentMeta.from_json(m) for m in manifest["segments"]]
+        template = SharedTemplate(version_dir / TEMPLATE) if any(m.shares_quantizer for m in metas) else None
+        segments = [Segment(version_dir, meta, manifest["metric"], template) for meta in metas]
         index = cls(root, version_dir, manifest, segments, dead)
         if device != "cpu":
             index._to_device(device)
@@ -488,6 +490,29 @@ class Index:
 
         self._change(edit, auto_compact=False,
                      manifest={**self.manifest, "sparse": {"library": "bm25s", **config.to_json()}})
+
+    def tune(self, *, ef_search: int | None = None, nprobe: int | None = None, refine: int | None = None) -> None:
+        """Change the search settings pinned in the manifest (a new version; nothing rebuilt): every later
+        open, `ragkit serve` and Ray's actors included, searches with them. They are search-time only, so an
+        index built before a default changed gets the new default's results exactly."""
+        spec = self.spec
+        wanted = {"ef_search": ef_search, "nprobe": nprobe, "refine": refine}
+        allowed = {"hnsw": {"ef_search"}, "ivf-pq": {"nprobe", "refine"}}.get(spec.kind, set())
+        for name, value in wanted.items():
+            if value is not None and name not in allowed:
+                raise UsageError(f"{name}: {self.root} (spec {spec.text}) has no such search setting",
+                                 hint="hnsw takes ef_search; ivf-pq takes nprobe and refine.")
+        if refine is not None and refine > 0 and not self.exact:
+            raise UsageError(f"refine={refine}: {self.root} keeps no exact vectors to re-rank with",
+                             hint="Build it with a spec such as ivf-pq:refine=400.")
+        if refine is not None and refine <= 0 and spec.refine:
+            raise UsageError(f"refine={refine}: {self.root} keeps exact vectors; its pinned refine stays positive "
+                             "(later changes keep writing them)", hint="Search with refine=0 instead.")
+        params = {**spec.params, **{k: int(v) for k, v in wanted.items() if v is not None}}
+        tuned = IndexSpec(spec.kind, params, spec.factory_string)
+        if tuned.text == spec.text:
+            return
+        self._change(lambda draft, report: None, auto_compact=False, manifest={**self.manifest, "spec": tuned.text})
 
     # -- searching -------------------------------------------------------------------------------
     def check_encoder(self, encoder: EncoderInfo, *, queries: bool = False) -> None:

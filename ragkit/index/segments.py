@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -43,6 +43,7 @@ class SegmentMeta:
     deletes: str | None = None
     sparse: str | None = None  # its BM25 part (ragkit.index.sparse), when the index has a sparse side
     exact: tuple[ExactPart, ...] = ()  # its vectors kept on disk for re-ranking (ragkit.index.exact)
+    shares_quantizer: bool = False  # an IVF delta whose coarse quantiser is the template's, not in its file
 
     @property
     def files(self) -> list[str]:
@@ -52,13 +53,14 @@ class SegmentMeta:
         return {"name": self.name, "rows": self.rows, "vid_min": self.vid_min, "vid_max": self.vid_max,
                 "vectors": self.vectors, "passages": self.passages, "deletes": self.deletes,
                 **({"sparse": self.sparse} if self.sparse else {}),
-                **({"exact": [p.to_json() for p in self.exact]} if self.exact else {})}
+                **({"exact": [p.to_json() for p in self.exact]} if self.exact else {}),
+                **({"shares_quantizer": True} if self.shares_quantizer else {})}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "SegmentMeta":
         return cls(str(obj["name"]), int(obj["rows"]), obj.get("vid_min"), obj.get("vid_max"), obj.get("vectors"),
                    obj.get("passages"), obj.get("deletes"), obj.get("sparse"),
-                   tuple(ExactPart.from_json(p) for p in obj.get("exact") or ()))
+                   tuple(ExactPart.from_json(p) for p in obj.get("exact") or ()), bool(obj.get("shares_quantizer")))
 
 
 def segment_name(version: int) -> str:
@@ -83,12 +85,42 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+class SharedTemplate:
+    """The version's trained template, read at most once per open index and shared by its deltas' quantisers.
+    The file is held open from the start, like the segments' (a reader outlives a writer's deletion of its
+    version)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = os.open(path, os.O_RDONLY)
+        self._index: Any = None
+
+    def __call__(self) -> Any:
+        if self._index is None:
+            import faiss
+
+            by_fd = f"/proc/self/fd/{self._fd}"
+            self._index = faiss.read_index(by_fd if os.path.exists(by_fd) else str(self.path))
+            self.close()
+        return self._index
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class Segment:
     """An open segment: the Faiss index is read on first search (a writer that only appends never reads
     the base's vectors), the passage store is opened read-only."""
 
-    def __init__(self, version_dir: Path, meta: SegmentMeta, metric: str) -> None:
+    def __init__(self, version_dir: Path, meta: SegmentMeta, metric: str,
+                 template: Callable[[], Any] | None = None) -> None:
         self.dir, self.meta, self.metric = version_dir, meta, metric
+        self.template = template  # the trained template, for a delta that shares its coarse quantiser
         self._faiss: Any = None
         self._is_hnsw = self._is_ivf = False
         self.merged: set[str] = set()  # delta segments whose IVF lists were merged into this one, in memory
@@ -141,6 +173,7 @@ class Segment:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+            self._lend_quantizer(index)
             fv.set_search_params(index, self.search_params)
             if self.want_device != "cpu":
                 index, self.device = fv.to_device(index, self.want_device)
@@ -148,6 +181,17 @@ class Segment:
             self._is_hnsw = fv.is_hnsw(index)
             self._is_ivf = fv.is_ivf(index)
         return self._faiss
+
+    def _lend_quantizer(self, index: Any) -> None:
+        """A delta written without its coarse quantiser gets the template's."""
+        if not self.meta.shares_quantizer:
+            return
+        from ragkit.errors import ResourceError
+
+        if self.template is None or not fv.borrows_quantizer(index):
+            raise ResourceError(f"{self.dir / str(self.meta.vectors)}: a delta sharing the template's coarse "
+                                "quantiser, without a readable template", hint="Restore the index folder.")
+        fv.lend_quantizer(index, self.template())
 
     @property
     def loaded(self) -> bool:
@@ -248,7 +292,10 @@ def merge_segments(segments: list[Segment], dead: np.ndarray, template: Any, *, 
         try:
             for segment in segments:
                 if segment.meta.vectors:
-                    merged.merge_from(faiss.read_index(str(segment.dir / segment.meta.vectors)), 0)
+                    source = faiss.read_index(str(segment.dir / segment.meta.vectors))
+                    if segment.meta.shares_quantizer:
+                        fv.lend_quantizer(source, template)
+                    merged.merge_from(source, 0)
             if len(dead):
                 fv.remove(merged, dead)
             return merged
