@@ -158,6 +158,9 @@ def build(
         summary = {k: index.info()[k] for k in ("path", "passages", "spec", "factory", "dim", "embedder", "bytes_on_disk")}
         if index.manifest.get("auto_reason"):
             summary["auto"] = index.manifest["auto_reason"]
+        if index.manifest.get("build_phases"):  # seconds per phase, beside `index plan`'s estimate
+            phases = index.manifest["build_phases"]
+            summary["phases"] = phases if as_json else ",".join(f"{k}:{v:.0f}s" for k, v in phases.items())
         _print_summary(summary, as_json)
 
 

@@ -9,6 +9,7 @@ spill file in the staging folder (float16 stays float16), deleted once Faiss hol
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,12 @@ class SegmentWriter:
         self._spill_rows = 0
         # (file, first row, rows) of each block given as a slice of a whole .npy on disk; None for the others
         self._origins: list[tuple[Path, int, int] | None] = []
+        # seconds spent in each phase (store, fill, write; write_base adds train): the manifest records them,
+        # so the build-time model (ragkit.index.build_time) can be checked against any build, phase by phase
+        self.phase_seconds: dict[str, float] = {}
+
+    def _timed(self, phase: str, began: float) -> None:
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - began
 
     @property
     def spill_path(self) -> Path:
@@ -108,11 +115,13 @@ class SegmentWriter:
         self._append_spill(np.asarray(vectors))
 
     def _insert(self, passages: Sequence[Passage], ids: np.ndarray, lines: Sequence[int] | None) -> None:
+        began = time.perf_counter()
         try:
             self.store.insert(passages, ids.tolist())
         except DuplicateIdError as exc:
             line = lines[exc.position] if lines is not None else None
             raise InputError(Location(self.source, line, "id"), f"duplicate id '{exc.passage_id}'") from None
+        self._timed("store", began)
 
     def _append_spill(self, vectors: np.ndarray) -> None:
         if self._spill is None:
@@ -150,6 +159,7 @@ class SegmentWriter:
         linked = keep_exact and self._linkable_files(vids)
         copy = self._exact_copy(vids) if keep_exact and not linked else None
         start = 0
+        began = time.perf_counter()
         for block in blocks:
             for offset in range(0, len(block), ADD_BLOCK):
                 chunk = np.ascontiguousarray(block[offset : offset + ADD_BLOCK], dtype=np.float32)
@@ -159,6 +169,8 @@ class SegmentWriter:
                     drop_pages(copy)
                 start += len(chunk)
                 drop_pages(block)  # the shards' pages must not count against the build's memory
+        self._timed("fill", began)
+        began = time.perf_counter()
         self.store.commit()
         self.store.close()
         cpu_index = fv.to_cpu(faiss_index)
@@ -173,6 +185,7 @@ class SegmentWriter:
             exact = (npy_part(self.staging / name, name, int(vids.min())),)
         if self.spill_path.exists():
             os.unlink(self.spill_path)
+        self._timed("write", began)
         return SegmentMeta(self.name, self.rows, int(vids.min()) if len(vids) else None,
                            int(vids.max()) if len(vids) else None, f"{self.name}.faiss", f"{self.name}.sqlite",
                            exact=exact, shares_quantizer=shares)

@@ -36,6 +36,7 @@ def write_base(writer: SegmentWriter, spec: IndexSpec, dim: int, metric: str, de
     template for later deltas, and fill it."""
     import faiss
 
+    began = time.perf_counter()
     faiss_index = fv.new_index(spec, dim, writer.rows, metric)
     target = fv.to_device(faiss_index, device)[0] if device != "cpu" else faiss_index
     if not target.is_trained:
@@ -47,6 +48,7 @@ def write_base(writer: SegmentWriter, spec: IndexSpec, dim: int, metric: str, de
         for block in blocks:
             drop_pages(block)
     faiss.write_index(fv.to_cpu(target), str(writer.staging / TEMPLATE))
+    writer.phase_seconds["train"] = time.perf_counter() - began
     return writer.finish(target, keep_exact=spec.refine > 0)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,7 @@ class Index:
             staging = layout.new_staging_dir(root, version)
             writer = SegmentWriter(staging, segment_name(version), encoder.dim, 1, source=source)
             build = IndexBuild(writer)
+            began = time.perf_counter()
             try:
                 yield build
                 if writer.rows == 0:
@@ -242,6 +244,9 @@ class Index:
                 if sparse is not None:
                     manifest["sparse"] = {"library": "bm25s", **sparse.to_json()}
                 meta = write_base(writer, resolved, encoder.dim, metric, device)
+                phases = {"input": time.perf_counter() - began - sum(writer.phase_seconds.values()),
+                          **writer.phase_seconds}  # input: reading and checking what the caller gave
+                manifest["build_phases"] = {k: round(v, 2) for k, v in phases.items()}
                 draft = Draft(root, staging, version, segments=[], dead=set(), next_vid=writer.next_vid, files={})
                 draft.new_segment(meta)
                 draft.new_file(TEMPLATE)
