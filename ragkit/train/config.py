@@ -299,11 +299,33 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise InputError(Location(str(p), line), f"unreadable config ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise InputError(Location(str(p)), "a config file must be a table of key = value")
-    for key in data:
+    for key, value in data.items():
         if key.replace("-", "_") not in FIELDS:
             raise InputError(Location(str(p), None, key), f"unknown key '{key}'",
                              hint=f"Known keys: {', '.join(FIELDS)}.")
+        expected = _TYPE_NAMES[FIELDS[key.replace("-", "_")].type]
+        if not _has_type(value, FIELDS[key.replace("-", "_")].type):
+            raise InputError(Location(str(p), None, key), f"{value!r} is not {expected}")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+# The field types TrainConfig uses (as strings: the module has postponed annotations) and how a config file's
+# value is checked against each: a string where a number belongs failed later as a TypeError (exit 1)
+_TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "float | None": "a number",
+               "str": "a string", "str | None": "a string"}
+
+
+def _has_type(value: Any, declared: str) -> bool:
+    if value is None:
+        return declared.endswith("| None")
+    base = declared.removesuffix(" | None")
+    if base == "bool":
+        return isinstance(value, bool)
+    if base == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
 
 
 def resolve_config(file: str | Path | None, flags: dict[str, Any]) -> TrainConfig:
