@@ -64,6 +64,33 @@ def uses_private_ray(address: str | None) -> bool:
     return not (address or os.environ.get("RAY_ADDRESS"))
 
 
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Refuse at once a Ray address where nothing answers: `ray.init` retries such an address for minutes
+    (6.5 min measured, one core busy) before it gives up with a ConnectionError. `auto` is Ray's own lookup."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    if target == "auto" or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise UsageError(f"ray_address {address}: expected HOST:PORT (or ray://HOST:PORT, or auto)") from None
+    try:
+        with socket.create_connection((host, number), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+        raise ResourceError(f"Ray cluster at {address}: {reason.lower()}",
+                            hint="Start it (`ray start --head`), check the address, or leave the address out "
+                                 "for a private local Ray.") from None
+
+
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     """Connect to `address` (or $RAY_ADDRESS), else start a private local Ray on 127.0.0.1 (`loopback`)."""
     import os
@@ -77,6 +104,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
         if address:
             from ragkit.retrieval.loopback import prepare_connect
 
+            check_reachable(address)
             prepare_connect(address)
             ray.init(address=address, namespace="ragkit", ignore_reinit_error=True)
         else:
