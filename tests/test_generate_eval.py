@@ -71,9 +71,16 @@ def test_rag_with_ctxs_and_with_an_index(tiny_lm_path: Path, tiny_encoder_path: 
     assert all(len(r["passages"]) == 2 and r["passages"][0]["id"].startswith("d") for r in rows)
 
 
-def test_rag_without_passages_is_an_input_error(tiny_lm_path: Path) -> None:
+def test_rag_without_passages_or_index_is_a_usage_error(tmp_path: Path, tiny_lm_path: Path) -> None:
+    """Issue 27.9: the missing piece is the index (a flag), so exit 2, naming the first question without
+    passages, its file and line (checked when the input is read, before the model loads)."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "a", "ctxs": [{"title": "t", "text": "x"}]}\n{"question": "b"}\n')
+    result = run("generate", questions, "--model", tiny_lm_path, "--arch", "rag", "--device", "cpu")
+    assert result.exit_code == 2, result.stderr
+    assert "q.jsonl:2: question '2' has no passages ('ctxs' or 'hits') and no index was given" in result.stderr
     result = run("generate", "--model", tiny_lm_path, "--arch", "rag", "--device", "cpu", input="a plain question\n")
-    assert result.exit_code == 3 and "has no passages ('ctxs' or 'hits')" in result.stderr
+    assert result.exit_code == 2 and "has no passages" in result.stderr
 
 
 def test_generate_errors(tmp_path: Path, tiny_lm_path: Path) -> None:

@@ -48,7 +48,7 @@ class Architecture:
     def read_input(self, path: str, *, limit: int, task: str | None, options: Any) -> list[Any]:
         module = self.inference_module()
         if hasattr(module, "read_input"):
-            return module.read_input(path, limit=limit, options=options)
+            return module.read_input(path, limit=limit, options=options, task=task)
         from ragkit.io.queries import read_questions
 
         return read_questions(path, limit=limit, task=task)

@@ -58,6 +58,7 @@ class Question:
     ctxs: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     upstream_text: str | None = None  # Self-RAG --compat-upstream: the reference scripts' prompt, where it differs
+    where: Location | None = None  # the file and line it was read from (for messages about it)
 
 
 PASSAGE_FIELDS = ("ctxs", "hits")  # Self-RAG / DPR files carry `ctxs`; `ragkit index search` writes `hits`
@@ -95,9 +96,11 @@ def read_questions(path: str, *, limit: int = 0, task: str | None = None) -> lis
     questions: list[Question] = []
     for lineno, record in iter_records(path):
         if isinstance(record, str):
-            questions.append(Question(str(lineno), record))
+            questions.append(Question(str(lineno), record, where=Location(name, lineno)))
         else:
-            questions.append(question_from_json(record, Location(name, lineno)))
+            question = question_from_json(record, Location(name, lineno))
+            question.where = Location(name, lineno)
+            questions.append(question)
         if limit and len(questions) >= limit:
             break
     if not questions:

@@ -48,6 +48,25 @@ def is_rag_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "rag_config.json").exists() or hf_rag_class(path) is not None
 
 
+def read_input(path: str, *, limit: int, options: Any, task: str | None = None) -> list[Question]:
+    """The questions; read-with-a-generator without an index needs every question to carry its passages, which
+    is checked here, before any model loads: a missing index is a usage error (exit 2) naming the first
+    question without them."""
+    from ragkit.errors import UsageError
+    from ragkit.io.queries import read_questions
+
+    questions = read_questions(path, limit=limit, task=task)
+    if isinstance(options, RagCheckpointOptions) or getattr(options, "index", None):
+        return questions
+    bare = next((q for q in questions if not q.ctxs), None)
+    if bare is not None:
+        where = f"{bare.where}: " if bare.where is not None else ""
+        raise UsageError(f"{where}question '{bare.id}' has no passages ('ctxs' or 'hits') and no index was given "
+                         "to retrieve them", hint="Pass --index DIR, or input rows with ctxs (or `ragkit index "
+                                                  "search` output, with hits).")
+    return questions
+
+
 def options_class(model: str) -> type:
     """The options schema depends on what --model is: a trained checkpoint, or a generator to read with."""
     if is_rag_checkpoint(model):

@@ -90,7 +90,7 @@ class RetroAnswerer:
         return f"retro: {self.tokens} tokens in {self.seconds:.1f}s ({self.tokens / self.seconds:.1f} tokens/s)"
 
 
-def read_input(path: str, *, limit: int, options: RetroOptions) -> list[Question]:
+def read_input(path: str, *, limit: int, options: RetroOptions, task: str | None = None) -> list[Question]:
     """Prompts from JSONL (prompt, text or question; optional id) or plain lines; one empty prompt with
     --unconditional."""
     from ragkit.errors import InputError, Location
