@@ -1,5 +1,6 @@
 """A train config file's values are checked against the option's type (issue 27.8: `lr = "fast"` in a TOML
-file reached the trainer and failed as a TypeError, exit 1)."""
+file reached the trainer and failed as a TypeError, exit 1). Like an unknown key or another architecture's key,
+it is a usage error (exit 2, issue 27.9: unknown keys were exit 3, another architecture's exit 2)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ragkit.errors import InputError
+from ragkit.errors import UsageError
 from ragkit.train.config import load_config_file, resolve_config
 
 
@@ -22,9 +23,9 @@ from ragkit.train.config import load_config_file, resolve_config
 def test_a_value_of_the_wrong_type_is_an_input_error_naming_file_and_key(tmp_path: Path, line: str, key: str | None):
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'arch = "rag"\n{line}\n')
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(UsageError) as caught:
         resolve_config(cfg, {})
-    assert caught.value.exit_code == 3
+    assert caught.value.exit_code == 2  # as the same option given as a flag
     assert str(cfg) in str(caught.value)
     if key is not None:
         assert key in str(caught.value)
@@ -44,5 +45,5 @@ def test_null_is_taken_only_where_the_option_may_be_unset(tmp_path: Path):
     cfg.write_text('{"arch": "rag", "lr": null}')
     assert load_config_file(cfg) == {"arch": "rag", "lr": None}
     cfg.write_text('{"arch": "rag", "max_steps": null}')
-    with pytest.raises(InputError, match="max_steps"):
+    with pytest.raises(UsageError, match="max_steps"):
         load_config_file(cfg)

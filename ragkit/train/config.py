@@ -299,13 +299,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise InputError(Location(str(p), line), f"unreadable config ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise InputError(Location(str(p)), "a config file must be a table of key = value")
+    # A key the options do not have, or a value of the wrong type, is a usage error (exit 2) as the same option
+    # given as a flag would be, and as a key of another architecture's section is; the message names the
+    # file and the key. A file that does not parse is an input error (exit 3, naming the line).
     for key, value in data.items():
         if key.replace("-", "_") not in FIELDS:
-            raise InputError(Location(str(p), None, key), f"unknown key '{key}'",
-                             hint=f"Known keys: {', '.join(FIELDS)}.")
-        expected = _TYPE_NAMES[FIELDS[key.replace("-", "_")].type]
-        if not _has_type(value, FIELDS[key.replace("-", "_")].type):
-            raise InputError(Location(str(p), None, key), f"{value!r} is not {expected}")
+            raise UsageError(f"{p}: key '{key}': unknown key", hint=f"Known keys: {', '.join(FIELDS)}.")
+        declared = FIELDS[key.replace("-", "_")].type
+        if not _has_type(value, declared):
+            raise UsageError(f"{p}: key '{key}': {value!r} is not {_TYPE_NAMES[declared]}")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
