@@ -230,6 +230,25 @@ def test_distillation_needs_negatives_and_its_loss(tmp_path: Path, tiny_encoder_
     assert result.exit_code == 2 and "give --distill-from" in result.stderr
 
 
+@pytest.mark.parametrize("row, field", [
+    ({"negatives": "n"}, "negatives"),  # issue 27.9: a string under 'negatives' was taken as a list of one
+    ({"negatives": ["n", 3]}, "negatives"),
+    ({"negatives": [""]}, "negatives"),
+    ({"negative": ["n"]}, "negative"),
+])
+def test_negatives_of_the_wrong_shape_name_the_field(tmp_path: Path, row: dict, field: str) -> None:
+    from ragkit.errors import InputError
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "q", "positive": "p"}, {"query": "q2", "positive": "p2", **row}])
+    with pytest.raises(InputError, match=f"bad.jsonl:2: field '{field}'"):
+        read_training_pairs(bad)
+
+
+def test_one_negative_text_is_one_negative(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", [{"query": "q", "positive": "p", "negative": "n"}])
+    assert read_training_pairs(data)[0].negatives == ["n"]
+
+
 def test_the_datas_own_negatives_are_used_without_mining(tmp_path: Path) -> None:
     """Negatives given in the data reach the loss as hard negatives (they were dropped unless
     --hard-negatives was set)."""

@@ -88,10 +88,17 @@ def read_training_pairs(path: str | Path, split: str = "train") -> list[Training
             raise InputError(Location(str(p), lineno, "query"), "field 'query' is missing or empty")
         if not isinstance(positive, str) or not positive.strip():
             raise InputError(Location(str(p), lineno, "positive"), "field 'positive' is missing or empty")
-        negatives = obj.get("negatives", obj.get("negative", []))
-        negatives = [negatives] if isinstance(negatives, str) else negatives
-        if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
-            raise InputError(Location(str(p), lineno, "negatives"), "field 'negatives' must be a list of strings")
+        # 'negatives' is a list of texts, 'negative' one text (sentence-transformers' triplet column): a
+        # string under 'negatives' (one text, or a typo) was taken as a list of one
+        if "negatives" in obj:
+            negatives = obj["negatives"]
+            if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+                raise InputError(Location(str(p), lineno, "negatives"), "field 'negatives' must be a list of texts")
+        else:
+            negative = obj.get("negative")
+            if negative is not None and not (isinstance(negative, str) and negative.strip()):
+                raise InputError(Location(str(p), lineno, "negative"), "field 'negative' must be a text")
+            negatives = [] if negative is None else [negative]
         ids = obj.get("positive_id")
         pairs.append(TrainingPair(query, positive, {str(ids)} if ids is not None else set(), list(negatives)))
     if not pairs:
