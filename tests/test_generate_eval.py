@@ -140,6 +140,22 @@ def test_eval_compare_and_plot(data: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert run("eval", "compare", bad).exit_code == 3
+    good = json.loads((tmp_path / "rag.json").read_text())
+    # issue 27.9: a report whose fields have the wrong types failed as a TypeError (exit 1) inside the table
+    for field, value in (("metrics", 5), ("metrics.match.mean", "x"), ("metrics.match.ci95", [0]), ("n", "3"),
+                         ("primary_metric", "nope"), ("rows", {})):
+        broken = json.loads(json.dumps(good))
+        target, *path = field.split(".")
+        if path:
+            holder = broken[target]
+            for key in path[:-1]:
+                holder = holder[key]
+            holder[path[-1]] = value
+        else:
+            broken[target] = value
+        bad.write_text(json.dumps(broken))
+        result = run("eval", "compare", bad, tmp_path / "rag.json")
+        assert result.exit_code == 3 and f"field '{field}'" in result.stderr, (field, result.stderr)
 
 
 def test_generate_then_eval_through_a_shell_pipe(tiny_lm_path: Path, data: Path, tmp_path: Path) -> None:

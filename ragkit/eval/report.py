@@ -92,7 +92,41 @@ def load_report(path: str | Path) -> dict[str, Any]:
         raise InputError(Location(str(p), exc.lineno), f"malformed JSON ({exc.msg})") from None
     if not isinstance(report, dict) or "metrics" not in report or "task" not in report:
         raise InputError(Location(str(p), None, "metrics"), "not a ragkit eval report (no 'task'/'metrics')")
+    _check_report(p, report)
     return report
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_report(path: Path, report: dict[str, Any]) -> None:
+    """The fields `eval compare` reads, each of the type `build_report` writes: a hand-edited or truncated
+    report failed as a TypeError (exit 1) somewhere in the table."""
+    def bad(field: str, expected: str) -> InputError:
+        return InputError(Location(str(path), None, field), f"expected {expected}")
+
+    if not isinstance(report["task"], str):
+        raise bad("task", "a task name")
+    if not isinstance(report["metrics"], dict) or not report["metrics"]:
+        raise bad("metrics", "an object of metric -> {mean, ci95}")
+    for name, m in report["metrics"].items():
+        if not isinstance(m, dict) or not _is_number(m.get("mean")):
+            raise bad(f"metrics.{name}.mean", "a number")
+        ci = m.get("ci95")
+        if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(_is_number(x) for x in ci)):
+            raise bad(f"metrics.{name}.ci95", "[low, high]")
+    if not (isinstance(report.get("n"), int) and not isinstance(report["n"], bool)):
+        raise bad("n", "a count")
+    primary = report.get("primary_metric")
+    if not isinstance(primary, str) or primary not in report["metrics"]:
+        raise bad("primary_metric", f"one of its metrics ({', '.join(map(str, report['metrics']))})")
+    for key in ("config", "timings"):
+        if key in report and not isinstance(report[key], dict):
+            raise bad(key, "an object")
+    rows = report.get("rows")
+    if rows is not None and not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows)):
+        raise bad("rows", "a list of objects")
 
 
 def label_of(path: str | Path, report: dict[str, Any]) -> str:
