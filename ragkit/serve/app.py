@@ -16,8 +16,8 @@ from ragkit.retrieval.retriever import RetrievalMode
 from ragkit.serve.backend import InfoJob, PassagesJob, SearchJob
 from ragkit.serve.batcher import Busy, MicroBatcher
 from ragkit.serve.config import ServeConfig
-from ragkit.serve.requests import (ChatBody, GenerateBody, RequestError, SearchBody, chat_question, check_k,
-                                   parse_queries)
+from ragkit.serve.requests import (ChatBody, GenerateBody, RequestError, SearchBody, chat_question, check_json_body,
+                                   check_k, parse_queries)
 
 OPEN_PATHS = ("/", "/health")  # no data behind them (nor behind /static/): the page asks for the key itself
 
@@ -57,6 +57,11 @@ class _Guard:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        if body and _is_json(headers.get("content-type")):
+            try:  # parsed here once more, before FastAPI parses it (bodies are bounded: a millisecond at most)
+                check_json_body(body)
+            except RequestError as exc:
+                return await _send_json(send, exc.status, _error(exc.field, exc.message))
 
         async def replay() -> dict[str, Any]:
             nonlocal replayed
@@ -66,6 +71,14 @@ class _Guard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """FastAPI parses a body as JSON when its type says so, or when it has no type."""
+    if not content_type:
+        return True
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 def _error(field: str | None, message: str) -> dict[str, Any]:

@@ -22,7 +22,65 @@ class RequestError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "k": true was taken as k = 1, "k": "3" as 3; JSON's types are the request's types
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+MAX_INT_DIGITS = 19  # an int64; Python's json gives up at 4,300 digits with a ValueError (FastAPI: a bare 400)
+
+
+class _Refused:
+    """Stands for a JSON value the parser must not build (a huge integer, NaN, Infinity) until the walk
+    after parsing finds which field holds it."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+
+def check_json_body(body: bytes) -> None:
+    """Refuse, naming the field, a JSON body that FastAPI's parser would turn into a bare 400 (invalid UTF-8,
+    nesting deeper than Python's parser goes, an integer of thousands of digits) or into a number no field
+    means (NaN, Infinity). A body that is not JSON at all is left to FastAPI (422 json_invalid)."""
+    import json
+
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError("body", f"not UTF-8 text (byte {exc.start})") from None
+    refused = []
+
+    def huge_int(digits: str) -> Any:
+        if len(digits.lstrip("-")) <= MAX_INT_DIGITS:
+            return int(digits)
+        refused.append(_Refused(f"an integer of {len(digits.lstrip('-'))} digits"))
+        return refused[-1]
+
+    def constant(name: str) -> Any:
+        refused.append(_Refused(f"{name} is not a JSON number"))
+        return refused[-1]
+
+    try:
+        parsed = json.loads(text, parse_int=huge_int, parse_constant=constant)
+    except json.JSONDecodeError:
+        return
+    except RecursionError:
+        raise RequestError("body", "JSON nested too deeply") from None
+    if refused:
+        field, what = _find_refused(parsed, "")
+        raise RequestError(field or "body", f"{field or 'body'}: {what}")
+
+
+def _find_refused(value: Any, path: str) -> tuple[str, str]:
+    stack = [(value, path)]
+    while stack:  # iterative: the body may be nested as deep as the parser went
+        item, where = stack.pop()
+        if isinstance(item, _Refused):
+            return where, item.what
+        if isinstance(item, dict):
+            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+    return "", "refused"
 
 
 class SearchBody(_Strict):
@@ -39,7 +97,7 @@ class GenerateBody(SearchBody):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: str | list[dict[str, Any]] | None = None
 
@@ -47,7 +105,7 @@ class ChatMessage(BaseModel):
 class ChatBody(BaseModel):
     """OpenAI's chat-completions request; fields ragkit cannot honour are refused by `check_chat`."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = None
     messages: list[ChatMessage]
     stream: bool = False
