@@ -109,3 +109,28 @@ def test_embed_on_ray_writes_the_shards_one_process_writes(tmp_path: Path, tiny_
     proc = embed(corpus, tmp_path / "bad", tiny_encoder_path, "--num-shards", 3, "--ray", "--shard-id", 1)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "leave out --shard-id" in err
+
+
+def test_embed_refuses_a_repeated_id_before_loading_the_model(tmp_path: Path) -> None:
+    """Issue 27.9: `embed` wrote shards with a repeated id that `index build --embeddings` refused only after
+    every shard was embedded. Refused when the corpus is counted, before the model loads (the model named
+    here does not exist, and the error is about the id, exit 3)."""
+    from typer.testing import CliRunner
+
+    from ragkit.cli import app
+
+    corpus = tmp_path / "dup.jsonl"
+    corpus.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n')
+    result = CliRunner().invoke(app, ["embed", str(corpus), "-o", str(tmp_path / "emb"), "-m",
+                                      str(tmp_path / "no-model"), "--device", "cpu"])
+    assert result.exit_code == 3, result.output
+    assert "dup.jsonl:3: field 'id': duplicate id 'a' (first at line 1)" in result.output
+    assert not list((tmp_path / "emb").glob("*.npy")) if (tmp_path / "emb").exists() else True
+
+
+def test_count_passages_counts_and_takes_distinct_ids(tmp_path: Path) -> None:
+    from ragkit.embeddings import count_passages
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(f'{{"id": "p{i}", "text": "t"}}\n' for i in range(1000)))
+    assert count_passages(corpus) == 1000

@@ -70,6 +70,10 @@ def embed(
             info(f"embedded {sum(r.rows for r in results)} passages in {num_shards} shards on Ray; wrote {output}")
             return
 
+        from ragkit.embeddings import count_passages
+
+        # the corpus is read (and its ids checked) before the model loads; stdin is refused by embed_shard
+        rows = count_passages(corpus) if str(corpus) != "-" else None
         encoder = Encoder(model, device=device, normalize=normalize, max_seq_length=max_seq_length or None,
                           backend=backend, pooling=pooling)
         with progress() as bar:
@@ -83,7 +87,7 @@ def embed(
             result = embed_shard(
                 encoder, corpus, output, shard_id=shard_id, num_shards=num_shards, dtype=dtype,
                 batch_size=batch_size, checkpoint_rows=checkpoint_rows, on_block=lambda n: bar.advance(task, n),
-                on_plan=plan,
+                on_plan=plan, corpus_rows=rows,
             )
         embedded = result.rows - result.resumed_from
         rate = embedded / result.seconds if result.seconds else 0.0
