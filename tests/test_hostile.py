@@ -194,8 +194,9 @@ def test_damaged_index_files_are_exit_4_naming_the_file(tmp_path: Path, tiny_enc
         path.write_bytes(raw.replace(header, (32).to_bytes(4, "little") + (10**12).to_bytes(8, "little")))
 
     cases = {
-        "manifest": (drop_segments, "malformed manifest (missing key 'segments')"),
-        "ntotal": (impossible_ntotal, "seg-000001.faiss: not a readable Faiss index"),
+        "manifest": (drop_segments, "manifest.json: field 'segments': expected a list of segments"),
+        # the header is checked against the manifest at open (27.12), before Faiss reads the file
+        "ntotal": (impossible_ntotal, "field 'segments[0].rows': 30, but seg-000001.faiss holds 1000000000000 vectors"),
         "sqlite": (lambda v: _corrupt(v / "seg-000001.sqlite", 100, b"\xff" * 3900), "passage store is unreadable"),
     }
     for name, (change, message) in cases.items():

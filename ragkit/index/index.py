@@ -33,6 +33,7 @@ from ragkit.index.draft import (  # noqa: F401  (the thresholds are part of this
 )
 from ragkit.index.exact import ExactVectors
 from ragkit.index.hits import Hit, HitRow, PassageLookup, fetch_rows
+from ragkit.index.manifest_checks import check_manifest
 from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, SharedTemplate, segment_name
 from ragkit.index.sparse import LegacySparseSide, SegmentedBM25, SparseConfig
 from ragkit.index.spec import IndexSpec, parse_spec, resolve_spec
@@ -171,6 +172,7 @@ class Index:
         if int(manifest["format_version"]) == 1:
             manifest, dead = _upgrade_format1(version_dir, manifest)
         else:
+            check_manifest(manifest, version_dir, manifest_path)
             dead = _read_deletes(version_dir, manifest)
         metas = [SegmentMeta.from_json(m) for m in manifest["segments"]]
         template = SharedTemplate(version_dir / TEMPLATE) if any(m.shares_quantizer for m in metas) else None
