@@ -137,3 +137,29 @@ def test_every_pickle_protocol_of_an_array_reads(tmp_path: Path, protocol: int) 
     path.write_bytes(pickle.dumps((["a", "b", 3, "d"], vectors), protocol=protocol))
     ids, got = read_released(path)
     assert ids == ["a", "b", "3", "d"] and np.array_equal(got, vectors)
+
+
+def test_released_files_are_held_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 26, stage 7: the import's memory is one file plus the index. The reader's generator kept the last
+    file's arrays while it read the next (two 1.5 GB files at once for Contriever's passages_XX)."""
+    import weakref
+
+    import ragkit.index.released as released
+
+    for f in range(3):
+        with open(tmp_path / f"passages_{f:02d}", "wb") as handle:
+            pickle.dump(([f"{f}-{i}" for i in range(10)], np.ones((10, 4), np.float32)), handle, protocol=4)
+    refs: list[weakref.ref] = []
+    alive_when_read: list[list[bool]] = []
+    real = released.read_released
+
+    def spy(path: Path):
+        alive_when_read.append([r() is not None for r in refs])
+        ids, vectors = real(path)
+        refs.append(weakref.ref(vectors))
+        return ids, vectors
+
+    monkeypatch.setattr(released, "read_released", spy)
+    for _, ids, vectors in released.iter_released(tmp_path):
+        del ids, vectors  # as import_released does
+    assert alive_when_read == [[], [False], [False, False]]

@@ -87,6 +87,7 @@ def iter_released(directory: Path) -> Iterator[tuple[Path, list[str], np.ndarray
         elif vectors.shape[1] != dim:
             raise InputError(Location(str(path)), f"embeddings of dimension {vectors.shape[1]}, the earlier files' are {dim}")
         yield path, ids, vectors
+        del ids, vectors  # before the next file is read: one file in memory at a time, not two
 
 
 def import_released(build: Any, corpus: str | Path, directory: Path, *, block: int = 10_000) -> int:
@@ -124,6 +125,7 @@ def import_released(build: Any, corpus: str | Path, directory: Path, *, block: i
                 raise InputError(Location(str(path), None, "ids"), "an id appears twice")
             build.add_vectors(vectors[start : start + block], [found[i] for i in chunk])
             vectors_added += len(chunk)
+        del ids, vectors  # this file's arrays go before the generator reads the next
     if vectors_added != build.rows:
         raise InputError(Location(display_name(corpus)),
                          f"{build.rows} passages but {vectors_added} embeddings in {directory}: every passage needs one")
