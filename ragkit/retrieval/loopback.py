@@ -206,7 +206,10 @@ def _reaper() -> subprocess.Popen[bytes]:
     global _reaper_process
     if _reaper_process is None or _reaper_process.poll() is not None:
         _reaper_process = subprocess.Popen(
-            [sys.executable, "-m", "ragkit.retrieval.ray_reaper", str(os.getpid())], stdin=subprocess.PIPE,
+            # run as a file, not `-m ragkit.retrieval.ray_reaper`: it needs only the standard library, and the
+            # package's imports (Faiss, NumPy: ~1 s, ~100 MB) would stay resident as long as the driver lives
+            [sys.executable, "-I", str(Path(__file__).with_name("ray_reaper.py")), str(os.getpid())],
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     return _reaper_process
 

@@ -1,4 +1,5 @@
-"""Kill a private Ray session once the process that started it is gone: `python -m ragkit.retrieval.ray_reaper PID`.
+"""Kill a private Ray session once the process that started it is gone: `python -I ray_reaper.py PID` (this file;
+standard library only).
 
 Started by `loopback.init_private_ray` *before* `ray.init`, with a pipe on stdin whose other end only the
 driver (PID) holds, so end-of-file means the driver exited, however it died, even inside `ray.init`
