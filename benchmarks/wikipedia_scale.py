@@ -12,14 +12,26 @@ Stages:
             float16 values stored), so no second pass over 32 GB is needed
   build     `ragkit index build --embeddings DIR --spec SPEC --max-memory M` in its own process: wall time,
             peak RSS, bytes on disk, beside `ragkit index plan`'s estimates for the same spec
+  tune      an auto-built index whose pinned search settings predate auto's current ones (AUTO_NPROBE,
+            AUTO_REFINE in ragkit/index/spec.py) gets them with `ragkit index tune` (search-time settings:
+            the build does not depend on them, so the results are those of a fresh build)
   search    recall@10 against the exact top-10, one-query latency (p50/p99) and batch QPS, at the default
             settings and along nprobe x refine
   model     a random-weight 2-layer BERT of width 768 (sentence-transformers, mean pooling, normalised) is
             recorded in the shards as their embedder, so that the commands that embed text (`index add`,
             `serve`) run their whole path on this index; its vectors are not the generator's, so recall is
             measured on the generator's queries (stage search), and add/serve measure cost, not quality
-  change    `ragkit index add` / `index remove` of 10 passages (wall, peak RSS, bytes the process wrote)
+  lookup    the passage store at this size: one query's 10 hits with their passages (id, title, text read
+            from SQLite) against the same search returning ids only, p50/p99 over 200 queries
+  change    `ragkit index add` / `index remove` of 10 passages (wall, peak RSS, bytes the process wrote),
+            and the time a bare `import torch, sentence_transformers` takes (the add's fixed cost; noisy on
+            this VM, in the JSON only)
   serve     `ragkit serve` on it: time until /health answers, resident memory, p50/p99 at 8 clients
+  released  the released-embedding import at size: the generator's first --released-rows rows written as
+            Contriever's `passages_XX` pickles (float32, 4 files) beside a psgs_w100-style TSV, imported
+            by `ragkit index build TSV --embeddings DIR --spec auto --max-memory 2G` in its own process
+            (peak RSS against the largest file's size; bytes written), recall@10 of its default search
+            against the exact top-10 over those rows; the files and the index are deleted afterwards
 
 The synthetic encoder stands in for Contriever's structure, not its values: a passage's vector is a point of
 a 64-dimensional latent space (one of 4,096 clusters, sizes Zipf-distributed, so a few are huge and most are
@@ -52,7 +64,7 @@ CLUSTERS = 4096
 QUERIES = 1000
 K = 10
 CHUNK = 1024  # the generator draws rows in aligned chunks of this many, seeded by chunk number
-STAGES = ("corpus", "shards", "model", "build", "search", "change", "serve")
+STAGES = ("corpus", "shards", "model", "build", "tune", "search", "lookup", "change", "serve", "released")
 
 MEASURE = """
 import runpy, sys, json, time, os
@@ -262,6 +274,20 @@ class Run:
         return {**result, "spec": info.get("spec"), "estimate": estimate, "index_bytes": disk(self.index), "argv": argv,
                 "plan": json.loads(plan.stdout) if plan.returncode == 0 else plan.stderr[-500:]}
 
+    def stage_tune(self) -> dict[str, Any]:
+        from ragkit.index.index import Index
+        from ragkit.index.spec import AUTO_NPROBE, AUTO_REFINE
+
+        index = Index.open(self.index)
+        spec = index.spec
+        wanted = {"nprobe": AUTO_NPROBE, "refine": AUTO_REFINE}
+        if (index.manifest.get("spec_requested") != "auto" or spec.kind != "ivf-pq"
+                or all(spec.params.get(k) == v for k, v in wanted.items())):
+            return {"spec": spec.text, "tuned": False}
+        result = self.measured(["index", "tune", str(self.index), "--nprobe", str(AUTO_NPROBE),
+                                "--refine", str(AUTO_REFINE)])
+        return {**result, "before": spec.text, "spec": Index.open(self.index).spec.text, "tuned": True}
+
     def stage_search(self) -> dict[str, Any]:
         from ragkit.index.index import Index
 
@@ -288,18 +314,40 @@ class Run:
             print(f"[search] {row}", file=sys.stderr, flush=True)
             return row
 
-        default = measure("default")
-        spec = index.spec
-        for nprobe in (8, 16, 32, 64):
-            index.set_search_params(nprobe=nprobe)
-            measure(f"nprobe={nprobe}")
-        index.set_search_params(nprobe=int(spec.params.get("nprobe", 16)))
-        if index.exact:
-            for refine in (0, 50, 200):
-                index.set_search_params(refine=refine)
-                measure(f"refine={refine}")
+        default = measure(f"default ({index.spec.text})")
+        if not index.exact:
+            for nprobe in (8, 16, 32, 64, 128):
+                index.set_search_params(nprobe=nprobe)
+                measure(f"nprobe={nprobe}")
+            return {"default": default, "curve": rows}
+        index.set_search_params(refine=0)
+        measure("nprobe=64,refine=0 (the codes alone)")
+        for nprobe in (16, 32, 64, 128):
+            for refine in (100, 200, 400, 1000):
+                index.set_search_params(nprobe=nprobe, refine=refine)
+                measure(f"nprobe={nprobe},refine={refine}")
         return {"default": default, "curve": rows}
 
+
+    def stage_lookup(self) -> dict[str, Any]:
+        from ragkit.index.index import Index
+
+        queries = np.load(self.work / "exact.npz")["queries"][:200]
+        index = Index.open(self.index, threads=2)
+        for q in queries:  # every query once first: the exact vectors it re-ranks are then in the page cache for both
+            [(h.id, h.title, h.text) for row in index.search(q[None, :], K) for h in row]
+        ids_only, passages = [], []
+        for q in queries:  # alternated, so that neither side is measured in a quieter moment of this shared machine
+            began = time.perf_counter()
+            index.search_ids(q[None, :], K)
+            ids_only.append(1000 * (time.perf_counter() - began))
+            began = time.perf_counter()
+            [(h.id, h.title, h.text) for row in index.search(q[None, :], K) for h in row]
+            passages.append(1000 * (time.perf_counter() - began))
+        store_bytes = sum(p.stat().st_size for p in index.version_dir.glob("*.sqlite"))
+        return {"ids_p50_ms": float(np.percentile(ids_only, 50)), "ids_p99_ms": float(np.percentile(ids_only, 99)),
+                "passages_p50_ms": float(np.percentile(passages, 50)),
+                "passages_p99_ms": float(np.percentile(passages, 99)), "store_bytes": store_bytes}
 
     def stage_model(self) -> dict[str, Any]:
         sys.path.insert(0, str(REPO / "tests"))
@@ -316,17 +364,36 @@ class Run:
         return {"model": str(folder), "fingerprint": info.fingerprint}
 
     def stage_change(self) -> dict[str, Any]:
-        additions = self.work / "add.jsonl"
-        additions.write_text("".join(json.dumps({"id": f"new-{i}", "title": "Added", "text": f"added passage {i}"})
-                                     + "\n" for i in range(10)))
-        out = {}
-        out["add"] = self.measured(["index", "add", str(self.index), str(additions), "--device", "cpu"])
-        out["remove"] = self.measured(["index", "remove", str(self.index), "--ids",
-                                       ",".join(f"w{i}" for i in range(0, 10_000_000, 1_000_000))])
-        out["remove_added"] = self.measured(["index", "remove", str(self.index), "--ids",
-                                             ",".join(f"new-{i}" for i in range(10))])
+        """Add 10 new passages, remove 10 that are live, remove the 10 added: each in its own process. Ids are
+        chosen afresh on every run, so a redone stage measures the same work (not a replace, not a miss)."""
         from ragkit.index.index import Index
 
+        index = Index.open(self.index)
+        run = int(index.manifest["version"])
+        added = [f"new-{run}-{i}" for i in range(10)]
+        additions = self.work / "add.jsonl"
+        additions.write_text("".join(json.dumps({"id": pid, "title": "Added", "text": f"added passage {pid}"}) + "\n"
+                                     for pid in added))
+        live: list[str] = []
+        for offset in range(run, self.n, 7919):  # 10 live passages spread over the collection
+            wanted = [f"w{(offset + j * (self.n // 10)) % self.n}" for j in range(10)]
+            if len(index.get(wanted)) == 10:
+                live = wanted
+                break
+        del index
+        out: dict[str, Any] = {}
+        out["add"] = self.measured(["index", "add", str(self.index), str(additions), "--device", "cpu"])
+        out["remove"] = self.measured(["index", "remove", str(self.index), "--ids", ",".join(live)])
+        out["remove_added"] = self.measured(["index", "remove", str(self.index), "--ids", ",".join(added)])
+        for step in ("add", "remove", "remove_added"):
+            assert "missing=0" in out[step]["stderr_tail"] or step == "add", out[step]["stderr_tail"]
+        assert "added=10" in out["add"]["stderr_tail"], out["add"]["stderr_tail"]
+        seconds = []
+        for _ in range(2):  # the add's fixed cost; the second run, with the files in the page cache as the add had
+            began = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import torch, sentence_transformers"], check=True)
+            seconds.append(time.perf_counter() - began)
+        out["import_seconds"] = seconds[-1]
         out["after"] = {k: v for k, v in Index.open(self.index).info().items()
                         if k in ("passages", "tombstones", "segments", "bytes_on_disk")}
         return out
@@ -352,6 +419,60 @@ class Run:
         return {"open_seconds": opened, "rss_after_open": rss, "clients": 8, **result}
 
 
+    def stage_released(self) -> dict[str, Any]:
+        import pickle
+
+        rows, files = self.args.released_rows, 4
+        folder = self.work / "released"
+        shutil.rmtree(folder, ignore_errors=True)
+        embeddings = folder / "embeddings"
+        embeddings.mkdir(parents=True)
+        queries = self.queries()
+        best_scores = np.full((len(queries), K), -np.inf, np.float32)
+        best_rows = np.full((len(queries), K), -1, np.int64)
+        began = time.perf_counter()
+        per_file = -(-rows // files)
+        rng = np.random.default_rng(3)
+        vocabulary = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(3, 10)))
+                               for _ in range(5_000)])
+        with open(folder / "psgs.tsv", "w", encoding="utf-8") as tsv:
+            tsv.write("id\ttext\ttitle\n")
+            for f in range(files):
+                start, end = f * per_file, min(rows, (f + 1) * per_file)
+                vectors = np.empty((end - start, DIM), np.float32)
+                for b in range(start, end, 65_536):  # exact top-k merged block by block (bounded memory)
+                    block = self.generator.rows(b, min(end, b + 65_536))
+                    vectors[b - start : b - start + len(block)] = block
+                    scores = np.concatenate([best_scores, queries @ block.T], axis=1)
+                    rows_ = np.concatenate([best_rows, np.broadcast_to(np.arange(b, b + len(block)),
+                                                                       (len(queries), len(block)))], axis=1)
+                    top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
+                    best_scores, best_rows = np.take_along_axis(scores, top, 1), np.take_along_axis(rows_, top, 1)
+                ids = [str(r + 1) for r in range(start, end)]  # psgs_w100's ids count from 1
+                with open(embeddings / f"passages_{f:02d}", "wb") as handle:
+                    pickle.dump((ids, vectors), handle, protocol=4)
+                del vectors
+                words = vocabulary[np.random.default_rng([4, f]).integers(0, len(vocabulary), (end - start, 12))]
+                tsv.write("".join(f"{r + 1}\t{' '.join(w)}\tPassage {r}\n" for r, w in zip(range(start, end),
+                                                                                        words.tolist())))
+        written = time.perf_counter() - began
+        largest = max(p.stat().st_size for p in embeddings.iterdir())
+        out = folder / "index"
+        argv = ["index", "build", str(folder / "psgs.tsv"), "--embeddings", str(embeddings), "-o", str(out),
+                "--model", str(self.work / "model" / "st"), "--spec", "auto", "--max-memory", "2G"]
+        result = self.measured(argv)
+        from ragkit.index.index import Index
+
+        index = Index.open(out, threads=2)
+        found = index.search_ids(queries, K)
+        recall = float(np.mean([len({int(i) - 1 for i, _ in hits} & set(t.tolist())) / K
+                                for hits, t in zip(found, best_rows)]))
+        summary = {**result, "rows": rows, "files": files, "largest_file_bytes": largest, "write_files_seconds": written,
+                   "spec": index.spec.text, "recall_at_10": recall, "index_bytes": disk(out), "argv": argv}
+        del index
+        shutil.rmtree(folder)
+        return summary
+
     def report(self) -> None:
         """The goals of issue 26 beside what this run measured (stages not run yet show as -)."""
         st = self.state
@@ -375,10 +496,14 @@ class Run:
              f"{serve['p50_ms']:.1f} / {serve['p99_ms']:.1f} ms" if serve else "-"],
             ["index add of 10: wall / written", "<= 10 s, <= 50 MB",
              f"{change['add']['seconds']:.1f} s / {change['add']['write_bytes'] / 1e6:.2f} MB" if change else "-"],
+            ["released import (Contriever pickles): peak RSS / largest file", "one file + the index",
+             f"{gib(st['released']['peak_rss'])} / {gib(st['released']['largest_file_bytes'])}"
+             if "released" in st else "-"],
             ["index remove of 10: wall / written", "<= 10 s, <= 50 MB",
              f"{change['remove']['seconds']:.1f} s / {change['remove']['write_bytes'] / 1e6:.2f} MB" if change else "-"],
         ]
-        print_table(f"{self.n:,} x {DIM} on this machine, spec {build.get('spec', '-')}", ["measure", "goal", "measured"],
+        spec = st.get("tune", {}).get("spec") or build.get("spec", "-")
+        print_table(f"{self.n:,} x {DIM} on this machine, spec {spec}", ["measure", "goal", "measured"],
                     rows)
 
 
@@ -390,6 +515,7 @@ def main() -> None:
     parser.add_argument("--spec", default="auto")
     parser.add_argument("--max-memory", default="12G")
     parser.add_argument("--max-build-time", default=None)
+    parser.add_argument("--released-rows", type=int, default=2_000_000, help="rows of the released-import stage")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--redo", default="", help="stages to run again even if finished")
     parser.add_argument("--work", default=None)
