@@ -114,6 +114,6 @@ def test_a_build_records_the_seconds_of_each_phase(tmp_path):
                         EncoderInfo("t", 16, False, None, "fp"), spec="ivf-pq:nlist=16,m=4,refine=10")
     phases = index.manifest["build_phases"]
     assert set(phases) == {"input", "store", "train", "fill", "write"}
-    assert all(v >= 0 for v in phases.values()) and phases["train"] > 0 and phases["fill"] > 0
+    assert all(v >= 0 for v in phases.values()) and phases["train"] > 0  # (a fill of 3,000 rows rounds to 0.0 s)
     index.upsert([Passage("x", "x", "")], vectors[:1], index.encoder)
     assert Index.open(tmp_path / "i").manifest["build_phases"] == phases  # the build's record, kept
