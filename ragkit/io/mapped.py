@@ -11,9 +11,7 @@ def drop_pages(array: np.ndarray) -> None:
     """Drop a memory-mapped array's pages from this process (clean pages stay in the page cache, to be
     read back on demand): a stream over a file larger than RAM then holds one block, not the file.
     Flush a writable map first; anything that is not a mapping is left alone."""
-    handle = getattr(array, "_mmap", None)
-    if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        handle.madvise(mmap.MADV_DONTNEED)
+    advise(array, "MADV_DONTNEED")
 
 
 def advise(array: np.ndarray, advice: str) -> None:

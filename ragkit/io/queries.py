@@ -77,7 +77,7 @@ def question_from_json(obj: dict[str, Any], where: Location) -> Question:
         raise InputError(Location(where.path, where.line, carried),
                          f"field '{carried}' must be a list of {{title, text}} objects")
     extra = {k: v for k, v in obj.items() if k not in ("id", "_id", *PASSAGE_FIELDS, key)}
-    return Question(str(qid) if qid is not None else str(where.line), text, ctxs, extra)
+    return Question(str(qid) if qid is not None else str(where.line), text, ctxs, extra, where=where)
 
 
 def questions_from_examples(examples: Sequence[Any]) -> list[Question]:
@@ -98,9 +98,7 @@ def read_questions(path: str, *, limit: int = 0, task: str | None = None) -> lis
         if isinstance(record, str):
             questions.append(Question(str(lineno), record, where=Location(name, lineno)))
         else:
-            question = question_from_json(record, Location(name, lineno))
-            question.where = Location(name, lineno)
-            questions.append(question)
+            questions.append(question_from_json(record, Location(name, lineno)))
         if limit and len(questions) >= limit:
             break
     if not questions:
