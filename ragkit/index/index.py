@@ -36,7 +36,7 @@ from ragkit.index.hits import Hit, HitRow, PassageLookup, fetch_rows
 from ragkit.index.manifest_checks import check_manifest
 from ragkit.index.segments import TEMPLATE, Segment, SegmentMeta, SharedTemplate, segment_name
 from ragkit.index.sparse import LegacySparseSide, SegmentedBM25, SparseConfig
-from ragkit.index.spec import IndexSpec, parse_spec, resolve_spec
+from ragkit.index.spec import AUTO_REFINE, IndexSpec, parse_spec, resolve_spec
 from ragkit.index.store import PassageStore
 from ragkit.io.atomic import HASH_ON_READ_BYTES, names_full_disk, sha256_file
 from ragkit.io.corpus import Passage
@@ -509,9 +509,8 @@ class Index:
             if value is not None and name not in allowed:
                 raise UsageError(f"{name}: {self.root} (spec {spec.text}) has no such search setting",
                                  hint="hnsw takes ef_search; ivf-pq takes nprobe and refine.")
-        if refine is not None and refine > 0 and not self.exact:
-            raise UsageError(f"refine={refine}: {self.root} keeps no exact vectors to re-rank with",
-                             hint="Build it with a spec such as ivf-pq:refine=400.")
+        if refine is not None:
+            self._check_refine(refine)
         if refine is not None and refine <= 0 and spec.refine:
             raise UsageError(f"refine={refine}: {self.root} keeps exact vectors; its pinned refine stays positive "
                              "(later changes keep writing them)", hint="Search with refine=0 instead.")
@@ -545,14 +544,18 @@ class Index:
                 hint=f"Search with --model {built.name}, or rebuild the index with the new model.",
             )
 
+    def _check_refine(self, refine: int) -> None:
+        """Re-ranking (refine other than 0) needs the exact vectors, which only an index built with refine=R keeps."""
+        if refine and not self.exact:
+            raise UsageError(f"refine={refine}: {self.root} keeps no exact vectors to re-rank with",
+                             hint=f"Build it with a spec such as ivf-pq:refine={AUTO_REFINE}.")
+
     def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None,
                           refine: int | None = None) -> None:
         """Search settings for this handle; `refine` (candidates re-ranked from the exact vectors, 0 = off)
         needs an index built with refine=R in its spec, which keeps them."""
         if refine is not None:
-            if refine and not self.exact:
-                raise UsageError(f"refine={refine}: {self.root} keeps no exact vectors to re-rank with",
-                                 hint="Build it with a spec such as ivf-pq:refine=100.")
+            self._check_refine(refine)
             self.refine = int(refine)
         params = {}
         if ef_search:

@@ -173,7 +173,7 @@ class Segment:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-            self._lend_quantizer(index)
+            self.lend_quantizer(index)
             fv.set_search_params(index, self.search_params)
             if self.want_device != "cpu":
                 index, self.device = fv.to_device(index, self.want_device)
@@ -182,8 +182,9 @@ class Segment:
             self._is_ivf = fv.is_ivf(index)
         return self._faiss
 
-    def _lend_quantizer(self, index: Any) -> None:
-        """A delta written without its coarse quantiser gets the template's."""
+    def lend_quantizer(self, index: Any) -> None:
+        """A copy of this segment's Faiss index, read from its file, gets the template's coarse quantiser when
+        the delta was written without it."""
         if not self.meta.shares_quantizer:
             return
         from ragkit.errors import ResourceError
@@ -293,8 +294,7 @@ def merge_segments(segments: list[Segment], dead: np.ndarray, template: Any, *, 
             for segment in segments:
                 if segment.meta.vectors:
                     source = faiss.read_index(str(segment.dir / segment.meta.vectors))
-                    if segment.meta.shares_quantizer:
-                        fv.lend_quantizer(source, template)
+                    segment.lend_quantizer(source)
                     merged.merge_from(source, 0)
             if len(dead):
                 fv.remove(merged, dead)
