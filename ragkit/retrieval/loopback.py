@@ -144,10 +144,17 @@ def _advertise_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # node IP = 127.0.0.1, as on a laptop
 
 
+def split_address(address: str) -> tuple[str, str]:
+    """(host, port text) of a Ray address `HOST:PORT`, `ray://HOST:PORT` or `[IPv6]:PORT` (port "" without one)."""
+    target = address.removeprefix("ray://")
+    host, colon, port = target.rpartition(":")
+    return (host.strip("[]"), port) if colon else (target.strip("[]"), "")
+
+
 def prepare_connect(address: str) -> None:
     """Before `ray.init(address=...)`: a driver joining a loopback cluster (a ragkit private Ray, e.g. from
     another rank of the same job) must call itself 127.0.0.1 too, or Ray finds no raylet of its node."""
-    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    host, _ = split_address(address)
     if host in ("127.0.0.1", "localhost", "::1"):
         _advertise_loopback()
 

@@ -72,11 +72,11 @@ def check_reachable(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> N
     (6.5 min measured, one core busy) before it gives up with a ConnectionError. `auto` is Ray's own lookup."""
     import socket
 
-    target = address.removeprefix("ray://")
-    if target == "auto" or ":" not in target:
+    from ragkit.retrieval.loopback import split_address
+
+    host, port = split_address(address)
+    if host == "auto" or not port:
         return
-    host, _, port = target.rpartition(":")
-    host = host.strip("[]")
     try:
         number = int(port)
     except ValueError:
