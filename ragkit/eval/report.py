@@ -13,7 +13,7 @@ from typing import Any
 from ragkit import __version__
 from ragkit.errors import InputError, Location, ResourceError
 from ragkit.io.atomic import write_json
-from ragkit.io.jsonl import read_text
+from ragkit.io.jsonl import is_int, is_number, read_text
 
 Z95 = 1.959963984540054
 
@@ -96,10 +96,6 @@ def load_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_report(path: Path, report: dict[str, Any]) -> None:
     """The fields `eval compare` reads, each of the type `build_report` writes: a hand-edited or truncated
     report failed as a TypeError (exit 1) somewhere in the table."""
@@ -111,12 +107,12 @@ def _check_report(path: Path, report: dict[str, Any]) -> None:
     if not isinstance(report["metrics"], dict) or not report["metrics"]:
         raise bad("metrics", "an object of metric -> {mean, ci95}")
     for name, m in report["metrics"].items():
-        if not isinstance(m, dict) or not _is_number(m.get("mean")):
+        if not isinstance(m, dict) or not is_number(m.get("mean")):
             raise bad(f"metrics.{name}.mean", "a number")
         ci = m.get("ci95")
-        if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(_is_number(x) for x in ci)):
+        if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(is_number(x) for x in ci)):
             raise bad(f"metrics.{name}.ci95", "[low, high]")
-    if not (isinstance(report.get("n"), int) and not isinstance(report["n"], bool)):
+    if not is_int(report.get("n")):
         raise bad("n", "a count")
     primary = report.get("primary_metric")
     if not isinstance(primary, str) or primary not in report["metrics"]:

@@ -15,12 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ragkit.errors import ResourceError
+from ragkit.io.jsonl import is_int
 
 HINT = "Restore the index folder from a copy, or rebuild it."
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def faiss_header(path: Path) -> tuple[bytes, int, int]:
@@ -39,11 +36,11 @@ def check_manifest(manifest: dict[str, Any], version_dir: Path, manifest_path: P
         return ResourceError(f"{manifest_path}: field '{field}': {why}", hint=HINT)
 
     encoder = manifest.get("encoder")
-    if not isinstance(encoder, dict) or not _int(encoder.get("dim")) or encoder["dim"] < 1:
+    if not isinstance(encoder, dict) or not is_int(encoder.get("dim")) or encoder["dim"] < 1:
         raise bad("encoder.dim", "expected a positive integer")
     dim = encoder["dim"]
     next_vid = manifest.get("next_vid")
-    if not _int(next_vid) or next_vid < 1:
+    if not is_int(next_vid) or next_vid < 1:
         raise bad("next_vid", f"expected a positive integer, not {next_vid!r}")
     segments = manifest.get("segments")
     if not isinstance(segments, list):
@@ -55,11 +52,11 @@ def check_manifest(manifest: dict[str, Any], version_dir: Path, manifest_path: P
         if not isinstance(segment, dict) or not isinstance(segment.get("name"), str):
             raise bad(where, "expected a segment record with a name")
         rows = segment.get("rows")
-        if not _int(rows) or rows < 0:
+        if not is_int(rows) or rows < 0:
             raise bad(f"{where}.rows", f"expected a count, not {rows!r}")
         low, high = segment.get("vid_min"), segment.get("vid_max")
         if rows:
-            if not (_int(low) and _int(high) and 1 <= low <= high < next_vid):
+            if not (is_int(low) and is_int(high) and 1 <= low <= high < next_vid):
                 raise bad(f"{where}.vid_min", f"vids {low!r}..{high!r} are not within 1..{next_vid - 1}")
             if high - low + 1 < rows:
                 raise bad(f"{where}.rows", f"{rows} rows cannot have vids {low}..{high}")

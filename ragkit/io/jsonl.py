@@ -100,6 +100,16 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield lineno, record
 
 
+def is_int(value: Any) -> bool:
+    """An integer, and not a bool: JSON's `true` decodes to Python's True, which is an int."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class _NotJson(ValueError):
     pass
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ragkit.archs.registry import TRAINABLE as ARCHS
-from ragkit.io.jsonl import read_text
+from ragkit.io.jsonl import is_int, is_number, read_text
 from ragkit.errors import InputError, Location, ResourceError, UsageError
 
 SCHEDULERS = ("linear", "cosine", "polynomial", "constant")
@@ -167,11 +167,11 @@ class TrainConfig:
                         "gpu_hour_price", "distill_temperature")  # rates in [0, 1] are checked below
         for name in positive:
             value = getattr(self, name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            if is_number(value) and value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} {value}: must be positive")
         for name in non_negative:
             value = getattr(self, name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            if is_number(value) and value < 0:
                 raise UsageError(f"--{name.replace('_', '-')} {value}: must be 0 or more")
         if self.max_steps == 0 or self.max_steps < -1:
             raise UsageError(f"--max-steps {self.max_steps}: must be positive (or -1: from --epochs)")
@@ -324,9 +324,9 @@ def _has_type(value: Any, declared: str) -> bool:
     if base == "bool":
         return isinstance(value, bool)
     if base == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     if base == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number(value)
     return isinstance(value, str)
 
 
