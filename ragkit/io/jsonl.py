@@ -6,7 +6,7 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -131,29 +131,40 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def lone_surrogate_at(value: Any, path: str = "") -> str | None:
-    """The field path (`meta.tags[1]`, under `path`) of the first string in `value` that holds a lone surrogate
-    (`"\\ud800"`: valid JSON, but no UTF-8 text, so SQLite, a tokenizer and every writer would fail on it later);
-    None when there is none. A key that holds one is reported as its parent (or "key" at the top)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if lone_surrogate_at(key) is not None:
-                return path or "key"
-            found = lone_surrogate_at(item, f"{path}.{key}" if path else str(key))
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = lone_surrogate_at(item, f"{path}[{i}]")
-            if found is not None:
-                return found
+def first_path(value: Any, hit: Callable[[Any], bool], path: str = "") -> str | None:
+    """The field path (`meta.tags[1]`, under `path`) of the first value in `value`, in document order, for
+    which `hit` is true; a dict key that hits is reported as its dict's path ("key" at the top). None when
+    nothing hits. Iterative: a decoded body may be nested as deep as the JSON parser goes."""
+    stack: list[tuple[Any, str, bool]] = [(value, path, False)]
+    while stack:
+        item, where, is_key = stack.pop()
+        if hit(item):
+            return (where or "key") if is_key else where
+        if isinstance(item, dict):
+            entries = []
+            for key, child in item.items():
+                entries += [(key, where, True), (child, f"{where}.{key}" if where else str(key), False)]
+            stack.extend(reversed(entries))
+        elif isinstance(item, list):
+            stack.extend(reversed([(child, f"{where}[{i}]", False) for i, child in enumerate(item)]))
     return None
+
+
+def _lone_surrogate(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """The field path of the first string in `value` that holds a lone surrogate (`"\\ud800"`: valid JSON, but
+    no UTF-8 text, so SQLite, a tokenizer and every writer would fail on it later); None when there is none.
+    A key that holds one is reported as its parent (or "key" at the top)."""
+    return first_path(value, _lone_surrogate, path)
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ragkit.io.jsonl import lone_surrogate_at
+from ragkit.io.jsonl import first_path, lone_surrogate_at
 from ragkit.io.queries import QUERY_FIELDS, query_field
 from ragkit.serve.backend import Query
 from ragkit.serve.config import ServeConfig
@@ -65,22 +65,9 @@ def check_json_body(body: bytes) -> None:
         return
     except RecursionError:
         raise RequestError("body", "JSON nested too deeply") from None
-    if refused:
-        field, what = _find_refused(parsed, "")
-        raise RequestError(field or "body", f"{field or 'body'}: {what}")
-
-
-def _find_refused(value: Any, path: str) -> tuple[str, str]:
-    stack = [(value, path)]
-    while stack:  # iterative: the body may be nested as deep as the parser went
-        item, where = stack.pop()
-        if isinstance(item, _Refused):
-            return where, item.what
-        if isinstance(item, dict):
-            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in item.items())
-        elif isinstance(item, list):
-            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
-    return "", "refused"
+    if refused:  # the parser meets values in document order: the first refused is the first in the body
+        field = first_path(parsed, lambda item: item is refused[0]) or "body"
+        raise RequestError(field, f"{field}: {refused[0].what}")
 
 
 class SearchBody(_Strict):
