@@ -112,6 +112,16 @@ class Generator:
         return block[start - first * CHUNK : end - first * CHUNK]
 
 
+def merge_top_k(top_scores: np.ndarray, top_rows: np.ndarray, scores: np.ndarray,
+                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The running exact top-K of each query (scores, row numbers), merged with a new block's `scores` for its
+    `rows` (unordered within the K; the caller sorts once at the end)."""
+    all_scores = np.concatenate([top_scores, scores], axis=1)
+    all_rows = np.concatenate([top_rows, np.broadcast_to(rows, scores.shape)], axis=1)
+    best = np.argpartition(-all_scores, K - 1, axis=1)[:, :K]
+    return np.take_along_axis(all_scores, best, 1), np.take_along_axis(all_rows, best, 1)
+
+
 class SyntheticEncoder:
     """Duck-types ragkit.models.encoder.Encoder for `embed_shard`: the passage's row number is in its title,
     its vector is the generator's row. Keeps the running exact top-k of the held-out queries over the float16
@@ -131,12 +141,8 @@ class SyntheticEncoder:
         start, end = int(rows[0]), int(rows[-1]) + 1
         assert end - start == len(rows), "rows arrive in order"
         vectors = self.generator.rows(start, end).astype(np.float16)
-        scores = self.queries @ vectors.astype(np.float32).T
-        all_scores = np.concatenate([self.top_scores, scores], axis=1)
-        all_rows = np.concatenate([self.top_rows, np.broadcast_to(rows, scores.shape)], axis=1)
-        best = np.argpartition(-all_scores, K - 1, axis=1)[:, :K]
-        self.top_scores = np.take_along_axis(all_scores, best, 1)
-        self.top_rows = np.take_along_axis(all_rows, best, 1)
+        self.top_scores, self.top_rows = merge_top_k(self.top_scores, self.top_rows,
+                                                     self.queries @ vectors.astype(np.float32).T, rows)
         return vectors
 
 
@@ -443,11 +449,8 @@ class Run:
                 for b in range(start, end, 65_536):  # exact top-k merged block by block (bounded memory)
                     block = self.generator.rows(b, min(end, b + 65_536))
                     vectors[b - start : b - start + len(block)] = block
-                    scores = np.concatenate([best_scores, queries @ block.T], axis=1)
-                    rows_ = np.concatenate([best_rows, np.broadcast_to(np.arange(b, b + len(block)),
-                                                                       (len(queries), len(block)))], axis=1)
-                    top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
-                    best_scores, best_rows = np.take_along_axis(scores, top, 1), np.take_along_axis(rows_, top, 1)
+                    best_scores, best_rows = merge_top_k(best_scores, best_rows, queries @ block.T,
+                                                         np.arange(b, b + len(block)))
                 ids = [str(r + 1) for r in range(start, end)]  # psgs_w100's ids count from 1
                 with open(embeddings / f"passages_{f:02d}", "wb") as handle:
                     pickle.dump((ids, vectors), handle, protocol=4)
