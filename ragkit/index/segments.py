@@ -85,6 +85,22 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def read_held_index(fd: int | None, path: Path) -> Any:
+    """The Faiss index of `path`, read through `fd` when it is held open (the version folder may have been
+    deleted by a writer since); unreadable is exit 4 naming the file, with what Faiss could not read."""
+    import faiss
+
+    by_fd = f"/proc/self/fd/{fd}"
+    try:
+        return faiss.read_index(by_fd if fd is not None and os.path.exists(by_fd) else str(path))
+    except RuntimeError as exc:  # Faiss says what it could not read (an impossible ntotal, a bad header)
+        from ragkit.errors import ResourceError
+
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise ResourceError(f"{path}: not a readable Faiss index ({detail[:200]})",
+                            hint="Check it with `ragkit index info DIR --verify`; restore it or rebuild.") from None
+
+
 class SharedTemplate:
     """The version's trained template, read at most once per open index and shared by its deltas' quantisers.
     The file is held open from the start, like the segments' (a reader outlives a writer's deletion of its
@@ -97,10 +113,7 @@ class SharedTemplate:
 
     def __call__(self) -> Any:
         if self._index is None:
-            import faiss
-
-            by_fd = f"/proc/self/fd/{self._fd}"
-            self._index = faiss.read_index(by_fd if os.path.exists(by_fd) else str(self.path))
+            self._index = read_held_index(self._fd, self.path)
             self.close()
         return self._index
 
@@ -157,19 +170,8 @@ class Segment:
     @property
     def faiss(self) -> Any:
         if self._faiss is None:
-            import faiss
-
             assert self.meta.vectors
-            by_fd = f"/proc/self/fd/{self._fd}"
-            try:
-                index = faiss.read_index(by_fd if self._fd is not None and os.path.exists(by_fd)
-                                         else str(self.dir / self.meta.vectors))
-            except RuntimeError as exc:  # Faiss says what it could not read (an impossible ntotal, a bad header)
-                from ragkit.errors import ResourceError
-
-                detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-                raise ResourceError(f"{self.dir / self.meta.vectors}: not a readable Faiss index ({detail[:200]})",
-                                    hint="Check it with `ragkit index info DIR --verify`; restore it or rebuild.") from None
+            index = read_held_index(self._fd, self.dir / self.meta.vectors)
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
